@@ -1,0 +1,122 @@
+"""The one stage factory and the one agent loop every stage uses.
+
+faust acknowledges a record whose agent raised, so the loop never lets an exception out:
+a record that cannot be processed goes to the stage's dead-letter topic with its reason and
+original bytes, and the loop goes on. Outputs are sent for a whole batch and awaited together
+before the batch's records are acknowledged, so an offset is committed only after what the
+record produced is on the broker (at least once), without one round trip per record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faust
+
+from pipeline import metrics
+from pipeline.config import Config
+from pipeline.errors import RecordError
+from pipeline.records import dead_letter, decode, encode, validate_for_topic
+from pipeline.topics import STAGES, TOPICS, Stage, partitions_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """Where an input record came from."""
+
+    key: bytes | None
+    partition: int
+    offset: int
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class Out:
+    topic: str
+    key: str | bytes | None
+    value: dict[str, Any]
+
+
+Handler = Callable[[dict[str, Any], Meta], Awaitable[Sequence[Out]]]
+
+
+def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
+    """One faust App per stage; its id is the stage's consumer group."""
+    stage = STAGES[stage] if isinstance(stage, str) else stage
+    settings: dict[str, Any] = {
+        "broker": f"kafka://{config.kafka.bootstrap}",
+        "store": "memory://",
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+        "topic_partitions": config.kafka.partitions,
+        "topic_replication_factor": config.kafka.replication,
+        "consumer_auto_offset_reset": "earliest",
+        "producer_acks": -1,
+        "web_enabled": False,
+        "broker_commit_every": 500,
+        "broker_commit_interval": 1.0,
+        "stream_wait_empty": False,
+        "datadir": str(config.cache_dir / "faust" / stage.app_id),
+    }
+    settings.update(overrides)
+    Path(settings["datadir"]).mkdir(parents=True, exist_ok=True)
+    return faust.App(stage.app_id, **settings)
+
+
+def topic(app: faust.App, name: str, config: Config) -> faust.TopicT:
+    spec = TOPICS[name]
+    return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+                     partitions=partitions_of(spec, config.kafka.partitions))
+
+
+def _key_bytes(key: str | bytes | None) -> bytes | None:
+    return key.encode("utf-8") if isinstance(key, str) else key
+
+
+def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *,
+         batch: int = 200, within_s: float = 0.05, concurrency: int = 1) -> None:
+    """Register the stage's agent: decode + validate, handle, route outputs or dead letters."""
+    stage = STAGES[stage] if isinstance(stage, str) else stage
+    source = topic(app, stage.input, config)
+    sinks = {name: topic(app, name, config) for name in {*stage.outputs, stage.dead}}
+
+    async def process(event: faust.EventT) -> list[Out]:
+        message = event.message
+        raw = message.value if isinstance(message.value, bytes) else b""
+        meta = Meta(message.key, message.partition, message.offset, raw)
+        metrics.RECORDS_IN.labels(stage.name).inc()
+        try:
+            record = decode(raw, stage.input)
+            outs = list(await handler(record, meta))
+            for out in outs:
+                validate_for_topic(out.topic, out.value)
+            return outs
+        except RecordError as exc:
+            reason, error = exc.reason, exc.detail
+        except Exception as exc:  # a bug must not lose the record: park it where an operator sees it
+            log.exception("stage %s: unexpected error on %s[%d]@%d", stage.name, stage.input,
+                          meta.partition, meta.offset)
+            reason, error = "internal_error", f"{type(exc).__name__}: {exc}"
+        metrics.DEAD_LETTERS.labels(stage.dead, reason).inc()
+        return [Out(stage.dead, meta.key, dead_letter(
+            stage=stage.name, source_topic=stage.input, raw=raw, reason=reason, error=error, key=meta.key,
+            partition=meta.partition, offset=meta.offset))]
+
+    @app.agent(source, name=f"{stage.name}-agent", concurrency=concurrency)
+    async def agent(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(batch, within=within_s):
+            pending = []
+            for event in events:
+                for out in await process(event):
+                    fut = await sinks[out.topic].send(key=_key_bytes(out.key), value=encode(out.value))
+                    pending.append(fut)
+                    metrics.RECORDS_OUT.labels(stage.name, out.topic).inc()
+            if pending:
+                await asyncio.gather(*pending)

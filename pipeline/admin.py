@@ -1,0 +1,93 @@
+"""Broker administration: create the topic table idempotently, and show it against the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from pipeline.errors import BrokerError
+from pipeline.topics import TOPICS, partitions_of
+
+
+@dataclass(frozen=True)
+class TopicState:
+    name: str
+    wanted_partitions: int
+    actual_partitions: int | None  # None: missing on the broker
+    compacted: bool
+    schema: str
+    key: str
+
+    @property
+    def exists(self) -> bool:
+        return self.actual_partitions is not None
+
+
+async def _admin(bootstrap: str) -> AIOKafkaAdminClient:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    try:
+        await admin.start()
+    except KafkaError as exc:
+        await admin.close()
+        raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
+    return admin
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int]:
+    names = [n for n in await admin.list_topics() if not n.startswith("__")]
+    if not names:
+        return {}
+    described = await admin.describe_topics(names)
+    return {d["topic"]: len(d["partitions"]) for d in described if not d.get("error_code")}
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 30.0) -> None:
+    """A new topic refuses produce requests until each partition has a leader; wait for that."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        described = await admin.describe_topics(names)
+        if all(not d.get("error_code") and d["partitions"] and all(p["leader"] >= 0 for p in d["partitions"])
+               for d in described):
+            return
+        await asyncio.sleep(0.2)
+    raise BrokerError(f"topics {', '.join(names)} have no partition leaders after {timeout_s:.0f}s")
+
+
+async def topic_states(bootstrap: str, default_partitions: int) -> list[TopicState]:
+    admin = await _admin(bootstrap)
+    try:
+        counts = await _partition_counts(admin)
+    finally:
+        await admin.close()
+    return [TopicState(t.name, partitions_of(t, default_partitions), counts.get(t.name), t.compacted,
+                       t.schema, t.key) for t in TOPICS.values()]
+
+
+async def create_topics(bootstrap: str, default_partitions: int, replication: int) -> dict[str, Any]:
+    """Create what is missing. Returns {"created": [...], "existing": [...], "mismatched": [...]}."""
+    admin = await _admin(bootstrap)
+    try:
+        counts = await _partition_counts(admin)
+        missing = [t for t in TOPICS.values() if t.name not in counts]
+        created: list[str] = []
+        if missing:
+            new = [NewTopic(t.name, partitions_of(t, default_partitions), replication, topic_configs=t.configs())
+                   for t in missing]
+            try:
+                await admin.create_topics(new, timeout_ms=30000)
+            except TopicAlreadyExistsError:
+                pass  # a concurrent creator won the race; the outcome is the same
+            created = [t.name for t in missing]
+            await _wait_for_leaders(admin, created)
+        existing = [t.name for t in TOPICS.values() if t.name in counts]
+        mismatched = [f"{t.name}: has {counts[t.name]} partitions, table says {partitions_of(t, default_partitions)}"
+                      for t in TOPICS.values()
+                      if t.name in counts and counts[t.name] != partitions_of(t, default_partitions)]
+    finally:
+        await admin.close()
+    return {"created": created, "existing": existing, "mismatched": mismatched}

@@ -1,0 +1,147 @@
+"""The `pipeline` command: everything an operator does, one subcommand each."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline import config as config_mod
+from pipeline.errors import BrokerError, ConfigError, PipelineError
+
+log = logging.getLogger("pipeline")
+
+Command = Callable[[argparse.Namespace, config_mod.Config], int]
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    def register(fn: Command) -> Command:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def local_broker(cfg: config_mod.Config) -> Any:
+    from pipeline.kafka_local import LocalBroker
+
+    return LocalBroker(host=cfg.kafka.local_host, port=cfg.kafka.local_port,
+                       controller_port=cfg.kafka.controller_port, data_dir=cfg.kafka_data_dir,
+                       cache_dir=cfg.cache_dir, version=cfg.kafka.version, heap=cfg.kafka.heap)
+
+
+@command("kafka")
+def cmd_kafka(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    broker = local_broker(cfg)
+    if args.action == "up":
+        broker.start()
+        print(f"kafka {broker.version} (KRaft) up at {broker.bootstrap}  data={broker.data_dir}  "
+              f"log={broker.log_file}")
+    elif args.action == "down":
+        stopped = broker.stop()
+        print(f"kafka at {broker.bootstrap} stopped" if stopped else f"no local broker running for {broker.data_dir}")
+    else:
+        status = broker.status()
+        state = "up" if status["answers"] else ("starting or stuck" if status["running"] else "down")
+        print(f"kafka at {status['bootstrap']}: {state}  pid={status['pid']}  data={status['data_dir']}")
+        return 0 if status["answers"] else 1
+    return 0
+
+
+@command("topics")
+def cmd_topics(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from pipeline import admin
+
+    bootstrap, parts = cfg.kafka.bootstrap, cfg.kafka.partitions
+    if args.action == "create":
+        result = asyncio.run(admin.create_topics(bootstrap, parts, cfg.kafka.replication))
+        if result["created"]:
+            print(f"created {len(result['created'])} topics: {', '.join(result['created'])}")
+        else:
+            print(f"all {len(result['existing'])} topics already exist; nothing changed")
+        for line in result["mismatched"]:
+            print(f"warning: {line}", file=sys.stderr)
+        return 0
+    states = asyncio.run(admin.topic_states(bootstrap, parts))
+    if args.json:
+        print(json.dumps([s.__dict__ | {"exists": s.exists} for s in states], indent=2))
+        return 0
+    print(f"{'topic':<20} {'partitions':>10} {'on broker':>10}  {'compacted':<9} {'key':<22} schema")
+    for s in states:
+        actual = str(s.actual_partitions) if s.exists else "missing"
+        print(f"{s.name:<20} {s.wanted_partitions:>10} {actual:>10}  {s.compacted!s:<9} {s.key:<22} {s.schema}")
+    return 0
+
+
+@command("worker")
+def cmd_worker(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    import faust
+
+    from pipeline import metrics
+    from pipeline.topics import STAGES
+
+    if args.stage not in STAGES:
+        raise ConfigError(f"unknown stage {args.stage!r} (stages: {', '.join(STAGES)})", "STAGE")
+    module = importlib.import_module(f"agents.{args.stage}")
+    app = module.build(cfg)
+    metrics.serve(args.metrics_port if args.metrics_port is not None else cfg.metrics.port, cfg.metrics.host)
+    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    p.add_argument("--config", help="TOML config file (default: $PIPELINE_CONFIG, else built-in defaults)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    k = sub.add_parser("kafka", help="run a real local Kafka broker (KRaft) from Apache's jars")
+    k.add_argument("action", choices=["up", "down", "status"])
+
+    t = sub.add_parser("topics", help="create or list the topic table on the broker")
+    t.add_argument("action", choices=["create", "list"])
+    t.add_argument("--json", action="store_true")
+
+    w = sub.add_parser("worker", help="run one stage (its own consumer group)")
+    w.add_argument("stage")
+    w.add_argument("--metrics-port", type=int, default=None)
+    w.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
+
+    for extra in EXTRA_PARSERS:
+        extra(sub)
+    return p
+
+
+# Later commands register their parser builders here (collect, opencode, stub, lag, dead, demo).
+EXTRA_PARSERS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_mod.load(args.config)
+        return COMMANDS[args.command](args, cfg)
+    except ConfigError as exc:
+        print(f"pipeline: config error: {exc}", file=sys.stderr)
+        return 2
+    except BrokerError as exc:
+        print(f"pipeline: broker: {exc}", file=sys.stderr)
+        return 1
+    except PipelineError as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

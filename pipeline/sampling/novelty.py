@@ -1,0 +1,334 @@
+"""novelty: forward a turn unlike the last `lruSize` forwarded turns of the same site.
+
+The reference compares the token set of the last 8 messages with each of its last 200 shipped
+sets by exact Jaccard and forwards when 1 - max Jaccard >= 0.7. Here each set is a MinHash
+signature; a MinHashLSH index over the window finds the entries that could be that similar and
+their estimated Jaccard decides. The window holds signatures only, so every sampler replica
+rebuilds the same one from the `sampler.shipped` records (`apply_shipped`) in topic order.
+
+Banding: "not novel" means Jaccard > 0.3, not far above the 0.05-0.15 two unrelated prose
+sessions share through common words. Bands that catch 0.3 reliably (r=2) also return a third
+of a large window as candidates, so the default banding depends on the window size: windows
+up to RECALL_FIRST_MAX_SIZE use r=2 (recall first; candidates are cheap to check), larger ones
+r=3 (a few % of the window as candidates, at the price of misses between 0.3 and ~0.4).
+bench/novelty.py measures both, tests/unit/test_novelty_accuracy.py the agreement.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from datasketch import MinHash, MinHashLSH
+from datasketch.hashfunc import sha1_hash32
+
+from pipeline.errors import RecordError
+from pipeline.sampling.base import Decision
+from pipeline.trace import visible_text
+
+DEFAULT_NUM_PERM = 128
+# datasketch's own default seed, so MinHash(num_perm=128).update_batch(tokens) reproduces a
+# shipped signature anywhere. Changing it (or num_perm) makes old shipped records unusable.
+DEFAULT_SEED = 1
+SCHEME = "affine32"  # datasketch 2.x default; the shipped record has no field for it
+DEFAULT_THRESHOLD = 0.7
+DEFAULT_WINDOW = 200
+TOKEN_MESSAGES = 8
+RECALL_FIRST_MAX_SIZE = 2048
+_MAX32 = 0xFFFFFFFF
+
+
+def session_tokens(messages: Sequence[Mapping[str, Any]],
+                   last: int = TOKEN_MESSAGES) -> frozenset[str]:
+    """Lower-cased whitespace-split words of the text parts of the last `last` messages.
+
+    The text parts are those the trace shows (`pipeline.trace.visible_text`), so the tokens
+    can be recomputed from a sampled trace's messages and agree."""
+    tokens: set[str] = set()
+    for message in messages[max(0, len(messages) - last):]:
+        for part in message.get("parts") or []:
+            text = visible_text(part)
+            if text:
+                tokens.update(text.lower().split())
+    return frozenset(tokens)
+
+
+# Common words recur in every session and sha1 per token is most of a signature's cost, so
+# their hashes are kept; long blobs are not, and the cache restarts when full.
+_HASHES: dict[str, int] = {}
+_HASHES_MAX = 1 << 18
+
+
+def _token_hashes(tokens: Collection[str]) -> np.ndarray:
+    cache = _HASHES
+    if len(cache) > _HASHES_MAX:
+        cache.clear()
+    out = []
+    for token in tokens:
+        value = cache.get(token)
+        if value is None:
+            # surrogatepass: a lone surrogate can arrive in JSON and must hash, not raise.
+            value = sha1_hash32(token.encode("utf-8", "surrogatepass"))
+            if len(token) <= 64:
+                cache[token] = value
+        out.append(value)
+    return np.array(out, dtype=np.uint32)
+
+
+class MinHasher:
+    """datasketch's MinHash (affine32 scheme, sha1_hash32 of UTF-8 tokens) in one numpy pass,
+    instead of a MinHash.update_batch per set; same hash values, tested."""
+
+    def __init__(self, num_perm: int = DEFAULT_NUM_PERM, seed: int = DEFAULT_SEED) -> None:
+        if not isinstance(num_perm, int) or num_perm < 16:
+            raise ValueError(f"num_perm must be an integer >= 16, got {num_perm!r}")
+        self.num_perm, self.seed = num_perm, seed
+        self.permutations = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
+        self._a = self.permutations[0].astype(np.uint32)
+        self._b = self.permutations[1].astype(np.uint32)
+
+    def hashvalues(self, tokens: Collection[str]) -> np.ndarray | None:
+        """The signature as uint32[num_perm], or None for an empty set."""
+        if not tokens:
+            return None
+        hv = _token_hashes(tokens)
+        # MurmurHash3 fmix32, as datasketch applies before the affine permutations.
+        hv ^= hv >> np.uint32(16)
+        hv *= np.uint32(0x85EBCA6B)
+        hv ^= hv >> np.uint32(13)
+        hv *= np.uint32(0xC2B2AE35)
+        hv ^= hv >> np.uint32(16)
+        return (hv[:, None] * self._a + self._b).min(axis=0)
+
+    def minhash(self, hashvalues: np.ndarray) -> MinHash:
+        return MinHash(seed=self.seed, hashvalues=hashvalues, permutations=self.permutations,
+                       scheme=SCHEME)
+
+    def probe(self) -> MinHash:
+        """A MinHash whose `hashvalues` the caller overwrites before each LSH insert or query:
+        the index reads the values and keeps nothing of the object, and building a MinHash
+        per call costs as much as the query."""
+        return self.minhash(np.zeros(self.num_perm, dtype=np.uint32))
+
+
+@functools.cache
+def default_lsh_params(size: int, num_perm: int, threshold: float) -> tuple[int, int]:
+    """(bands, rows) from datasketch's optimiser for Jaccard 1 - threshold; see the module doc."""
+    weights = (0.01, 0.99) if size <= RECALL_FIRST_MAX_SIZE else (0.3, 0.7)
+    lsh = MinHashLSH(threshold=1.0 - threshold, num_perm=num_perm, weights=weights)
+    return lsh.b, lsh.r
+
+
+Signature = MinHash | np.ndarray | Sequence[int] | None
+
+
+def _check(size: int, threshold: float) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"window size (lruSize) must be a positive integer, got {size!r}")
+    if not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"noveltyThreshold must be a number within [0, 1], got {threshold!r}")
+
+
+class NoveltyWindow:
+    """The last `size` forwarded signatures of one site, oldest evicted first.
+
+    Entries are keyed by snapshot id and ordered by arrival; adding a key already present
+    changes nothing, and scoring changes nothing, so replicas fed the same records in the
+    same order hold the same window and score alike.
+    """
+
+    def __init__(self, site_key: str, size: int = DEFAULT_WINDOW,
+                 num_perm: int = DEFAULT_NUM_PERM, *, seed: int = DEFAULT_SEED,
+                 threshold: float = DEFAULT_THRESHOLD, lsh_params: tuple[int, int] | None = None,
+                 hasher: MinHasher | None = None) -> None:
+        _check(size, threshold)
+        self.hasher = hasher or MinHasher(num_perm, seed)
+        if (self.hasher.num_perm, self.hasher.seed) != (num_perm, seed):
+            raise ValueError("hasher num_perm/seed differ from the window's")
+        self.site_key, self.size, self.num_perm, self.seed = site_key, size, num_perm, seed
+        self.threshold = threshold
+        self.lsh_params = lsh_params or default_lsh_params(size, num_perm, threshold)
+        # LSH keys are row numbers of _sig, so candidates index the signatures directly.
+        self._lsh = MinHashLSH(num_perm=num_perm, params=self.lsh_params)
+        self._probe = self.hasher.probe()
+        self._slots: OrderedDict[str, int] = OrderedDict()
+        self._keys: list[str | None] = [None] * size
+        self._sig = np.zeros((size, num_perm), dtype=np.uint32)
+        self._seq = np.zeros(size, dtype=np.int64)
+        self._indexed = np.zeros(size, dtype=bool)
+        self._free = list(range(size - 1, -1, -1))
+        self._arrivals = 0
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._slots
+
+    def keys(self) -> list[str]:
+        """Oldest first."""
+        return list(self._slots)
+
+    def score(self, tokens: Collection[str],
+              exclude: str | None = None) -> tuple[float, str | None]:
+        """(novelty, closest entry's key or None). `exclude`: a key to leave out, so a
+        replayed snapshot is not compared with its own earlier shipment."""
+        return self.score_hashvalues(self.hasher.hashvalues(tokens), exclude)
+
+    def score_hashvalues(self, hv: np.ndarray | None, exclude: str | None = None
+                         ) -> tuple[float, str | None]:
+        # An empty set or an empty window is novel, as in the reference. So is a set with no
+        # LSH candidate: nothing in the window is near enough to matter.
+        if hv is None or not self._indexed.any():
+            return 1.0, None
+        self._probe.hashvalues = hv
+        candidates = self._lsh.query(self._probe)
+        skip = self._slots.get(exclude) if exclude is not None else None
+        if skip is not None:
+            candidates = [c for c in candidates if c != skip]
+        if not candidates:
+            return 1.0, None
+        rows = np.fromiter(candidates, dtype=np.intp, count=len(candidates))
+        matches = (self._sig.take(rows, axis=0) == hv).sum(axis=1, dtype=np.int32)
+        best = int(matches.max())
+        tied = rows[matches == best]
+        # Ties go to the newest entry, whatever order the LSH returned candidates in.
+        row = int(tied[np.argmax(self._seq[tied])])
+        return (self.num_perm - best) / self.num_perm, self._keys[row]
+
+    def add(self, key: str, signature: Signature) -> bool:
+        """Append `key` (None or an empty MinHash: an empty token set). False if present."""
+        if key in self._slots:
+            return False
+        hv = self._hashvalues(signature)
+        if len(self._slots) >= self.size:
+            _, old = self._slots.popitem(last=False)
+            if self._indexed[old]:
+                self._lsh.remove(old)
+                self._indexed[old] = False
+            self._keys[old] = None
+            self._free.append(old)
+        row = self._free.pop()
+        self._slots[key] = row
+        self._keys[row] = key
+        self._arrivals += 1
+        self._seq[row] = self._arrivals
+        if hv is not None:
+            self._sig[row] = hv
+            self._probe.hashvalues = hv
+            self._lsh.insert(row, self._probe, check_duplication=False)
+            self._indexed[row] = True
+        return True
+
+    def apply_shipped(self, record: Mapping[str, Any]) -> bool:
+        """Add a `sampler.shipped/1` record; RecordError if it cannot belong to this window."""
+        if record.get("schema") != "sampler.shipped/1":
+            raise RecordError("not_shipped",
+                              f"expected sampler.shipped/1, got {record.get('schema')!r}")
+        if record.get("site_key") != self.site_key:
+            raise RecordError("shipped_site", f"record of site {record.get('site_key')!r} "
+                                              f"offered to the window of {self.site_key!r}")
+        if (record.get("num_perm"), record.get("seed")) != (self.num_perm, self.seed):
+            raise RecordError("shipped_params", (
+                f"signature made with num_perm={record.get('num_perm')} seed={record.get('seed')}; "
+                f"this sampler uses num_perm={self.num_perm} seed={self.seed}"))
+        try:
+            signature = None if record["empty"] else record["hashvalues"]
+            return self.add(record["snapshot_id"], signature)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RecordError("shipped_invalid", str(exc)) from None
+
+    def _hashvalues(self, signature: Signature) -> np.ndarray | None:
+        if signature is None:
+            return None
+        if isinstance(signature, MinHash):
+            made = (signature.seed, len(signature), signature.scheme)
+            if made != (self.seed, self.num_perm, SCHEME):
+                raise ValueError(f"MinHash must have seed={self.seed}, num_perm={self.num_perm}, "
+                                 f"scheme={SCHEME}")
+            return None if signature.is_empty() else signature.hashvalues.astype(np.uint32)
+        values = np.asarray(signature)
+        if values.shape != (self.num_perm,) or values.dtype.kind not in "iu":
+            raise ValueError(f"hashvalues must be {self.num_perm} integers, got shape "
+                             f"{values.shape} of {values.dtype}")
+        if values.min() < 0 or values.max() > _MAX32:
+            raise ValueError("hashvalues must lie within [0, 2**32)")
+        return values.astype(np.uint32)
+
+
+class NoveltyWindows:
+    """One NoveltyWindow per site, created on first use, all with the same parameters."""
+
+    def __init__(self, size: int = DEFAULT_WINDOW, num_perm: int = DEFAULT_NUM_PERM, *,
+                 seed: int = DEFAULT_SEED, threshold: float = DEFAULT_THRESHOLD,
+                 lsh_params: tuple[int, int] | None = None) -> None:
+        self.size, self.num_perm, self.seed, self.threshold = size, num_perm, seed, threshold
+        self.lsh_params = lsh_params
+        self.hasher = MinHasher(num_perm, seed)
+        self._windows: dict[str, NoveltyWindow] = {}
+        _check(size, threshold)  # fail at start, not on the first record of a new site
+
+    def get(self, site_key: str) -> NoveltyWindow:
+        window = self._windows.get(site_key)
+        if window is None:
+            window = self._windows[site_key] = NoveltyWindow(
+                site_key, self.size, self.num_perm, seed=self.seed, threshold=self.threshold,
+                lsh_params=self.lsh_params, hasher=self.hasher)
+        return window
+
+    def apply_shipped(self, record: Mapping[str, Any]) -> bool:
+        site_key = record.get("site_key")
+        if not isinstance(site_key, str) or not site_key:
+            raise RecordError("shipped_site", f"site_key is {site_key!r}")
+        return self.get(site_key).apply_shipped(record)
+
+    def sites(self) -> list[str]:
+        return list(self._windows)
+
+
+def shipped_record(*, site_key: str, snapshot_id: str, trace_id: str, hashvalues: Signature,
+                   num_perm: int = DEFAULT_NUM_PERM, seed: int = DEFAULT_SEED,
+                   at: int) -> dict[str, Any]:
+    """A sampler.shipped/1 record (schemas/shipped.v1.json); hashvalues None = empty set."""
+    if isinstance(hashvalues, MinHash):
+        hashvalues = None if hashvalues.is_empty() else hashvalues.hashvalues
+    values = [] if hashvalues is None else [int(v) for v in hashvalues]
+    if values and len(values) != num_perm:
+        raise ValueError(f"{len(values)} hash values for num_perm={num_perm}")
+    return {"schema": "sampler.shipped/1", "site_key": site_key, "snapshot_id": snapshot_id,
+            "trace_id": trace_id, "num_perm": num_perm, "seed": seed, "empty": not values,
+            "hashvalues": values, "at": at}
+
+
+class NoveltyPolicy:
+    name = "novelty"
+
+    def __init__(self, windows: NoveltyWindows, last_messages: int = TOKEN_MESSAGES) -> None:
+        if not isinstance(last_messages, int) or last_messages < 1:
+            raise ValueError(f"last_messages must be a positive integer, got {last_messages!r}")
+        self.windows, self.last_messages = windows, last_messages
+        self.threshold = windows.threshold
+
+    def signature(self, snapshot: Mapping[str, Any]) -> np.ndarray | None:
+        tokens = session_tokens(snapshot["messages"], self.last_messages)
+        return self.windows.hasher.hashvalues(tokens)
+
+    def evaluate(self, snapshot: Mapping[str, Any]) -> Decision:
+        hv = self.signature(snapshot)
+        window = self.windows.get(snapshot["site_key"])
+        novelty, closest = window.score_hashvalues(hv, exclude=snapshot["snapshot_id"])
+        forward = novelty >= self.threshold
+        why = ("empty token set" if hv is None else "empty window" if not len(window)
+               else f"closest {closest}" if closest else "no similar entry")
+        relation = ">=" if forward else "<"
+        return Decision(forward=forward, reason="novelty", novelty=novelty,
+                        detail=f"novelty {novelty:.3f} {relation} {self.threshold:g} ({why})")
+
+    def shipped_record(self, snapshot: Mapping[str, Any], trace_id: str, at: int) -> dict[str, Any]:
+        """What to publish on `sampler.shipped` once this snapshot is forwarded."""
+        return shipped_record(site_key=snapshot["site_key"], snapshot_id=snapshot["snapshot_id"],
+                              trace_id=trace_id, hashvalues=self.signature(snapshot),
+                              num_perm=self.windows.num_perm, seed=self.windows.seed, at=at)

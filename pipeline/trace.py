@@ -1,0 +1,113 @@
+"""The panel's message shape, the trace id and the `traces.sampled` record.
+
+One panel message per opencode message, with the role the daemon gave it (`info.role`: the
+reference forwarder read `m.role`, found nothing and called everything `assistant`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+TRACE_SCHEMA = "trace.sampled/1"
+TRACE_ID_PREFIX = "tr_oc_"
+
+
+class _Decision(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def trace_id(host: str, session_id: str, last_message_id: str) -> str:
+    """`tr_oc_<32 hex>` from the turn's identity, so a retry, a replay or a second
+    `session.idle` for the same turn upserts the same panel trace instead of adding one."""
+    material = json.dumps([host, session_id, last_message_id], ensure_ascii=False)
+    return TRACE_ID_PREFIX + hashlib.sha256(material.encode("utf-8")).hexdigest()[:32]
+
+
+def visible_text(part: Mapping[str, Any]) -> str | None:
+    """The text of a part a rater should read as what the user or the model said, else None.
+
+    Skipped: `reasoning` parts (the model's hidden thinking, not its answer, and often larger
+    than it), `synthetic` text parts (written by opencode itself, such as the contents of an
+    attached file or a "continue" after compaction; its own UI hides them) and `ignored` ones
+    (left out of the conversation the model saw)."""
+    if part.get("type") != "text" or part.get("synthetic") or part.get("ignored"):
+        return None
+    text = part.get("text")
+    return text if isinstance(text, str) else None
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def tool_call(part: Mapping[str, Any]) -> dict[str, Any]:
+    """A tool part as the panel's step-validity unit reads it."""
+    state = part.get("state") if isinstance(part.get("state"), Mapping) else {}
+    status = state.get("status")
+    error = state.get("error")
+    return {
+        "name": str(part.get("tool") or "unknown"),
+        "status": status if isinstance(status, str) else "unknown",
+        "error": _as_text(error) if error not in (None, "") else None,
+        "input": state.get("input", {}),
+        "output": _as_text(state.get("output")),
+        "call_id": part.get("callID") if isinstance(part.get("callID"), str) else None,
+    }
+
+
+def panel_messages(snapshot_messages: Sequence[Mapping[str, Any]], max_messages: int,
+                   *, session_id: str | None = None) -> list[dict[str, Any]]:
+    """The last `max_messages` opencode messages (`[{info, parts}]`) in the panel's shape.
+
+    `idx` counts from 0 within the trace. `session_id` is only a fallback for messages whose
+    `info.sessionID` is missing; a missing role is an error, never a guess."""
+    start = len(snapshot_messages) - max_messages
+    kept = snapshot_messages[max(0, start):] if max_messages > 0 else []
+    out: list[dict[str, Any]] = []
+    for idx, message in enumerate(kept):
+        info = message.get("info") or {}
+        role, message_id = info.get("role"), info.get("id")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"message {message_id!r} has no info.role")
+        if not isinstance(message_id, str) or not message_id:
+            raise ValueError(f"message at {idx} has no info.id")
+        sid = info.get("sessionID") if isinstance(info.get("sessionID"), str) else session_id
+        if not sid:
+            raise ValueError(f"message {message_id} has no info.sessionID")
+        parts = [p for p in message.get("parts") or [] if isinstance(p, Mapping)]
+        texts = [t for t in (visible_text(p) for p in parts) if t is not None]
+        out.append({
+            "role": role,
+            "content": "\n".join(texts),
+            "id": message_id,
+            "session_id": sid,
+            "idx": idx,
+            "tool_calls": [tool_call(p) for p in parts if p.get("type") == "tool"],
+        })
+    return out
+
+
+def sampled_trace(snapshot: Mapping[str, Any], decision: _Decision | Mapping[str, Any],
+                  max_messages: int, now_ms: int) -> dict[str, Any]:
+    """A `trace.sampled/1` record (schemas/trace-sampled.v1.json) for a forwarded snapshot."""
+    messages = snapshot["messages"]
+    last_id = messages[-1]["info"]["id"] if messages else ""
+    return {
+        "schema": TRACE_SCHEMA,
+        "trace_id": trace_id(snapshot["host"], snapshot["session_id"], last_id),
+        "snapshot_id": snapshot["snapshot_id"],
+        "host": snapshot["host"],
+        "site_key": snapshot["site_key"],
+        "session_id": snapshot["session_id"],
+        "project_id": snapshot.get("project_id"),
+        "directory": snapshot.get("directory"),
+        "title": snapshot.get("title"),
+        "messages": panel_messages(messages, max_messages, session_id=snapshot["session_id"]),
+        "decision": dict(decision) if isinstance(decision, Mapping) else decision.to_dict(),
+        "sampled_at": now_ms,
+    }

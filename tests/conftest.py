@@ -1,0 +1,43 @@
+"""Shared fixtures: a real Kafka broker (the same code as `pipeline kafka up`), on a free port
+with a fresh data dir, started once per test session and stopped at the end."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline import config as config_mod
+from pipeline.kafka_local import LocalBroker, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    broker = LocalBroker(host="127.0.0.1", port=free_port(), controller_port=free_port(),
+                         data_dir=tmp_path_factory.mktemp("kafka"), cache_dir=config_mod.DEFAULT_CACHE_DIR)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_env(kafka: LocalBroker) -> dict[str, str]:
+    """Environment for `pipeline` subprocesses and config.load() pointing at the test broker."""
+    return {
+        "PIPELINE_KAFKA__BOOTSTRAP": kafka.bootstrap,
+        "PIPELINE_KAFKA__PARTITIONS": "4",
+    }
+
+
+@pytest.fixture(scope="session")
+def kafka_config(kafka_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> config_mod.Config:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env.update(kafka_env)
+    env["PIPELINE_KAFKA__CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    return config_mod.load(None, env)

@@ -1,0 +1,64 @@
+"""Small aiokafka helpers for tests: produce raw records, read a topic, read committed offsets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import GroupCoordinatorNotAvailableError
+
+
+async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    await producer.start()
+    try:
+        for key, value in records:
+            await producer.send(topic, value=value, key=key)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 60.0) -> list[Any]:
+    """Read `topic` from the beginning until `expect` records arrived or the timeout."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        deadline = time.monotonic() + 10
+        while not parts and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        consumer.assign([TopicPartition(topic, p) for p in parts])
+        await consumer.seek_to_beginning()
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < expect and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for msgs in batch.values():
+                out.extend(msgs)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def values(msgs: list[Any]) -> list[dict[str, Any]]:
+    return [json.loads(m.value) for m in msgs]
+
+
+async def committed(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+        return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
+    except GroupCoordinatorNotAvailableError:
+        return {}  # the offsets topic is created on first use; nothing is committed yet
+    finally:
+        await admin.close()

@@ -1,0 +1,310 @@
+"""pipeline.signing: the panel body, its HMAC, and the attestation as the panel verifies it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+from typing import Any
+
+import jwt
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.signing import (
+    ATTESTATION_TTL_S,
+    AttestationError,
+    attestation_age_s,
+    canonical_body,
+    compact_json,
+    mint_attestation,
+    needs_refresh,
+    secret_env_name,
+    sha256_hex,
+    sign,
+    verify_attestation,
+)
+
+SECRET = "jwt-secret-for-tests-at-least-32-bytes"
+NOW = 1_750_000_000.0
+
+
+def scrubbed(**overrides: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "schema": "trace.scrubbed/1",
+        "trace_id": "tr_oc_0123456789abcdef",
+        "snapshot_id": "snp_" + "0" * 32,
+        "host": "h1",
+        "site_key": "pk_test_thirdparty",
+        "session_id": "ses_abc",
+        "project_id": "prj",
+        "directory": "/srv/<USER_1>/proj",
+        "title": "t",
+        "messages": [
+            {
+                "role": "user",
+                "content": "héllo ✓",
+                "id": "msg_1",
+                "session_id": "ses_abc",
+                "idx": 0,
+            },
+            {
+                "role": "assistant",
+                "content": "done",
+                "id": "msg_2",
+                "session_id": "ses_abc",
+                "idx": 1,
+                "tool_calls": [
+                    {
+                        "name": "bash",
+                        "status": "completed",
+                        "error": None,
+                        "input": {"z": 1, "a": "ls"},
+                        "output": "x",
+                    }
+                ],
+            },
+        ],
+        "decision": {
+            "forward": True,
+            "reason": "novelty",
+            "novelty": 0.9,
+            "rate": 0.05,
+            "policy_version": "p1",
+            "detail": "",
+        },
+        "sampled_at": 1,
+        "scrub": {
+            "mode": "trace",
+            "jti": None,
+            "engine_version": None,
+            "detections": 0,
+            "scrubbed_at": 2,
+        },
+    }
+    record.update(overrides)
+    return record
+
+
+def b64(obj: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+
+def forge(header: dict[str, Any], claims: dict[str, Any], secret: str = SECRET) -> str:
+    signing_input = f"{b64(header)}.{b64(claims)}"
+    sig = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + base64.urlsafe_b64encode(sig).rstrip(b"=").decode()
+
+
+def claims_for(body: bytes, iat: float, **overrides: Any) -> dict[str, Any]:
+    claims = {
+        "jti": "0" * 32,
+        "iat": iat,
+        "exp": iat + ATTESTATION_TTL_S,
+        "input_hash": "x",
+        "output_hash": sha256_hex(body),
+        "mode": "trace",
+        "engine_version": "t",
+    }
+    claims.update(overrides)
+    return claims
+
+
+# ---------------------------------------------------------------- names and bytes
+
+
+@pytest.mark.parametrize(
+    ("site_key", "name"),
+    [
+        ("pk_test_thirdparty", "PANEL_INGEST_SECRET_PK_TEST_THIRDPARTY"),
+        ("pk-live.site:2", "PANEL_INGEST_SECRET_PK_LIVE_SITE_2"),
+        ("Mixed Case", "PANEL_INGEST_SECRET_MIXED_CASE"),
+        ("ké", "PANEL_INGEST_SECRET_K_"),
+    ],
+)
+def test_secret_env_name(site_key: str, name: str) -> None:
+    assert secret_env_name(site_key) == name
+
+
+def test_canonical_body_is_the_panel_shape_compact_and_utf8() -> None:
+    body = canonical_body(scrubbed(), "opencode", "0.1.0")
+    parsed = json.loads(body.decode("utf-8"))
+    assert set(parsed) == {"trace_id", "source_agent", "blob"}
+    assert parsed["trace_id"] == "tr_oc_0123456789abcdef"
+    assert parsed["source_agent"] == "opencode"
+    assert set(parsed["blob"]) == {
+        "session_id",
+        "project_id",
+        "directory",
+        "messages",
+        "reason",
+        "plugin_version",
+    }
+    assert parsed["blob"]["reason"] == "novelty"
+    assert parsed["blob"]["messages"] == scrubbed()["messages"]
+    assert b": " not in body and b", " not in body
+    assert "héllo ✓".encode() in body  # raw UTF-8, not \\u escapes
+
+
+def test_canonical_body_is_deterministic_whatever_the_key_order() -> None:
+    record = scrubbed()
+    shuffled = json.loads(json.dumps(record, sort_keys=True))
+    shuffled["messages"][1]["tool_calls"][0]["input"] = {"a": "ls", "z": 1}
+    assert canonical_body(record, "opencode", "1") == canonical_body(shuffled, "opencode", "1")
+
+
+def test_canonical_body_refuses_a_record_that_was_never_scrubbed() -> None:
+    record = scrubbed(schema="trace.sampled/1")
+    del record["scrub"]
+    with pytest.raises(ValueError, match="never scrubbed"):
+        canonical_body(record, "opencode", "1")
+
+
+def test_canonical_body_escapes_lone_surrogates_as_javascript_does() -> None:
+    record = scrubbed()
+    record["messages"][0]["content"] = "bad \ud800 half"
+    body = canonical_body(record, "opencode", "1")
+    assert b"bad \\ud800 half" in body
+    assert json.loads(body)["blob"]["messages"][0]["content"] == "bad \ud800 half"
+
+
+def test_compact_json_matches_json_stringify() -> None:
+    # What Node prints for JSON.stringify([{"b":"é\n\u0001","a":[1,null,true]}]).
+    value = [{"b": "é\n\u0001", "a": [1, None, True]}]
+    assert compact_json(value) == '[{"b":"é\\n\\u0001","a":[1,null,true]}]'
+
+
+@given(st.text(), st.text())
+def test_canonical_body_round_trips_any_text(content: str, directory: str) -> None:
+    record = scrubbed(directory=directory)
+    record["messages"][0]["content"] = content
+    parsed = json.loads(canonical_body(record, "opencode", "1"))
+    assert parsed["blob"]["messages"][0]["content"] == content
+    assert parsed["blob"]["directory"] == directory
+
+
+def test_sign_is_lower_hex_hmac_sha256() -> None:
+    # RFC 4231 test case 2.
+    assert (
+        sign(b"what do ya want for nothing?", "Jefe")
+        == "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    )
+
+
+def test_sign_refuses_an_empty_secret() -> None:
+    with pytest.raises(ValueError):
+        sign(b"{}", "")
+
+
+# ---------------------------------------------------------------- attestation
+
+
+def test_minted_attestation_has_the_contract_claims_and_pyjwt_agrees() -> None:
+    body = canonical_body(scrubbed(), "opencode", "1")
+    token = mint_attestation(body, SECRET, NOW + 0.7, input_hash="ab" * 32)
+    header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    assert header == {"alg": "HS256", "typ": "JWT"}
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False})
+    assert re.fullmatch(r"[0-9a-f]{32}", claims["jti"])
+    assert claims["iat"] == int(NOW) and claims["exp"] == int(NOW) + 300
+    assert claims["output_hash"] == hashlib.sha256(body).hexdigest()
+    assert claims["input_hash"] == "ab" * 32
+    assert claims["mode"] == "trace" and isinstance(claims["engine_version"], str)
+    assert verify_attestation(token, SECRET, hashlib.sha256(body).hexdigest(), NOW) == claims
+
+
+def test_each_attestation_has_its_own_jti() -> None:
+    jtis = {
+        jwt.decode(mint_attestation(b"{}", SECRET, NOW), options={"verify_signature": False})["jti"]
+        for _ in range(20)
+    }
+    assert len(jtis) == 20
+
+
+def test_verify_accepts_a_pyjwt_token() -> None:
+    body = b'{"a":1}'
+    token = jwt.encode(claims_for(body, int(NOW)), SECRET, algorithm="HS256")
+    assert verify_attestation(token, SECRET, sha256_hex(body), NOW)["jti"] == "0" * 32
+
+
+BODY = b'{"trace_id":"tr_oc_00000000"}'
+GOOD_HEADER = {"alg": "HS256", "typ": "JWT"}
+
+
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [
+        ("only.two", "malformed"),
+        ("a.b.c.d", "malformed"),
+        ("", "malformed"),
+        (forge({"alg": "none", "typ": "JWT"}, claims_for(BODY, NOW)), "malformed"),
+        (forge({"alg": "HS512", "typ": "JWT"}, claims_for(BODY, NOW)), "malformed"),
+        (forge({"typ": "JWT"}, claims_for(BODY, NOW)), "malformed"),
+        ("!!!." + b64(claims_for(BODY, NOW)) + ".abc", "malformed"),
+        (b64(GOOD_HEADER) + ".bm90IGpzb24." + "abc", "malformed"),
+        (forge(GOOD_HEADER, claims_for(BODY, NOW), secret="other"), "bad_signature"),
+        (forge(GOOD_HEADER, claims_for(BODY, NOW - 300)), "expired"),  # exp == now
+        (forge(GOOD_HEADER, claims_for(BODY, NOW - 1000)), "expired"),
+        (forge(GOOD_HEADER, claims_for(BODY, NOW - 301, exp=NOW + 60)), "stale"),
+        (forge(GOOD_HEADER, claims_for(BODY, NOW, output_hash="0" * 64)), "hash_mismatch"),
+        (forge(GOOD_HEADER, claims_for(BODY, NOW, output_hash=None)), "hash_mismatch"),
+        (forge(GOOD_HEADER, claims_for(BODY, NOW, exp="soon")), "malformed"),
+    ],
+)
+def test_verify_refuses_with_the_panels_code(token: str, why: str) -> None:
+    with pytest.raises(AttestationError) as info:
+        verify_attestation(token, SECRET, sha256_hex(BODY), NOW)
+    assert info.value.why == why
+
+
+def test_alg_none_with_an_empty_signature_is_refused() -> None:
+    token = f"{b64({'alg': 'none'})}.{b64(claims_for(BODY, NOW))}."
+    with pytest.raises(AttestationError) as info:
+        verify_attestation(token, SECRET, sha256_hex(BODY), NOW)
+    assert info.value.why == "malformed"
+
+
+def test_tampered_claims_break_the_signature() -> None:
+    token = mint_attestation(BODY, SECRET, NOW)
+    header, _, sig = token.split(".")
+    tampered = f"{header}.{b64(claims_for(BODY, NOW, mode='text'))}.{sig}"
+    with pytest.raises(AttestationError) as info:
+        verify_attestation(tampered, SECRET, sha256_hex(BODY), NOW)
+    assert info.value.why == "bad_signature"
+
+
+@pytest.mark.parametrize("secret", [None, ""])
+def test_verify_without_a_secret_is_no_secret(secret: str | None) -> None:
+    token = mint_attestation(BODY, SECRET, NOW)
+    with pytest.raises(AttestationError) as info:
+        verify_attestation(token, secret, sha256_hex(BODY), NOW)
+    assert info.value.why == "no_secret"
+
+
+def test_attestation_is_accepted_until_just_before_exp() -> None:
+    token = mint_attestation(BODY, SECRET, NOW)
+    verify_attestation(token, SECRET, sha256_hex(BODY), NOW + 299.9)
+    with pytest.raises(AttestationError):
+        verify_attestation(token, SECRET, sha256_hex(BODY), NOW + 300)
+
+
+def test_error_text_never_holds_the_secret() -> None:
+    with pytest.raises(AttestationError) as info:
+        verify_attestation(forge(GOOD_HEADER, claims_for(BODY, NOW), "x"), SECRET, "h", NOW)
+    assert SECRET not in str(info.value) and SECRET not in repr(info.value)
+
+
+def test_attestation_age_and_refresh() -> None:
+    token = mint_attestation(BODY, SECRET, NOW)
+    assert attestation_age_s(token, NOW + 42.5) == pytest.approx(42.5)
+    with pytest.raises(AttestationError):
+        attestation_age_s("garbage", NOW)
+    assert needs_refresh(None, NOW, 120)
+    assert not needs_refresh(NOW - 119, NOW, 120)
+    assert needs_refresh(NOW - 120, NOW, 120)
+    for bad in (0, 300, 400, -1):
+        with pytest.raises(ValueError):
+            needs_refresh(NOW, NOW, bad)

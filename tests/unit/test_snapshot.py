@@ -1,0 +1,288 @@
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from pipeline.envelope import MalformedEvent, normalise, turn_ended
+from pipeline.snapshot import (
+    Emit,
+    SessionState,
+    Skip,
+    apply_event,
+    build_snapshot,
+    describe_error,
+    error_markers,
+    snapshot_id,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERENCE = ROOT.parent / "shared" / "reference"
+SNAPSHOT_SCHEMA = Draft202012Validator(
+    json.loads((ROOT / "schemas" / "snapshot.v1.json").read_text()))
+
+TOOL_SESSION = "ses_e038a9defffeKV8LTT3N7zqfNy"
+ERROR_SESSION = "ses_e038a9c4dffeJ03R2r5LNfh5K7"
+HOST, SITE = "devbox", "pk_test_thirdparty"
+NOW = 1_795_236_999_000
+
+
+def listing(name: str) -> list[dict[str, Any]]:
+    return json.loads((REFERENCE / f"opencode-1.18.33-messages-{name}.json").read_text())
+
+
+def capture_envelopes() -> list[dict[str, Any]]:
+    path = REFERENCE / "opencode-1.18.33-events.ndjson"
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        envelope = normalise(json.loads(line), host=HOST, site_key=SITE, received_at_ms=NOW + i)
+        if envelope is not None:
+            out.append(envelope)
+    return out
+
+
+def session_info(session_id: str) -> dict[str, Any]:
+    """The last session.updated info of the capture, standing in for GET /session/{id}."""
+    infos = [e["properties"]["info"] for e in capture_envelopes()
+             if e["type"] == "session.updated" and e["session_id"] == session_id]
+    return infos[-1]
+
+
+def ended(messages: list[dict[str, Any]], session_id: str, trigger: str = "session.idle",
+          **kwargs: Any) -> dict[str, Any]:
+    return turn_ended(host=HOST, site_key=SITE, session=session_info(session_id),
+                      messages=messages, trigger=trigger, received_at_ms=NOW, **kwargs)  # type: ignore[arg-type]
+
+
+def fold(envelopes: list[dict[str, Any]], state: SessionState | None = None,
+         max_messages: int = 25) -> tuple[SessionState, list[Any]]:
+    actions: list[Any] = []
+    current = state or SessionState()
+    for envelope in envelopes:
+        current, step = apply_event(current, envelope, max_messages=max_messages, now_ms=NOW)
+        actions.extend(step)
+    return current, actions
+
+
+def assert_valid(snapshot: dict[str, Any]) -> None:
+    errors = list(SNAPSHOT_SCHEMA.iter_errors(snapshot))
+    assert not errors, errors[0].message
+
+
+# ---------------------------------------------------------------- snapshots from the listings
+
+
+def test_tool_session_snapshot_roles_and_no_markers() -> None:
+    events = [e for e in capture_envelopes() if e["session_id"] == TOOL_SESSION]
+    state, actions = fold([*events, ended(listing("tool-session"), TOOL_SESSION)])
+    assert len(actions) == 1 and isinstance(actions[0], Emit)
+    snapshot = actions[0].snapshot
+    assert_valid(snapshot)
+    assert [m["info"]["role"] for m in snapshot["messages"]] == ["user", "assistant", "assistant"]
+    tools = [p for m in snapshot["messages"] for p in m["parts"] if p["type"] == "tool"]
+    assert [(t["tool"], t["state"]["status"]) for t in tools] == [("bash", "completed")]
+    # A shell command exiting 1 is a completed tool call, not an error.
+    assert tools[0]["state"]["metadata"]["exit"] == 1
+    assert snapshot["error_markers"] == []
+    assert (snapshot["title"], snapshot["project_id"], snapshot["directory"]) == (
+        "capture", "global", "/home/dev/project")
+    assert snapshot["turn_ended_at"] == 1795236914047  # the last assistant message's completion
+    assert snapshot["emitted_at"] == NOW
+    assert snapshot["backfill"] is False
+    assert (snapshot["host"], snapshot["site_key"], snapshot["session_id"]) == (
+        HOST, SITE, TOOL_SESSION)
+    assert state.last_snapshot_id == snapshot["snapshot_id"]
+
+
+def test_error_session_snapshot_has_message_and_session_markers() -> None:
+    events = [e for e in capture_envelopes() if e["session_id"] == ERROR_SESSION]
+    assert any(e["type"] == "session.error" for e in events)
+    state, actions = fold([*events, ended(listing("error-session"), ERROR_SESSION)])
+    [emit] = actions
+    snapshot = emit.snapshot
+    assert_valid(snapshot)
+    assert [m["info"]["role"] for m in snapshot["messages"]] == ["user", "assistant"]
+    assistant_id = snapshot["messages"][1]["info"]["id"]
+    assert snapshot["error_markers"] == [
+        {"source": "message", "message_id": assistant_id, "part_id": None, "name": "APIError",
+         "detail": "bad request: context too long (status 400)"},
+        {"source": "session", "message_id": None, "part_id": None, "name": "APIError",
+         "detail": "bad request: context too long (status 400)"},
+    ]
+    # Session errors belong to the turn they were seen in.
+    assert state.session_errors == []
+
+
+def test_tool_error_marker() -> None:
+    messages = listing("tool-session")
+    tool = messages[1]["parts"][2]
+    tool["state"] = {"status": "error", "input": {"filePath": "nope.txt"},
+                     "error": "File not found: nope.txt", "time": {"start": 1, "end": 2}}
+    tool["tool"] = "read"
+    markers = error_markers(messages)
+    assert markers == [{"source": "tool", "message_id": messages[1]["info"]["id"],
+                        "part_id": tool["id"], "name": "ToolError",
+                        "detail": "read: File not found: nope.txt"}]
+    # state.error alone also counts, whatever the status says
+    tool["state"] = {"status": "completed", "error": {"name": "Boom", "data": {"message": "x"}}}
+    assert [m["source"] for m in error_markers(messages)] == ["tool"]
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ({"name": "MessageAbortedError", "data": {"message": "aborted"}},
+         ("MessageAbortedError", "aborted")),
+        ({"name": "ProviderAuthError", "data": {"providerID": "x"}},
+         ("ProviderAuthError", '{"providerID": "x"}')),
+        ({"data": {"message": "m"}}, ("UnknownError", "m")),
+        ("plain text", ("Error", "plain text")),
+        (42, ("UnknownError", "")),
+    ],
+)
+def test_describe_error(error: Any, expected: tuple[str, str]) -> None:
+    assert describe_error(error) == expected
+
+
+def test_max_messages_keeps_the_tail() -> None:
+    messages = listing("tool-session")
+    snapshot = build_snapshot(ended(messages, TOOL_SESSION), SessionState(), max_messages=2,
+                              now_ms=NOW)
+    assert_valid(snapshot)
+    assert snapshot["messages"] == messages[1:]
+    assert snapshot["snapshot_id"] == snapshot_id(HOST, TOOL_SESSION, messages[1:])
+    full = build_snapshot(ended(messages, TOOL_SESSION), SessionState(), max_messages=25,
+                          now_ms=NOW)
+    assert full["snapshot_id"] != snapshot["snapshot_id"]
+
+
+def test_session_info_fills_from_state_when_fetch_lacks_it() -> None:
+    envelope = turn_ended(host=HOST, site_key=SITE, session={"id": TOOL_SESSION},
+                          messages=listing("tool-session"), trigger="reconcile",
+                          received_at_ms=NOW, source="reconcile", backfill=True)
+    state = SessionState(title="from events", project_id="p", directory="/d")
+    snapshot = build_snapshot(envelope, state, max_messages=25, now_ms=NOW)
+    assert (snapshot["title"], snapshot["project_id"], snapshot["directory"]) == (
+        "from events", "p", "/d")
+    assert snapshot["backfill"] is True
+    assert_valid(snapshot)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        "nope",
+        [{"parts": []}],
+        [{"info": {"id": "msg_1"}, "parts": []}],
+        [{"info": {"id": "msg_1", "role": "user"}, "parts": [{"text": "no type"}]}],
+        [{"info": {"id": "msg_1", "role": "user"}, "parts": "x"}],
+    ],
+)
+def test_bad_listing_is_malformed(messages: Any) -> None:
+    envelope = turn_ended(host=HOST, site_key=SITE, session={"id": "ses_1"}, messages=[],
+                          trigger="session.idle", received_at_ms=NOW)
+    envelope["properties"]["messages"] = messages
+    with pytest.raises(MalformedEvent) as caught:
+        apply_event(None, envelope, max_messages=25, now_ms=NOW)
+    assert caught.value.reason == "bad_messages"
+
+
+# ---------------------------------------------------------------- snapshot ids and dedupe
+
+
+def test_repeated_idle_gives_the_same_snapshot_id_and_is_skipped() -> None:
+    messages = listing("error-session")
+    by_status = ended(messages, ERROR_SESSION, trigger="session.status")
+    by_idle = ended(copy.deepcopy(messages), ERROR_SESSION, trigger="session.idle")
+    assert by_status["event_id"] != by_idle["event_id"]  # so event-id dedupe lets both through
+    state, actions = fold([by_status, by_idle, ended(messages, ERROR_SESSION, trigger="reconcile",
+                                                     source="reconcile", backfill=True)])
+    assert isinstance(actions[0], Emit)
+    assert actions[1:] == [Skip("repeated_snapshot"), Skip("repeated_snapshot")]
+    assert state.snapshot_ids == [actions[0].snapshot["snapshot_id"]]
+
+
+def test_snapshot_id_ignores_what_a_reread_may_change() -> None:
+    messages = listing("tool-session")
+    reread = copy.deepcopy(messages)
+    reread[1]["parts"][1]["time"] = {"start": 0, "end": 0}
+    reread[1]["info"]["tokens"]["input"] = 999
+    reread[0]["info"]["summary"] = {"diffs": [{"file": "a"}]}
+    assert snapshot_id(HOST, TOOL_SESSION, reread) == snapshot_id(HOST, TOOL_SESSION, messages)
+    assert snapshot_id(HOST, TOOL_SESSION, messages).startswith("snp_")
+    assert len(snapshot_id(HOST, TOOL_SESSION, messages)) == 36
+
+
+def test_snapshot_id_changes_with_content_and_completion() -> None:
+    messages = listing("tool-session")
+    base = snapshot_id(HOST, TOOL_SESSION, messages)
+    assert snapshot_id("other", TOOL_SESSION, messages) != base
+    unsettled = copy.deepcopy(messages)
+    del unsettled[-1]["info"]["time"]["completed"]
+    assert snapshot_id(HOST, TOOL_SESSION, unsettled) != base
+    edited = copy.deepcopy(messages)
+    edited[-1]["parts"][1]["text"] += "!"
+    assert snapshot_id(HOST, TOOL_SESSION, edited) != base
+    running = copy.deepcopy(messages)
+    running[1]["parts"][2]["state"]["status"] = "running"
+    assert snapshot_id(HOST, TOOL_SESSION, running) != base
+
+
+def test_later_turn_gets_a_new_snapshot() -> None:
+    first = listing("tool-session")
+    later = [*copy.deepcopy(first),
+             {"info": {"id": "msg_zz1", "sessionID": TOOL_SESSION, "role": "user",
+                       "time": {"created": 1795236920000}},
+              "parts": [{"id": "prt_zz1", "type": "text", "text": "and now the tests"}]},
+             {"info": {"id": "msg_zz2", "sessionID": TOOL_SESSION, "role": "assistant",
+                       "time": {"created": 1795236920001, "completed": 1795236920500}},
+              "parts": [{"id": "prt_zz2", "type": "text", "text": "All green."}]}]
+    state, actions = fold([ended(first, TOOL_SESSION), ended(later, TOOL_SESSION)])
+    assert [type(a) for a in actions] == [Emit, Emit]
+    assert actions[0].snapshot["snapshot_id"] != actions[1].snapshot["snapshot_id"]
+    assert actions[1].snapshot["turn_ended_at"] == 1795236920500
+    # A late re-send of the first turn is still recognised.
+    _, again = fold([ended(first, TOOL_SESSION, trigger="reconcile", source="reconcile")], state)
+    assert again == [Skip("repeated_snapshot")]
+
+
+def test_duplicate_event_ids_are_skipped_without_state_change() -> None:
+    envelopes = [e for e in capture_envelopes() if e["session_id"] == ERROR_SESSION]
+    error_event = next(e for e in envelopes if e["type"] == "session.error")
+    state, actions = fold([error_event, error_event])
+    assert actions == [Skip("duplicate_event")]
+    assert len(state.session_errors) == 1
+    end = ended(listing("error-session"), ERROR_SESSION)
+    state, actions = fold([end, end], state)
+    assert [type(a) for a in actions] == [Emit, Skip]
+    assert actions[1] == Skip("duplicate_event")
+
+
+def test_seen_event_ids_are_bounded() -> None:
+    state = SessionState()
+    for i in range(50):
+        state, _ = apply_event(state, {"event_id": f"evt_{i}", "type": "message.updated",
+                                       "properties": {}}, max_messages=25, now_ms=NOW, max_seen=10)
+    assert state.seen_event_ids == [f"evt_{i}" for i in range(40, 50)]
+
+
+def test_apply_event_is_pure_and_state_is_json() -> None:
+    events = [e for e in capture_envelopes() if e["session_id"] == ERROR_SESSION]
+    state, _ = fold(events)
+    before = json.dumps(state.to_dict(), sort_keys=True)
+    _, actions = apply_event(state, ended(listing("error-session"), ERROR_SESSION),
+                             max_messages=25, now_ms=NOW)
+    assert isinstance(actions[0], Emit)
+    assert json.dumps(state.to_dict(), sort_keys=True) == before
+    restored = SessionState.from_dict(json.loads(before))
+    assert restored == state
+    assert restored.title == "capture"
+    # a plain dict (as a table would hold it) works as well as the object
+    _, from_dict = apply_event(json.loads(before), ended(listing("error-session"), ERROR_SESSION),
+                               max_messages=25, now_ms=NOW)
+    assert from_dict == actions
+    assert SessionState.from_dict(None) == SessionState()
