@@ -779,13 +779,13 @@ class _HostRunner:
                 if attempt == self._s.fetch_attempts:
                     raise
                 await self._clock.sleep(self._backoff.delay(attempt))
-        if request.source != "sse" and not _has_assistant(listing):
-            return  # nothing has answered yet: no turn has ended
         kept = listing[-self._s.max_messages:]
         snap = snapshot_id(self.host.name, session_id, kept)
         previous = self.state.sessions.get(session_id)
         if previous is not None and previous.get("snapshot_id") == snap:
             self.stats.turns_unchanged += 1
+        elif request.source != "sse" and not _has_assistant(listing):
+            pass  # nothing has answered yet, so no turn ended; remembered so polls skip it
         else:
             envelope = turn_ended(host=self.host.name, site_key=self.host.site_key, session=session,
                                   messages=kept, trigger=request.trigger,

@@ -206,8 +206,9 @@ class MemorySink:
     async def flush(self) -> None:
         self.flushes += 1
 
-    def events(self, event_type: str | None = None, host: str | None = None) -> list[dict[str, Any]]:
-        return [r for t, k, r in self.records if t == "opencode.events"
+    def events(self, event_type: str | None = None,
+               host: str | None = None) -> list[dict[str, Any]]:
+        return [r for t, _, r in self.records if t == "opencode.events"
                 and (event_type is None or r["type"] == event_type)
                 and (host is None or r["host"] == host)]
 
@@ -299,9 +300,10 @@ async def test_streams_capture_while_another_host_refuses_connections() -> None:
 
     down, up_stats = c.stats["down"], c.stats["up"]
     assert not down.connected and down.connections == 0 and down.last_error
-    assert up_stats.events_in == len(capture) + 1  # + the fake's own server.connected
+    # in: the capture, the fake's own server.connected, and however many heartbeats it sent
+    assert up_stats.events_in >= len(capture) + 1
     assert up_stats.events_out == len(expected)
-    assert up_stats.events_filtered == len(capture) + 1 - len(expected)
+    assert up_stats.events_filtered == up_stats.events_in - len(expected)
     assert up_stats.events_malformed == 0 and up_stats.turns_emitted == 1
     assert c.totals()["events_out"] == len(expected)
 
