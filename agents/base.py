@@ -80,12 +80,38 @@ def _key_bytes(key: str | bytes | None) -> bytes | None:
     return key.encode("utf-8") if isinstance(key, str) else key
 
 
+class Sinks:
+    """The stage's output topics. `send` validates against the topic's schema and returns at
+    once; `drain` waits until everything sent so far is acknowledged by the broker."""
+
+    def __init__(self, app: faust.App, config: Config, stage: Stage) -> None:
+        self.stage = stage
+        self._topics = {name: topic(app, name, config) for name in {*stage.outputs, stage.dead}}
+        self._pending: list[Awaitable[Any]] = []
+
+    async def send(self, out: Out) -> None:
+        validate_for_topic(out.topic, out.value)
+        fut = await self._topics[out.topic].send(key=_key_bytes(out.key), value=encode(out.value))
+        self._pending.append(fut)
+        metrics.RECORDS_OUT.labels(self.stage.name, out.topic).inc()
+
+    async def drain(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+
+
 def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *,
-         batch: int = 200, within_s: float = 0.05, concurrency: int = 1) -> None:
-    """Register the stage's agent: decode + validate, handle, route outputs or dead letters."""
+         sinks: Sinks | None = None, batch: int = 200, within_s: float = 0.05,
+         parallel: bool = False) -> Sinks:
+    """Register the stage's agent: decode + validate, handle, route outputs or dead letters.
+
+    `parallel` runs the handler for every record of a batch at once (for stages that wait on
+    a remote service); outputs are still sent in input order.
+    """
     stage = STAGES[stage] if isinstance(stage, str) else stage
     source = topic(app, stage.input, config)
-    sinks = {name: topic(app, name, config) for name in {*stage.outputs, stage.dead}}
+    sinks = sinks or Sinks(app, config, stage)
 
     async def process(event: faust.EventT) -> list[Out]:
         message = event.message
@@ -109,14 +135,16 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
             stage=stage.name, source_topic=stage.input, raw=raw, reason=reason, error=error, key=meta.key,
             partition=meta.partition, offset=meta.offset))]
 
-    @app.agent(source, name=f"{stage.name}-agent", concurrency=concurrency)
+    @app.agent(source, name=f"{stage.name}-agent")
     async def agent(stream: faust.StreamT) -> None:
         async for events in stream.take_events(batch, within=within_s):
-            pending = []
-            for event in events:
-                for out in await process(event):
-                    fut = await sinks[out.topic].send(key=_key_bytes(out.key), value=encode(out.value))
-                    pending.append(fut)
-                    metrics.RECORDS_OUT.labels(stage.name, out.topic).inc()
-            if pending:
-                await asyncio.gather(*pending)
+            if parallel:
+                results = await asyncio.gather(*(process(e) for e in events))
+            else:
+                results = [await process(e) for e in events]
+            for outs in results:
+                for out in outs:
+                    await sinks.send(out)
+            await sinks.drain()
+
+    return sinks

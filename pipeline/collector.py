@@ -93,6 +93,7 @@ __all__ = [
     "SinkClosed",
     "SystemClock",
     "default_client_factory",
+    "state_file",
 ]
 
 log = logging.getLogger(__name__)

@@ -187,8 +187,8 @@ def normalise(
 
     `directory`/`project` are what the caller knows (the `?directory=` it subscribed with);
     a /global/event wrapper's own values win, and session events fall back to their info.
-    The envelope shares `properties` with the frame rather than copying it: the caller
-    serialises it straight away.
+    `properties` is copied one level deep only: the nested values are the frame's, which the
+    caller serialises straight away.
     """
     if source not in SOURCES:
         raise MalformedEvent("bad_argument", f"source {source!r}")

@@ -8,6 +8,8 @@ the demo alike, so tests run on exactly what operators run locally.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import logging
 import os
 import shutil
@@ -15,7 +17,6 @@ import signal
 import socket
 import subprocess
 import time
-import base64
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,10 +212,8 @@ async def _metadata_ok(bootstrap: str, timeout_s: float) -> bool:
     except Exception:  # any failure means "not answering yet"; the caller polls
         return False
     finally:
-        try:
+        with contextlib.suppress(Exception):
             await admin.close()
-        except Exception:
-            pass
 
 
 def _cluster_id() -> str:

@@ -31,6 +31,7 @@ __all__ = [
     "PanelError",
     "PanelResponse",
     "PanelUnavailable",
+    "checked_base_url",
     "display_url",
     "require_explicit_timeout",
 ]
@@ -93,7 +94,8 @@ def require_explicit_timeout(timeout: httpx.Timeout) -> httpx.Timeout:
     return timeout
 
 
-def _base_url(url: str) -> str:
+def checked_base_url(url: str) -> str:
+    """`url` without its trailing slash; ValueError unless http(s) with a host."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"base_url must be an http(s) URL with a host, got {display_url(url)!r}")
@@ -112,7 +114,7 @@ class PanelClient:
         limits: httpx.Limits | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.base_url = _base_url(base_url)
+        self.base_url = checked_base_url(base_url)
         self._clock = clock
         # trust_env=False: proxies and netrc come from configuration, never silently from the
         # environment of whichever host the stage runs on.

@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from pipeline.panel import display_url, require_explicit_timeout
+from pipeline.panel import checked_base_url, display_url, require_explicit_timeout
 from pipeline.retry import classify_http, parse_retry_after
 from pipeline.signing import AttestationError, compact_json, sha256_hex, verify_attestation
 
@@ -329,12 +329,7 @@ class ScrubberClient:
         tenant: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        parts = httpx.URL(base_url)
-        if parts.scheme not in ("http", "https") or not parts.host:
-            raise ValueError(
-                f"scrubber base_url must be an http(s) URL, got {display_url(base_url)!r}"
-            )
-        self.base_url = base_url.rstrip("/")
+        self.base_url = checked_base_url(base_url)
         self._api_key = api_key or None
         self._jwt_secret = jwt_secret or None
         if require_attestation and not self._jwt_secret:

@@ -11,6 +11,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from pipeline.errors import RecordError
+
 TRACE_SCHEMA = "trace.sampled/1"
 TRACE_ID_PREFIX = "tr_oc_"
 
@@ -65,7 +67,7 @@ def panel_messages(snapshot_messages: Sequence[Mapping[str, Any]], max_messages:
     """The last `max_messages` opencode messages (`[{info, parts}]`) in the panel's shape.
 
     `idx` counts from 0 within the trace. `session_id` is only a fallback for messages whose
-    `info.sessionID` is missing; a missing role is an error, never a guess."""
+    `info.sessionID` is missing. A missing role is never guessed: RecordError (dead letter)."""
     start = len(snapshot_messages) - max_messages
     kept = snapshot_messages[max(0, start):] if max_messages > 0 else []
     out: list[dict[str, Any]] = []
@@ -73,12 +75,12 @@ def panel_messages(snapshot_messages: Sequence[Mapping[str, Any]], max_messages:
         info = message.get("info") or {}
         role, message_id = info.get("role"), info.get("id")
         if not isinstance(role, str) or not role:
-            raise ValueError(f"message {message_id!r} has no info.role")
+            raise RecordError("bad_messages", f"message {message_id!r} has no info.role")
         if not isinstance(message_id, str) or not message_id:
-            raise ValueError(f"message at {idx} has no info.id")
+            raise RecordError("bad_messages", f"message at {idx} has no info.id")
         sid = info.get("sessionID") if isinstance(info.get("sessionID"), str) else session_id
         if not sid:
-            raise ValueError(f"message {message_id} has no info.sessionID")
+            raise RecordError("bad_messages", f"message {message_id} has no info.sessionID")
         parts = [p for p in message.get("parts") or [] if isinstance(p, Mapping)]
         texts = [t for t in (visible_text(p) for p in parts) if t is not None]
         out.append({

@@ -42,9 +42,7 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BINARY = REPO_ROOT / "node" / "node_modules" / ".bin" / "opencode"
-# Not `npm ci`: the lock lists only the linux-x64 binaries (other platforms'
-# packages are not on the registry mirror), which `npm ci` calls out of sync.
-INSTALL_HINT = "cd node && npm install   (the lock pins opencode-ai 1.18.33)"
+INSTALL_HINT = "cd node && npm ci   (node/package-lock.json pins opencode-ai 1.18.33)"
 PROVIDER_ID = "stub"
 MODEL_ID = "stub-model"
 

@@ -3,7 +3,7 @@
 Session-scoped: one model stub, one open daemon and one password-protected
 daemon for the whole run (each start costs seconds). ``OPENCODE_BIN``
 overrides where the binary is looked for; by default it is the npm-pinned one
-under node/ (``cd node && npm install``).
+under node/ (``cd node && npm ci``).
 """
 
 from __future__ import annotations

@@ -283,7 +283,7 @@ async def _wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> N
 
 def test_missing_binary_names_the_install_command(tmp_path: Path, model_stub: ModelStub) -> None:
     daemon = OpencodeDaemon(tmp_path, model_stub.base_url, binary=tmp_path / "no-opencode")
-    with pytest.raises(OpencodeBinaryNotFound, match="npm install") as info:
+    with pytest.raises(OpencodeBinaryNotFound, match="npm ci") as info:
         daemon.start()
     assert str(tmp_path / "no-opencode") in str(info.value)
     assert daemon.processes() == set()

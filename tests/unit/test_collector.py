@@ -460,7 +460,7 @@ async def test_a_blocked_sink_pauses_reading_without_loss_or_reconnect() -> None
                       for _ in range(50)]
             fake.push(*frames)
             await until(lambda: sink.waiting == 1)
-            await asyncio.sleep(0.5)  # well past the 0.2 s silence bound
+            await asyncio.sleep(0.4)  # twice the 0.2 s silence bound
             assert sink.records == [] and sink.waiting == 1
             assert c.stats["h"].events_out == 0 and fake.connections == 1
             sink.gate.set()

@@ -196,7 +196,7 @@ def test_bad_arguments_are_malformed_not_schema_invalid() -> None:
         assert caught.value.reason == "bad_argument"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(

@@ -75,22 +75,25 @@ ERROR_CASES = [
      snap(msg("user", text("go")), {**msg("assistant", n=1), "error": API_ERROR}), None),
     ("role read from info: a user message's error is not an assistant error",
      snap({**msg("user", text("go"), error=API_ERROR), "role": "assistant"}), None),
-    ("tool state.status error", snap(msg("assistant", tool("error", error="File not found: a.txt"))),
-     "File not found"),
+    ("tool state.status error",
+     snap(msg("assistant", tool("error", error="File not found: a.txt"))), "File not found"),
     ("tool state.error on a completed part",
-     snap(msg("assistant", tool("completed", output="", error="partial failure"))), "partial failure"),
-    ("tool status error without an error text", snap(msg("assistant", tool("error"))), "status error"),
+     snap(msg("assistant", tool("completed", output="", error="partial failure"))),
+     "partial failure"),
+    ("tool status error without an error text", snap(msg("assistant", tool("error"))),
+     "status error"),
     ("non-zero exit is still completed",
      snap(msg("assistant", tool("completed", output="", metadata={"exit": 1}))), None),
-    ("empty state.error is no error", snap(msg("assistant", tool("completed", output="", error=""))),
-     None),
+    ("empty state.error is no error",
+     snap(msg("assistant", tool("completed", output="", error=""))), None),
     ("session-level marker", snap(*CLEAN, markers=[marker("session")]), "session: APIError"),
     ("message and tool markers defer to the messages",
      snap(*CLEAN, markers=[marker("message"), marker("tool")]), None),
 ]
 
 
-@pytest.mark.parametrize(("name", "snapshot", "detail"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+@pytest.mark.parametrize(("name", "snapshot", "detail"), ERROR_CASES,
+                         ids=[c[0] for c in ERROR_CASES])
 def test_error_flag(name: str, snapshot: dict[str, Any], detail: str | None) -> None:
     decision = ErrorFlag().evaluate(snapshot)
     if detail is None:
@@ -111,14 +114,15 @@ def test_error_flag_on_the_reference_error_session() -> None:
     listing = json.loads((REFERENCE / "opencode-1.18.33-messages-error-session.json").read_text())
     decision = ErrorFlag().evaluate(snap(*listing))
     assert decision is not None and "APIError: bad request: context too long" in decision.detail
-    tool_listing = json.loads((REFERENCE / "opencode-1.18.33-messages-tool-session.json").read_text())
-    assert ErrorFlag().evaluate(snap(*tool_listing)) is None  # `cat` failing is exit 1, not an error
+    tools = json.loads((REFERENCE / "opencode-1.18.33-messages-tool-session.json").read_text())
+    assert ErrorFlag().evaluate(snap(*tools)) is None  # `cat` failing is exit 1, not an error
 
 
 # ---------------------------------------------------------------- novelty
 
 
-def windows_with(*snapshots: dict[str, Any], size: int = 200) -> tuple[NoveltyWindows, NoveltyPolicy]:
+def windows_with(*snapshots: dict[str, Any],
+                 size: int = 200) -> tuple[NoveltyWindows, NoveltyPolicy]:
     windows = NoveltyWindows(size=size)
     policy = NoveltyPolicy(windows)
     for s in snapshots:
@@ -133,10 +137,11 @@ SIMILAR = snap(msg("user", text("refactor the parser module to use a visitor pat
                msg("assistant", text("I rewrote parser.py with a Visitor class and tests"), n=1),
                sid=101)
 DISSIMILAR = snap(msg("user", text("why does the CI cache miss on every docker build")),
-                  msg("assistant", text("The layer order invalidates it; copy lockfiles first"), n=1),
+                  msg("assistant", text("The layer order invalidates it; copy lockfiles"), n=1),
                   sid=102)
-NO_TEXT = snap(msg("user", text("hidden", synthetic=True)), msg("assistant", tool("completed", output="x"),
-               {"id": "prt_r", "type": "reasoning", "text": "thinking"}, n=1), sid=103)
+NO_TEXT = snap(msg("user", text("hidden", synthetic=True)),
+               msg("assistant", tool("completed", output="x"),
+                   {"id": "prt_r", "type": "reasoning", "text": "thinking"}, n=1), sid=103)
 
 NOVELTY_CASES = [
     ("empty token set is novel", [SHIPPED], NO_TEXT, True, 1.0),

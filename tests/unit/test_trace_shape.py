@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
+from pipeline.errors import RecordError
 from pipeline.sampling import Decision, session_tokens
 from pipeline.trace import panel_messages, sampled_trace, trace_id
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = Path("/work/shared/reference")
-VALIDATOR = Draft202012Validator(json.loads((ROOT / "schemas" / "trace-sampled.v1.json").read_text()))
+SCHEMA = json.loads((ROOT / "schemas" / "trace-sampled.v1.json").read_text())
+VALIDATOR = Draft202012Validator(SCHEMA)
 
 
 def listing(name: str) -> list[dict[str, Any]]:
@@ -31,7 +33,8 @@ def snapshot_of(messages: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_roles_are_the_daemons_own() -> None:
-    assert [m["role"] for m in panel_messages(listing("tool"), 25)] == ["user", "assistant", "assistant"]
+    roles = [m["role"] for m in panel_messages(listing("tool"), 25)]
+    assert roles == ["user", "assistant", "assistant"]
     assert [m["role"] for m in panel_messages(listing("error"), 25)] == ["user", "assistant"]
 
 
@@ -46,7 +49,8 @@ def test_tool_session_shape() -> None:
     (call,) = messages[1]["tool_calls"]
     assert call["name"] == "bash" and call["status"] == "completed" and call["error"] is None
     assert call["call_id"] == "call_1"
-    assert call["input"] == {"command": "ls -la && cat nonexistent.txt", "description": "List files"}
+    assert call["input"] == {"command": "ls -la && cat nonexistent.txt",
+                             "description": "List files"}
     assert call["output"].startswith("total 16") and "No such file" in call["output"]
     assert messages[2]["content"].startswith("Done.")
 
@@ -76,7 +80,7 @@ def test_content_joins_visible_text_parts_only() -> None:
     message = {"info": {"id": "msg_1", "sessionID": "ses_1", "role": "assistant"}, "parts": parts}
     assert panel_messages([message], 25)[0]["content"] == "first\nsecond"
     # The novelty tokens are computable from the trace too, and agree.
-    assert session_tokens([message]) == set("first second".split())
+    assert session_tokens([message]) == {"first", "second"}
 
 
 def test_cap_keeps_the_last_messages_and_counts_from_zero() -> None:
@@ -88,8 +92,9 @@ def test_cap_keeps_the_last_messages_and_counts_from_zero() -> None:
 
 
 def test_role_is_never_guessed() -> None:
-    with pytest.raises(ValueError, match="info.role"):
-        panel_messages([{"info": {"id": "msg_1", "sessionID": "ses_1"}, "role": "user", "parts": []}], 25)
+    roleless = {"info": {"id": "msg_1", "sessionID": "ses_1"}, "role": "user", "parts": []}
+    with pytest.raises(RecordError, match=r"info\.role"):
+        panel_messages([roleless], 25)
 
 
 @pytest.mark.parametrize("name", ["tool", "error"])

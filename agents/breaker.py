@@ -1,0 +1,131 @@
+"""Breaker stage: traces.signed -> traces.outbox, gated by one circuit breaker per panel endpoint.
+
+Every replica follows all of delivery.outcomes (outside its consumer group) and feeds it to the
+pure state machine in pipeline/breaker.py, so replicas agree. While a breaker is open, `hold`
+blocks the partition on the held trace: nothing past it is acknowledged or committed, and the
+wait shows as consumer lag on traces.signed. `drop` records a `circuit_open` outcome instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from agents.base import Meta, Out, Sinks, bind, make_app
+from pipeline import metrics
+from pipeline.breaker import BreakerRegistry, BreakerSettings, State, Verdict
+from pipeline.config import Config
+from pipeline.errors import RecordError
+from pipeline.outcomes import outcome, transition_outcome
+from pipeline.records import decode
+from pipeline.topics import STAGES
+
+STAGE = "breaker"
+OUTCOMES = "delivery.outcomes"
+STATE_VALUE = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class OutcomeFollower:
+    """Reads delivery.outcomes from a bounded horizon into the registry; `ready` once caught up."""
+
+    def __init__(self, config: Config, registry: BreakerRegistry, sinks: Sinks, horizon_ms: int) -> None:
+        self.config, self.registry, self.sinks, self.horizon_ms = config, registry, sinks, horizon_ms
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.config.kafka.bootstrap, group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            parts = [TopicPartition(OUTCOMES, p) for p in (consumer.partitions_for_topic(OUTCOMES) or {0})]
+            consumer.assign(parts)
+            # Only outcomes newer than the longest any of them can matter are replayed.
+            starts = await consumer.offsets_for_times({tp: now_ms() - self.horizon_ms for tp in parts})
+            ends = await consumer.end_offsets(parts)
+            for tp in parts:
+                if starts.get(tp) is not None:
+                    consumer.seek(tp, starts[tp].offset)
+                else:
+                    consumer.seek(tp, ends[tp])
+            while True:
+                batch = await consumer.getmany(timeout_ms=200)
+                for msgs in batch.values():
+                    for msg in msgs:
+                        await self.apply(msg.value)
+                if not self.ready.is_set() and all(await consumer.position(tp) >= ends[tp] for tp in parts):
+                    self.ready.set()
+                    log.info("breaker state rebuilt from %s", OUTCOMES)
+        finally:
+            await consumer.stop()
+
+    async def apply(self, raw: bytes) -> None:
+        try:
+            record = decode(raw, OUTCOMES)
+            transitions = self.registry.apply(record)
+        except RecordError as exc:
+            log.warning("skipping unusable outcome record: %s", exc)
+            return
+        for t in transitions:
+            metrics.BREAKER_TRANSITIONS.labels(t.endpoint, str(t.to_state)).inc()
+            log.warning("breaker %s: %s -> %s (%s)", t.endpoint, t.from_state, t.to_state, t.reason)
+            if self.ready.is_set():  # replayed history was reported when it happened
+                await self.sinks.send(Out(OUTCOMES, t.endpoint, transition_outcome(t)))
+
+
+def build(config: Config, **app_overrides: object) -> faust.App:
+    app = make_app(STAGE, config, **app_overrides)
+    b = config.breaker
+    settings = BreakerSettings(failure_threshold=b.failure_threshold, failure_window_s=b.failure_window_s,
+                               open_s=b.open_s, mode=b.mode)
+    registry = BreakerRegistry(settings)
+    sinks = Sinks(app, config, STAGES[STAGE])
+    horizon_ms = int((b.open_s + b.failure_window_s + settings.probe_timeout_s) * 1000) * 2
+    follower = OutcomeFollower(config, registry, sinks, horizon_ms)
+
+    @app.task
+    async def follow() -> None:
+        await follower.run()
+
+    def record_for(record: dict[str, Any], status: str, detail: dict[str, Any], probe: bool = False) -> Out:
+        return Out(OUTCOMES, record["endpoint"], outcome(
+            stage=STAGE, endpoint=record["endpoint"], status=status, trace_id=record["trace_id"], at=now_ms(),
+            probe=probe, detail=detail))
+
+    async def handle(record: dict[str, Any], meta: Meta) -> list[Out]:
+        await follower.ready.wait()
+        endpoint = record["endpoint"]
+        held = False
+        while True:
+            admission = registry.admit(endpoint, now_ms())
+            metrics.BREAKER_STATE.labels(endpoint).set(STATE_VALUE[admission.state])
+            if admission.verdict is Verdict.PASS:
+                return [Out("traces.outbox", record["trace_id"], record)]
+            if admission.verdict is Verdict.PROBE:
+                return [record_for(record, "probe", {"reason": admission.reason}, probe=True),
+                        Out("traces.outbox", record["trace_id"], record)]
+            if admission.verdict is Verdict.DROP:
+                metrics.DELIVERY_OUTCOMES.labels(endpoint, "circuit_open").inc()
+                return [record_for(record, "circuit_open", {"reason": admission.reason})]
+            if not held:
+                held = True
+                metrics.DELIVERY_OUTCOMES.labels(endpoint, "held").inc()
+                await sinks.send(record_for(record, "held", {"reason": admission.reason,
+                                                             "until": admission.until_ms}))
+                await sinks.drain()
+                log.warning("breaker %s open: holding trace %s (partition %d)", endpoint, record["trace_id"],
+                            meta.partition)
+            wait_ms = (admission.until_ms or now_ms() + 1000) - now_ms()
+            await asyncio.sleep(min(max(wait_ms / 1000, 0.05), 1.0))
+
+    bind(app, STAGE, config, handle, sinks=sinks)
+    return app

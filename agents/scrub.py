@@ -1,0 +1,66 @@
+"""Scrub stage: traces.sampled -> traces.scrubbed, one scrubber request per trace, fail closed.
+
+A scrubber that is down, slow, rate-limiting or answering errors holds the trace (and its
+partition) back with backoff; nothing goes on unscrubbed. A trace the scrubber refuses outright
+(400: it can never be scrubbed as it is) is dead-lettered, not passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import faust
+import httpx
+
+from agents.base import Meta, Out, bind, make_app
+from pipeline import metrics
+from pipeline.config import Config
+from pipeline.errors import RecordError
+from pipeline.retry import RetryPolicy
+from pipeline.scrubber import ScrubberClient, ScrubberError, bypass_record
+
+STAGE = "scrub"
+log = logging.getLogger(__name__)
+
+
+def build(config: Config, **app_overrides: object) -> faust.App:
+    app = make_app(STAGE, config, **app_overrides)
+    policy = RetryPolicy(base_s=config.scrub.retry_base_s, max_s=config.scrub.retry_max_s,
+                         max_age_s=float("inf"), rng=random.Random())
+    client: ScrubberClient | None = None
+    if not config.scrubber_url:
+        log.warning("!!! scrubberUrl is empty: scrubbing is BYPASSED; session content goes to the panel "
+                    "unscrubbed. Development only. !!!")
+    else:
+        jwt = config.scrubber_jwt_secret
+        key = config.scrubber_api_key
+        t = config.scrub.timeout_s
+        client = ScrubberClient(config.scrubber_url, key.reveal() if key else None, jwt.reveal() if jwt else None,
+                                httpx.Timeout(connect=min(t, 5.0), read=t, write=t, pool=t))
+
+    async def handle(record: dict, meta: Meta) -> list[Out]:
+        if client is None:
+            return [Out("traces.scrubbed", meta.key, bypass_record(record, int(time.time() * 1000)))]
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                scrubbed = await client.scrub_trace(record)
+            except ScrubberError as exc:
+                metrics.SCRUBBER_LATENCY.labels("error").observe(time.perf_counter() - started)
+                if not exc.retriable:
+                    raise RecordError(f"scrubber_{type(exc).__name__}", str(exc)) from None
+                delay = policy.delay(attempt, exc.retry_after)
+                log.warning("scrubber unavailable (%s); holding trace %s, retry %d in %.1fs",
+                            exc, record.get("trace_id"), attempt, delay)
+                await asyncio.sleep(delay)
+                continue
+            metrics.SCRUBBER_LATENCY.labels("ok").observe(time.perf_counter() - started)
+            return [Out("traces.scrubbed", meta.key, scrubbed)]
+
+    bind(app, STAGE, config, handle, parallel=True, batch=50)
+    return app

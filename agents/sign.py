@@ -1,0 +1,48 @@
+"""Sign stage: traces.scrubbed -> traces.signed: the canonical body, serialised once, its HMAC,
+and an attestation minted over it when SCRUBBER_JWT_SECRET is set."""
+
+from __future__ import annotations
+
+import time
+
+import faust
+
+import pipeline
+from agents.base import Meta, Out, bind, make_app
+from pipeline.config import Config
+from pipeline.signing import canonical_body, mint_attestation, sign
+
+STAGE = "sign"
+
+
+def build(config: Config, **app_overrides: object) -> faust.App:
+    # Fail at start, naming the variable, rather than dead-letter every trace later.
+    config.panel_secret(config.site_key)
+    jwt = config.scrubber_jwt_secret
+    app = make_app(STAGE, config, **app_overrides)
+
+    async def handle(record: dict, meta: Meta) -> list[Out]:
+        _, secret = config.panel_secret(record["site_key"])
+        body = canonical_body(record, config.source_agent, pipeline.__version__)
+        now = time.time()
+        attestation = mint_attestation(body, jwt.reveal(), now) if jwt else None
+        signed = {
+            "schema": "trace.signed/1",
+            "trace_id": record["trace_id"],
+            "snapshot_id": record["snapshot_id"],
+            "host": record["host"],
+            "site_key": record["site_key"],
+            "session_id": record["session_id"],
+            "endpoint": config.panel_url,
+            "body": body.decode("utf-8"),
+            "signature": sign(body, secret.reveal()),
+            "attestation": attestation,
+            "attestation_iat": int(now) if attestation else None,
+            "reason": record["decision"]["reason"],
+            "signed_at": int(now * 1000),
+            "first_signed_at": int(now * 1000),
+        }
+        return [Out("traces.signed", record["trace_id"], signed)]
+
+    bind(app, STAGE, config, handle)
+    return app
