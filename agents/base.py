@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline import metrics
 from pipeline.config import Config
 from pipeline.errors import RecordError
 from pipeline.records import dead_letter, decode, encode, validate_for_topic
-from pipeline.topics import STAGES, TOPICS, Stage, partitions_of
+from pipeline.topics import MAX_MESSAGE_BYTES, STAGES, TOPICS, Stage, partitions_of
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
         "broker_commit_every": 500,
         "broker_commit_interval": 1.0,
         "stream_wait_empty": False,
+        "producer_max_request_size": MAX_MESSAGE_BYTES,
+        "consumer_max_fetch_size": MAX_MESSAGE_BYTES,
         "datadir": str(config.cache_dir / "faust" / stage.app_id),
     }
     settings.update(overrides)
@@ -103,11 +107,13 @@ class Sinks:
 
 def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *,
          sinks: Sinks | None = None, batch: int = 200, within_s: float = 0.05,
-         parallel: bool = False) -> Sinks:
+         parallel: bool = False, after_drain: Callable[[], None] | None = None) -> Sinks:
     """Register the stage's agent: decode + validate, handle, route outputs or dead letters.
 
     `parallel` runs the handler for every record of a batch at once (for stages that wait on
-    a remote service); outputs are still sent in input order.
+    a remote service); outputs are still sent in input order. `after_drain` runs once a
+    batch's outputs are on the broker: state that says "already emitted" is written there,
+    so a crash in between re-emits (a duplicate the next stage recognises) instead of losing.
     """
     stage = STAGES[stage] if isinstance(stage, str) else stage
     source = topic(app, stage.input, config)
@@ -146,5 +152,47 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
                 for out in outs:
                     await sinks.send(out)
             await sinks.drain()
+            if after_drain:
+                after_drain()
 
     return sinks
+
+
+class TopicFollower:
+    """Reads a whole topic outside any consumer group (every replica sees every record), from
+    `horizon_ms` ago or from the start, into `apply`; `ready` is set once it has caught up.
+    This is how replicas share a decision state (novelty window, breaker) through a topic."""
+
+    def __init__(self, config: Config, name: str, apply: Callable[[bytes], Awaitable[None]],
+                 horizon_ms: int | None = None) -> None:
+        self.config, self.name, self.apply, self.horizon_ms = config, name, apply, horizon_ms
+        self.ready = asyncio.Event()
+        self.applied = 0
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.config.kafka.bootstrap, group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
+                                    max_partition_fetch_bytes=16 * 1024 * 1024)
+        await consumer.start()
+        try:
+            parts = [TopicPartition(self.name, p) for p in sorted(consumer.partitions_for_topic(self.name) or {0})]
+            consumer.assign(parts)
+            ends = await consumer.end_offsets(parts)
+            if self.horizon_ms is None:
+                await consumer.seek_to_beginning(*parts)
+            else:
+                since = int(time.time() * 1000) - self.horizon_ms
+                starts = await consumer.offsets_for_times({tp: since for tp in parts})
+                for tp in parts:
+                    consumer.seek(tp, starts[tp].offset if starts.get(tp) else ends[tp])
+            while True:
+                batch = await consumer.getmany(timeout_ms=100)
+                for msgs in batch.values():
+                    for msg in msgs:
+                        await self.apply(msg.value)
+                        self.applied += 1
+                if not self.ready.is_set() and all([await consumer.position(tp) >= ends[tp] for tp in parts]):
+                    self.ready.set()
+                    log.info("caught up with %s (%d records)", self.name, self.applied)
+        finally:
+            await consumer.stop()

@@ -14,9 +14,8 @@ import time
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from agents.base import Meta, Out, Sinks, bind, make_app
+from agents.base import Meta, Out, Sinks, TopicFollower, bind, make_app
 from pipeline import metrics
 from pipeline.breaker import BreakerRegistry, BreakerSettings, State, Verdict
 from pipeline.config import Config
@@ -35,53 +34,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class OutcomeFollower:
-    """Reads delivery.outcomes from a bounded horizon into the registry; `ready` once caught up."""
-
-    def __init__(self, config: Config, registry: BreakerRegistry, sinks: Sinks, horizon_ms: int) -> None:
-        self.config, self.registry, self.sinks, self.horizon_ms = config, registry, sinks, horizon_ms
-        self.ready = asyncio.Event()
-
-    async def run(self) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.config.kafka.bootstrap, group_id=None,
-                                    enable_auto_commit=False, auto_offset_reset="earliest")
-        await consumer.start()
-        try:
-            parts = [TopicPartition(OUTCOMES, p) for p in (consumer.partitions_for_topic(OUTCOMES) or {0})]
-            consumer.assign(parts)
-            # Only outcomes newer than the longest any of them can matter are replayed.
-            starts = await consumer.offsets_for_times({tp: now_ms() - self.horizon_ms for tp in parts})
-            ends = await consumer.end_offsets(parts)
-            for tp in parts:
-                if starts.get(tp) is not None:
-                    consumer.seek(tp, starts[tp].offset)
-                else:
-                    consumer.seek(tp, ends[tp])
-            while True:
-                batch = await consumer.getmany(timeout_ms=200)
-                for msgs in batch.values():
-                    for msg in msgs:
-                        await self.apply(msg.value)
-                if not self.ready.is_set() and all(await consumer.position(tp) >= ends[tp] for tp in parts):
-                    self.ready.set()
-                    log.info("breaker state rebuilt from %s", OUTCOMES)
-        finally:
-            await consumer.stop()
-
-    async def apply(self, raw: bytes) -> None:
-        try:
-            record = decode(raw, OUTCOMES)
-            transitions = self.registry.apply(record)
-        except RecordError as exc:
-            log.warning("skipping unusable outcome record: %s", exc)
-            return
-        for t in transitions:
-            metrics.BREAKER_TRANSITIONS.labels(t.endpoint, str(t.to_state)).inc()
-            log.warning("breaker %s: %s -> %s (%s)", t.endpoint, t.from_state, t.to_state, t.reason)
-            if self.ready.is_set():  # replayed history was reported when it happened
-                await self.sinks.send(Out(OUTCOMES, t.endpoint, transition_outcome(t)))
-
-
 def build(config: Config, **app_overrides: object) -> faust.App:
     app = make_app(STAGE, config, **app_overrides)
     b = config.breaker
@@ -89,8 +41,22 @@ def build(config: Config, **app_overrides: object) -> faust.App:
                                open_s=b.open_s, mode=b.mode)
     registry = BreakerRegistry(settings)
     sinks = Sinks(app, config, STAGES[STAGE])
+
+    async def apply(raw: bytes) -> None:
+        try:
+            transitions = registry.apply(decode(raw, OUTCOMES))
+        except RecordError as exc:
+            log.warning("skipping unusable outcome record: %s", exc)
+            return
+        for t in transitions:
+            metrics.BREAKER_TRANSITIONS.labels(t.endpoint, str(t.to_state)).inc()
+            log.warning("breaker %s: %s -> %s (%s)", t.endpoint, t.from_state, t.to_state, t.reason)
+            if follower.ready.is_set():  # replayed history was reported when it happened
+                await sinks.send(Out(OUTCOMES, t.endpoint, transition_outcome(t)))
+
+    # Only outcomes newer than the longest any of them can matter are replayed at start.
     horizon_ms = int((b.open_s + b.failure_window_s + settings.probe_timeout_s) * 1000) * 2
-    follower = OutcomeFollower(config, registry, sinks, horizon_ms)
+    follower = TopicFollower(config, OUTCOMES, apply, horizon_ms)
 
     @app.task
     async def follow() -> None:

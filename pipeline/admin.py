@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -78,10 +79,9 @@ async def create_topics(bootstrap: str, default_partitions: int, replication: in
         if missing:
             new = [NewTopic(t.name, partitions_of(t, default_partitions), replication, topic_configs=t.configs())
                    for t in missing]
-            try:
+            # a concurrent creator winning the race leaves the same outcome
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new, timeout_ms=30000)
-            except TopicAlreadyExistsError:
-                pass  # a concurrent creator won the race; the outcome is the same
             created = [t.name for t in missing]
             await _wait_for_leaders(admin, created)
         existing = [t.name for t in TOPICS.values() if t.name in counts]

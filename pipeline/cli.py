@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -96,6 +97,84 @@ def cmd_worker(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     return 0
 
 
+@command("collect")
+def cmd_collect(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from pipeline import metrics
+    from pipeline.collector import Collector, CollectorSettings, KafkaEventSink
+
+    if not cfg.enabled:
+        print("pipeline collect: disabled (PANEL_OPENCODE_DISABLED=1 or enabled = false): shipping nothing",
+              file=sys.stderr)
+        return 0
+    if not cfg.hosts:
+        raise ConfigError("no opencode hosts configured: add [[hosts]] entries", "hosts")
+    metrics.serve(args.metrics_port if args.metrics_port is not None else cfg.metrics.port, cfg.metrics.host)
+    settings = CollectorSettings.from_config(cfg)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        async with KafkaEventSink(cfg.kafka.bootstrap, max_buffered=cfg.collector.buffer_max_records) as sink:
+            collector = Collector(cfg.hosts, sink, settings=settings)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, collector.stop)
+            exporter = asyncio.create_task(_export_collector_metrics(collector))
+            log.info("collecting from %d hosts: %s", len(cfg.hosts), ", ".join(h.name for h in cfg.hosts))
+            try:
+                await collector.run()
+            finally:
+                exporter.cancel()
+
+    asyncio.run(run())
+    return 0
+
+
+async def _export_collector_metrics(collector: Any) -> None:
+    from pipeline import metrics
+
+    last: dict[tuple[str, str], int] = {}
+    while True:
+        for host, stats in collector.stats.items():
+            metrics.COLLECTOR_CONNECTED.labels(host).set(1 if stats.connected else 0)
+            for field in ("events_in", "events_out", "events_filtered", "events_malformed", "turns_emitted",
+                          "backfills", "reconnects", "fetch_failures", "oversize_drops"):
+                value = int(getattr(stats, field))
+                delta = value - last.get((host, field), 0)
+                if delta > 0:
+                    metrics.COLLECTOR_EVENTS.labels(host, field).inc(delta)
+                last[(host, field)] = value
+        await asyncio.sleep(1.0)
+
+
+@command("stub")
+def cmd_stub(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    module = importlib.import_module(f"pipeline.stubs.{args.service}")
+    return int(module.main(args.stub_args) or 0)
+
+
+@command("dead")
+def cmd_dead(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from pipeline import deadletters
+
+    if args.action == "list":
+        letters = asyncio.run(deadletters.read(cfg.kafka.bootstrap, args.topic))
+        if args.json:
+            print(json.dumps([d.record | {"_topic": d.topic, "_offset": d.offset} for d in letters], indent=2))
+            return 0
+        print(f"{len(letters)} dead letters")
+        for d in letters:
+            r = d.record
+            print(f"{d.topic}[{d.partition}]@{d.offset}  {r.get('dead_id')}  stage={r.get('stage')}  "
+                  f"reason={r.get('reason')}  -> {r.get('redrive_topic')}\n    {str(r.get('error'))[:200]}")
+        return 0
+    if not args.topic or not (args.id or args.all):
+        raise ConfigError("dead redrive needs --topic T and one of --id ID or --all", "--topic")
+    done = asyncio.run(deadletters.redrive(cfg.kafka.bootstrap, args.topic, dead_id=args.id))
+    for d in done:
+        print(f"redrove {d.record.get('dead_id')} ({d.record.get('reason')}) -> {d.record.get('redrive_topic')}")
+    print(f"{len(done)} redriven")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     p.add_argument("--config", help="TOML config file (default: $PIPELINE_CONFIG, else built-in defaults)")
@@ -113,6 +192,20 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("stage")
     w.add_argument("--metrics-port", type=int, default=None)
     w.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
+
+    c = sub.add_parser("collect", help="attach to every configured opencode host and feed opencode.events")
+    c.add_argument("--metrics-port", type=int, default=None)
+
+    s = sub.add_parser("stub", help="run a stub panel or scrubber that enforces the real contract")
+    s.add_argument("service", choices=["panel", "scrubber"])
+    s.add_argument("stub_args", nargs=argparse.REMAINDER, help="the stub's own options (--port, ...)")
+
+    d = sub.add_parser("dead", help="inspect and redrive dead letters")
+    d.add_argument("action", choices=["list", "redrive"])
+    d.add_argument("--topic", help="one dead-letter topic (default: all of them)")
+    d.add_argument("--id", help="redrive this dead letter")
+    d.add_argument("--all", action="store_true", help="redrive every dead letter not redriven before")
+    d.add_argument("--json", action="store_true")
 
     for extra in EXTRA_PARSERS:
         extra(sub)

@@ -171,6 +171,11 @@ SECTIONS: dict[str, dict[str, Field]] = {
         ("reconnect_max_s", 30.0, POS_FLOAT),
         ("buffer_max_records", 10000, POS_INT),
         ("state_dir", "", STR),
+        ("poll_interval_s", 10.0, _range(0.0, None, (int, float), "seconds >= 0 (0 turns polling off)")),
+        ("settle_timeout_s", 10.0, POS_FLOAT),
+        ("reconcile_max_sessions", 100, POS_INT),
+        ("first_start_lookback_s", 86400.0, POS_FLOAT),
+        ("checkpoint_interval_s", 5.0, POS_FLOAT),
     ),
     "sampler": _fields(
         ("num_perm", 128, POS_INT),

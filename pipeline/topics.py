@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DAY_MS = 24 * 3600 * 1000
+MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class Topic:
     extra: dict[str, str] = field(default_factory=dict)
 
     def configs(self) -> dict[str, str]:
-        cfg = {"retention.ms": str(self.retention_ms)}
+        # A turn of 25 messages with tool output can pass Kafka's 1 MiB default record limit.
+        cfg = {"retention.ms": str(self.retention_ms), "max.message.bytes": str(MAX_MESSAGE_BYTES)}
         if self.compacted:
             cfg["cleanup.policy"] = "compact,delete"
         cfg.update(self.extra)
