@@ -23,13 +23,15 @@ from pipeline.retry import RetryPolicy
 from pipeline.scrubber import ScrubberClient, ScrubberError, bypass_record
 
 STAGE = "scrub"
+# fail closed: a trace waits for the scrubber as long as it takes (a year bounds the arithmetic)
+HOLD_FOREVER_S = 365 * 24 * 3600.0
 log = logging.getLogger(__name__)
 
 
 def build(config: Config, **app_overrides: object) -> faust.App:
     app = make_app(STAGE, config, **app_overrides)
     policy = RetryPolicy(base_s=config.scrub.retry_base_s, max_s=config.scrub.retry_max_s,
-                         max_age_s=float("inf"), rng=random.Random())
+                         max_age_s=HOLD_FOREVER_S, rng=random.Random())
     client: ScrubberClient | None = None
     if not config.scrubber_url:
         log.warning("!!! scrubberUrl is empty: scrubbing is BYPASSED; session content goes to the panel "

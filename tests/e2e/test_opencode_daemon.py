@@ -210,7 +210,7 @@ async def test_global_events_report_the_turn_and_its_end(
         "session.status",
         "session.idle",
     ):
-        assert expected in types, expected
+        assert expected in types, (expected, types)
     # Global frames wrap the event with the instance it came from.
     assert all(f["directory"] == str(secured_daemon.workdir) for f in ours)
     assert types.index("session.created") < types.index("session.idle")

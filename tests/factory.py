@@ -1,0 +1,70 @@
+"""Session data in the daemon's shapes (as in shared/reference), for tests and benchmarks."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from pipeline.envelope import turn_ended
+from pipeline.snapshot import SessionState, build_snapshot
+
+WORDS = ["refactor", "parser", "module", "tests", "failing", "build", "cache", "deploy", "config", "schema", "kafka", "topic", "stream", "sampler", "novelty", "scrub", "panel", "rater", "diff", "patch", "commit", "branch", "merge", "lint", "types", "docs", "readme", "install", "package", "version", "upgrade", "release", "error", "trace", "span", "metric", "log", "alert"]
+
+SEEDED_SECRETS = [
+    "alice.jones@example.com",
+    "sk-proj-4fJ9aQ2xZ7vB1nM8kL3pR6tY0wE5uI2oP9aS4dF7gH1jK",
+    "AKIAIOSFODNN7EXAMPLE",
+    "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+]
+SEEDED_ASSIGNMENT = "OPENAI_API_KEY=sk-live-abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _part(sid: str, mid: str, n: int, **fields: Any) -> dict[str, Any]:
+    return {"id": f"prt_{mid[4:]}{n:03d}", "sessionID": sid, "messageID": mid, **fields}
+
+
+def messages(session_id: str, turns: int = 2, *, seed: int = 0, tool_error: bool = False,
+             api_error: bool = False, with_secrets: bool = False, words: int = 40) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    t0 = 1795236913836 + seed * 1000
+    for turn in range(turns):
+        uid, aid = f"msg_{seed:04d}{turn:03d}u", f"msg_{seed:04d}{turn:03d}a"
+        text = " ".join(rng.choice(WORDS) for _ in range(words))
+        if with_secrets:
+            text += f" contact {SEEDED_SECRETS[0]} key {SEEDED_SECRETS[1]}"
+        out.append({"info": {"id": uid, "sessionID": session_id, "role": "user", "time": {"created": t0 + turn},
+                             "agent": "build", "model": {"providerID": "stub", "modelID": "stub-model"}},
+                    "parts": [_part(session_id, uid, 0, type="text", text=text)]})
+        status = "error" if tool_error and turn == turns - 1 else "completed"
+        state: dict[str, Any] = {"status": status, "input": {"command": "ls -la", "description": "List"},
+                                 "time": {"start": t0, "end": t0 + 1}}
+        if status == "error":
+            state["error"] = "File not found: missing.txt"
+        else:
+            state["output"] = "a.txt\nb.txt" + (f"\n{SEEDED_ASSIGNMENT}\n{SEEDED_SECRETS[2]}" if with_secrets else "")
+            state["metadata"] = {"exit": 0}
+        info: dict[str, Any] = {"id": aid, "sessionID": session_id, "role": "assistant", "parentID": uid,
+                                "modelID": "stub-model", "providerID": "stub", "mode": "build", "agent": "build",
+                                "time": {"created": t0 + turn, "completed": t0 + turn + 1}, "finish": "stop"}
+        if api_error and turn == turns - 1:
+            info["error"] = {"name": "APIError", "data": {"message": "Bad Request", "statusCode": 400,
+                                                          "isRetryable": False}}
+        reply = " ".join(rng.choice(WORDS) for _ in range(words))
+        if with_secrets:
+            reply += f" token {SEEDED_SECRETS[3]}"
+        out.append({"info": info, "parts": [
+            _part(session_id, aid, 0, type="step-start"),
+            _part(session_id, aid, 1, type="text", text=reply),
+            _part(session_id, aid, 2, type="tool", tool="bash", callID=f"call_{turn}", state=state),
+        ]})
+    return out
+
+
+def snapshot(i: int, *, host: str = "h1", site_key: str = "pk_test_thirdparty", **kw: Any) -> dict[str, Any]:
+    sid = f"ses_test{i:06d}"
+    msgs = messages(sid, seed=i, **kw)
+    session = {"id": sid, "projectID": "global", "directory": "/home/dev/project", "title": f"session {i}"}
+    env = turn_ended(host=host, site_key=site_key, session=session, messages=msgs, trigger="session.idle",
+                     received_at_ms=1795236913836 + i)
+    return build_snapshot(env, SessionState(), max_messages=25, now_ms=1795236913836 + i)

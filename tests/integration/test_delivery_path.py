@@ -1,0 +1,51 @@
+"""sessions.idle -> sample -> scrub -> sign -> breaker -> deliver -> stub panel, every stage its
+own process on the real broker, the stubs enforcing the real contracts over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.local_stack import Stack, StackSettings, wait_for
+from pipeline.records import encode
+from tests.factory import SEEDED_ASSIGNMENT, SEEDED_SECRETS, snapshot
+from tests.kafka_util import produce, read_all, values
+
+pytestmark = pytest.mark.integration
+
+
+def test_happy_path_delivers_scrubbed_signed_traces(kafka, tmp_path: Path) -> None:
+    stack = Stack(StackSettings(bootstrap=kafka.bootstrap, workdir=tmp_path, sampling_rate=1.0))
+    snaps = [snapshot(i, with_secrets=True, tool_error=(i % 3 == 0), api_error=(i == 4)) for i in range(8)]
+    with stack.start():
+        asyncio.run(produce(kafka.bootstrap, "sessions.idle",
+                            [(f"h1:{s['session_id']}".encode(), encode(s)) for s in snaps]))
+        try:
+            wait_for(lambda: len(stack.panel_accepted()) >= 8, 120, what="8 traces accepted by the panel")
+        except TimeoutError:
+            pytest.fail(stack.logs_tail())
+        accepted = {t["trace_id"]: t for t in stack.panel_accepted()}
+        stats = stack.panel_stats()
+        sampled = values(asyncio.run(read_all(kafka.bootstrap, "traces.sampled", expect=8, timeout_s=30)))
+
+    assert stats["refused"] == 0, stats
+    assert set(accepted) == {t["trace_id"] for t in sampled}
+    by_session = {t["session_id"]: t for t in sampled}
+    for trace in accepted.values():
+        body = trace["body"] if isinstance(trace["body"], dict) else json.loads(trace["body"])
+        text = json.dumps(body)
+        for secret in [*SEEDED_SECRETS, SEEDED_ASSIGNMENT, "sk-live-abcdef"]:
+            assert secret not in text, f"unscrubbed {secret!r} reached the panel"
+        blob = body["blob"]
+        msgs = blob["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+        assert all(m["tool_calls"][0]["name"] == "bash" for m in msgs if m["role"] == "assistant")
+        sid = blob["session_id"]
+        expected_reason = by_session[sid]["decision"]["reason"]
+        assert blob["reason"] == expected_reason
+    reasons = {t["session_id"]: t["decision"]["reason"] for t in sampled}
+    assert reasons["ses_test000000"] == "error_flag"  # failing tool
+    assert reasons["ses_test000004"] == "error_flag"  # APIError on the assistant message
