@@ -19,7 +19,8 @@ STAGE = "ingest"
 
 def build(config: Config, **app_overrides: object) -> faust.App:
     app = make_app(STAGE, config, **app_overrides)
-    table = app.Table("session-state", default=None, schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+    table = app.Table("session-state", default=None,
+                      schema=faust.Schema(key_serializer="raw", value_serializer="json"),
                       partitions=partitions_of(TOPICS["opencode.events"], config.kafka.partitions))
     # State of records handled but whose snapshots are not yet on the broker: written to the
     # table only after the batch's outputs are acknowledged (see bind's after_drain).

@@ -38,7 +38,8 @@ def build(config: Config, **app_overrides: object) -> faust.App:
                                 max_messages=config.max_messages,
                                 token_messages=config.sampler.novelty_window_tokens_messages)
     novelty = next(p for p in sampler.policies if isinstance(p, NoveltyPolicy))
-    decided = app.Table("decided-snapshots", default=None, schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+    decided = app.Table("decided-snapshots", default=None,
+                        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
                         partitions=partitions_of(TOPICS["sessions.idle"], config.kafka.partitions))
     pending: dict[bytes, list[str]] = {}
 

@@ -8,7 +8,12 @@ from typing import Any
 from pipeline.envelope import turn_ended
 from pipeline.snapshot import SessionState, build_snapshot
 
-WORDS = ["refactor", "parser", "module", "tests", "failing", "build", "cache", "deploy", "config", "schema", "kafka", "topic", "stream", "sampler", "novelty", "scrub", "panel", "rater", "diff", "patch", "commit", "branch", "merge", "lint", "types", "docs", "readme", "install", "package", "version", "upgrade", "release", "error", "trace", "span", "metric", "log", "alert"]
+_VOCABULARY = """
+refactor parser module tests failing build cache deploy config schema kafka topic stream sampler
+novelty scrub panel rater diff patch commit branch merge lint types docs readme install package
+version upgrade release error trace span metric log alert
+"""
+WORDS = tuple(_VOCABULARY.split())
 
 SEEDED_SECRETS = [
     "alice.jones@example.com",
