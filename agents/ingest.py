@@ -21,6 +21,9 @@ def build(config: Config, **app_overrides: object) -> faust.App:
     app = make_app(STAGE, config, **app_overrides)
     table = app.Table("session-state", default=None,
                       schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+                      # written after the batch is on the broker, outside stream iteration: the
+                      # key picks the changelog partition (same partitioner as the producers)
+                      use_partitioner=True,
                       partitions=partitions_of(TOPICS["opencode.events"], config.kafka.partitions))
     # State of records handled but whose snapshots are not yet on the broker: written to the
     # table only after the batch's outputs are acknowledged (see bind's after_drain).

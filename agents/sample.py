@@ -40,6 +40,9 @@ def build(config: Config, **app_overrides: object) -> faust.App:
     novelty = next(p for p in sampler.policies if isinstance(p, NoveltyPolicy))
     decided = app.Table("decided-snapshots", default=None,
                         schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+                      # written after the batch is on the broker, outside stream iteration: the
+                      # key picks the changelog partition (same partitioner as the producers)
+                      use_partitioner=True,
                         partitions=partitions_of(TOPICS["sessions.idle"], config.kafka.partitions))
     pending: dict[bytes, list[str]] = {}
 

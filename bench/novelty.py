@@ -6,8 +6,11 @@ For each window size: fill a NoveltyWindow with that many sessions, then time de
 queries (half near-duplicates of a window entry, half unrelated sessions). One LSH decision =
 MinHash signature of the token set + LSH query + estimated-Jaccard check of the candidates,
 exactly what NoveltyPolicy does per snapshot. The exact scan is the reference's loop (1 - max
-Jaccard over every window set), run in the same process on the first queries. Writes a
-markdown table to bench/results/novelty.md and prints it.
+Jaccard over every window set), timed in the same process on the first queries; the exact
+decision for every query (for the agreement columns) comes from a sparse matrix product.
+Wall-clock and CPU-time latencies are both reported: the machine is shared, and wall p99
+there measures the neighbours as much as the code. Writes a markdown table to
+bench/results/novelty.md and prints it.
 
 Sessions come from a seeded generator whose unrelated sessions share common words as real
 prose does (Jaccard ~0.09 between two of them, as measured on English docstrings), so the
@@ -27,6 +30,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -85,8 +89,40 @@ def exact_novelty(query: frozenset[str], window: list[frozenset[str]]) -> float:
     return 1.0 - best
 
 
+def exact_novelty_all(queries: list[frozenset[str]], window: list[frozenset[str]]) -> np.ndarray:
+    """The same as exact_novelty for every query, as a sparse product in chunks."""
+    vocab: dict[str, int] = {}
+    columns = [np.fromiter((vocab.setdefault(t, len(vocab)) for t in s), np.int64, len(s))
+               for s in [*window, *queries]]
+
+    def matrix(cols: list[np.ndarray]) -> sparse.csr_matrix:
+        rows = np.repeat(np.arange(len(cols)), [len(c) for c in cols])
+        flat = np.concatenate(cols)
+        return sparse.csr_matrix((np.ones(len(flat), np.float32), (rows, flat)),
+                                 shape=(len(cols), len(vocab)))
+
+    w = matrix(columns[:len(window)]).T.tocsr()
+    w_sizes = np.array([len(s) for s in window], dtype=np.float64)
+    out = np.empty(len(queries))
+    for start in range(0, len(queries), 100):
+        chunk = queries[start:start + 100]
+        inter = (matrix(columns[len(window) + start:len(window) + start + 100]) @ w).toarray()
+        inter = inter.astype(np.float64)
+        q_sizes = np.array([len(s) for s in chunk], dtype=np.float64)[:, None]
+        out[start:start + len(chunk)] = 1.0 - (inter / (q_sizes + w_sizes - inter)).max(axis=1)
+    return out
+
+
+def loadavg() -> str:
+    try:
+        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def run(size: int, queries: int, exact_queries: int, seed: int,
-        threshold: float) -> dict[str, float]:
+        threshold: float) -> dict[str, float | str]:
+    load_before = loadavg()
     corpus = Corpus(seed)
     hasher = MinHasher(DEFAULT_NUM_PERM)
     sets = [corpus.session() for _ in range(size)]
@@ -107,10 +143,12 @@ def run(size: int, queries: int, exact_queries: int, seed: int,
           else corpus.session() for i in range(queries)]
     gc.collect()
     lsh_ns = np.empty(queries, dtype=np.int64)
+    lsh_cpu_ns = np.empty(queries, dtype=np.int64)
     lsh_nov = np.empty(queries)
     for i, q in enumerate(qs):
-        t = time.perf_counter_ns()
+        t, c = time.perf_counter_ns(), time.thread_time_ns()
         lsh_nov[i], _ = window.score(q)
+        lsh_cpu_ns[i] = time.thread_time_ns() - c
         lsh_ns[i] = time.perf_counter_ns() - t
     n_exact = min(exact_queries, queries)
     exact_ns = np.empty(n_exact, dtype=np.int64)
@@ -120,8 +158,10 @@ def run(size: int, queries: int, exact_queries: int, seed: int,
         exact_nov[i] = exact_novelty(qs[i], sets)
         exact_ns[i] = time.perf_counter_ns() - t
 
-    truth = exact_nov < threshold  # "not novel"
-    pred = lsh_nov[:n_exact] < threshold
+    all_exact = exact_novelty_all(qs, sets)
+    assert np.allclose(all_exact[:n_exact], exact_nov), "sparse exact disagrees with the loop"
+    truth = all_exact < threshold  # "not novel"
+    pred = lsh_nov < threshold
     tp = int((truth & pred).sum())
     lsh_ms = lsh_ns / 1e6
     exact_ms = exact_ns / 1e6
@@ -130,53 +170,65 @@ def run(size: int, queries: int, exact_queries: int, seed: int,
         "build_s": build_s, "memory_mb": memory / 2**20,
         "lsh_per_s": queries / (lsh_ns.sum() / 1e9),
         "lsh_p50": float(np.percentile(lsh_ms, 50)), "lsh_p99": float(np.percentile(lsh_ms, 99)),
+        "lsh_cpu_p50": float(np.percentile(lsh_cpu_ns / 1e6, 50)),
+        "lsh_cpu_p99": float(np.percentile(lsh_cpu_ns / 1e6, 99)),
         "exact_per_s": n_exact / (exact_ns.sum() / 1e9),
         "exact_p50": float(np.percentile(exact_ms, 50)),
         "exact_p99": float(np.percentile(exact_ms, 99)),
         # Same queries on both sides, so the ratio is not skewed by the query mix.
         "speedup": float(exact_ns.sum() / lsh_ns[:n_exact].sum()),
-        "n_exact": n_exact, "positives": int(truth.sum()),
+        "n_exact": n_exact, "queries": queries, "positives": int(truth.sum()),
         "precision": tp / max(int(pred.sum()), 1), "recall": tp / max(int(truth.sum()), 1),
+        "load": f"{load_before} -> {loadavg()}",
     }
 
 
-def table(rows: list[dict[str, float]], queries: int) -> str:
-    cpu = os.cpu_count()
+def table(rows: list[dict[str, float | str]], queries: int) -> str:
     lines = [
         "# Novelty decision benchmark",
         "",
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {cpu} cores (shared with other work), {platform.machine()}, "
-        f"Python {platform.python_version()}, numpy {np.__version__}",
+        f"- machine: {os.cpu_count()} cores, shared with other work while this ran (load "
+        f"averages in the table), {platform.machine()}, Python {platform.python_version()}, "
+        f"numpy {np.__version__}",
         f"- command: `python bench/novelty.py --sizes {','.join(str(r['size']) for r in rows)} "
         f"--queries {queries}`",
-        "- method: one process, one thread. Window filled with N generated sessions (Zipf common "
-        "words + unique identifiers; unrelated sessions have Jaccard ~0.09). Queries: half "
-        "near-duplicates of a window entry, half unrelated. LSH latency = signature "
-        f"(num_perm={DEFAULT_NUM_PERM}) + MinHashLSH query + estimated-Jaccard check of the "
-        "candidates; exact = Python set Jaccard against every window entry (the reference's "
-        "loop), on the first queries only; speedup = exact time / LSH time on those same "
-        "queries. Memory = tracemalloc growth while filling the window (signature matrix + "
-        "LSH tables + keys). Agreement = precision/recall of the LSH \"not novel\" decision "
-        "against the exact one on the exact-scanned queries.",
+        "- method: one process, one thread. The window is filled with N generated sessions "
+        "(Zipf common words + identifiers of their own; two unrelated sessions have Jaccard "
+        "~0.09, as English prose does). Queries: half near-duplicates of a window entry "
+        "(Jaccard ~0.25-0.97), half unrelated. LSH decision = MinHash signature "
+        f"(num_perm={DEFAULT_NUM_PERM}, sha1 per token, cached for repeated words) + LSH "
+        "candidate lookup + estimated-Jaccard check of the candidates, as NoveltyPolicy does; "
+        "wall = perf_counter, CPU = thread_time (excludes time the thread was not running). "
+        "Exact = the reference's Python loop over every window set, timed on the first "
+        "queries only; speedup = exact time / LSH time on those same queries. Memory = "
+        "tracemalloc growth while filling the window (signatures + LSH buckets + keys). "
+        "Agreement = precision / recall of the LSH \"not novel\" (Jaccard > 0.3) against the "
+        "exact decision on all queries.",
         "",
-        "| window | LSH b x r | LSH decisions/s | LSH p50 ms | LSH p99 ms | exact decisions/s "
-        "| exact p50 ms | exact p99 ms | speedup | window memory MB | agreement P / R (n) "
-        "| target |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| window | LSH bands x rows | LSH decisions/s | LSH p50 / p99 ms (wall) "
+        "| LSH p50 / p99 ms (CPU) | exact decisions/s | exact p50 / p99 ms | speedup "
+        "| window memory MB | fill s | not-novel P / R (positives / queries) | load avg |",
+        "|---:|---|---:|---|---|---:|---|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        target = ""
-        if r["size"] >= 100_000:
-            ok = r["lsh_p99"] <= TARGET_P99_MS and r["speedup"] >= TARGET_SPEEDUP
-            target = ("met" if ok else "MISSED") + (
-                f" (p99 <= {TARGET_P99_MS:g} ms, >= {TARGET_SPEEDUP:g}x)")
         lines.append(
             f"| {r['size']:,} | {r['lsh_b']} x {r['lsh_r']} | {r['lsh_per_s']:,.0f} "
-            f"| {r['lsh_p50']:.3f} | {r['lsh_p99']:.3f} | {r['exact_per_s']:,.1f} "
-            f"| {r['exact_p50']:.2f} | {r['exact_p99']:.2f} | {r['speedup']:,.0f}x "
-            f"| {r['memory_mb']:.1f} | {r['precision']:.3f} / {r['recall']:.3f} "
-            f"({r['n_exact']}, {r['positives']} not novel) | {target} |")
+            f"| {r['lsh_p50']:.3f} / {r['lsh_p99']:.3f} "
+            f"| {r['lsh_cpu_p50']:.3f} / {r['lsh_cpu_p99']:.3f} | {r['exact_per_s']:,.1f} "
+            f"| {r['exact_p50']:.1f} / {r['exact_p99']:.1f} (n={r['n_exact']}) "
+            f"| {r['speedup']:,.0f}x | {r['memory_mb']:,.1f} | {r['build_s']:.1f} "
+            f"| {r['precision']:.3f} / {r['recall']:.3f} ({r['positives']} / {r['queries']}) "
+            f"| {r['load']} |")
+    for r in rows:
+        if r["size"] == 100_000:
+            def verdict(ok: bool) -> str:
+                return "met" if ok else "MISSED"
+            lines += ["", f"Target at 100,000 (p99 <= {TARGET_P99_MS:g} ms, >= "
+                      f"{TARGET_SPEEDUP:g}x the exact scan): wall p99 {r['lsh_p99']:.3f} ms "
+                      f"{verdict(r['lsh_p99'] <= TARGET_P99_MS)}; CPU p99 "
+                      f"{r['lsh_cpu_p99']:.3f} ms {verdict(r['lsh_cpu_p99'] <= TARGET_P99_MS)}; "
+                      f"speedup {r['speedup']:,.0f}x {verdict(r['speedup'] >= TARGET_SPEEDUP)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -184,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="200,10000,100000")
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--exact-budget", type=int, default=4_000_000,
+    parser.add_argument("--exact-budget", type=int, default=3_000_000,
                         help="window entries the exact scan may visit per size (bounds its time)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
@@ -195,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         exact_queries = max(20, args.exact_budget // size)
         row = run(size, args.queries, exact_queries, args.seed, args.threshold)
-        print(f"size {size}: LSH p99 {row['lsh_p99']:.3f} ms, speedup {row['speedup']:.0f}x, "
-              f"build {row['build_s']:.1f} s", file=sys.stderr)
+        print(f"size {size}: LSH p99 {row['lsh_p99']:.3f} ms (CPU {row['lsh_cpu_p99']:.3f}), "
+              f"speedup {row['speedup']:.0f}x, fill {row['build_s']:.1f} s", file=sys.stderr)
         rows.append(row)
     text = table(rows, args.queries)
     args.out.parent.mkdir(parents=True, exist_ok=True)

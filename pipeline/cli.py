@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import config as config_mod
 from pipeline.errors import BrokerError, ConfigError, PipelineError
+from pipeline.opencode.client import OpencodeError
 
 log = logging.getLogger("pipeline")
 
@@ -145,6 +146,29 @@ async def _export_collector_metrics(collector: Any) -> None:
         await asyncio.sleep(1.0)
 
 
+@command("opencode")
+def cmd_opencode(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from pipeline.opencode.client import OpencodeClient
+
+    host = cfg.host(args.host)
+    client = OpencodeClient(host.base_url, host.password.reveal() if host.password else None,
+                            allow_insecure_http=host.allow_insecure_http, model=host.model, agent=host.agent)
+
+    async def run() -> dict[str, Any]:
+        async with client:
+            if args.action == "run-task":
+                return dict(await client.run_task(args.prompt, title=args.title))
+            return dict(await client.continue_session(args.session_id, args.prompt))
+
+    result = asyncio.run(run())
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(f"session {result['session_id']}")
+        print(result["reply"])
+    return 0
+
+
 @command("stub")
 def cmd_stub(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     module = importlib.import_module(f"pipeline.stubs.{args.service}")
@@ -196,6 +220,19 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("collect", help="attach to every configured opencode host and feed opencode.events")
     c.add_argument("--metrics-port", type=int, default=None)
 
+    o = sub.add_parser("opencode", help="run a coding task on a configured opencode host")
+    osub = o.add_subparsers(dest="action", required=True)
+    rt = osub.add_parser("run-task", help="create a session, send the prompt, wait for the turn")
+    rt.add_argument("--host", required=True)
+    rt.add_argument("--title")
+    rt.add_argument("--json", action="store_true")
+    rt.add_argument("prompt")
+    co = osub.add_parser("continue", help="send a prompt to an existing session")
+    co.add_argument("--host", required=True)
+    co.add_argument("--json", action="store_true")
+    co.add_argument("session_id")
+    co.add_argument("prompt")
+
     s = sub.add_parser("stub", help="run a stub panel or scrubber that enforces the real contract")
     s.add_argument("service", choices=["panel", "scrubber"])
     s.add_argument("stub_args", nargs=argparse.REMAINDER, help="the stub's own options (--port, ...)")
@@ -231,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except PipelineError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
+        return 1
+    except OpencodeError as exc:
+        print(f"pipeline: opencode: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

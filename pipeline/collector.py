@@ -541,6 +541,37 @@ def _settled(listing: Sequence[Mapping[str, Any]]) -> bool:
     return True
 
 
+def _finished(info: Mapping[str, Any]) -> bool:
+    """An assistant message that ends its turn: failed, or completed with a final finish reason
+    (a completed message that stopped for tool calls is followed by another in the same turn)."""
+    time_ = info.get("time") if isinstance(info.get("time"), Mapping) else {}
+    return bool(info.get("error")) or (bool(time_.get("completed")) and info.get("finish") != "tool-calls")
+
+
+def completed_turns(listing: Sequence[Mapping[str, Any]]) -> list[int]:
+    """End indexes (exclusive) of every completed turn in a listing, oldest first.
+
+    A turn is a user message and the assistant messages after it. It is complete when the next
+    user message exists, or when its last assistant message finished. The idle of one turn can
+    be fetched after the next prompt was already sent: the listing then ends in a turn still in
+    progress, which must not be reported as (or hide) the turn that ended.
+    """
+    ends: list[int] = []
+    roles = [(m.get("info") or {}).get("role") for m in listing]
+    for i, message in enumerate(listing):
+        if roles[i] != "assistant":
+            continue
+        next_role = roles[i + 1] if i + 1 < len(listing) else None
+        if next_role == "user" or (next_role is None and _finished(message.get("info") or {})):
+            ends.append(i + 1)
+    return ends
+
+
+def _settled_timeout(listing: Sequence[Mapping[str, Any]]) -> bool:
+    """A listing whose last turn never finished in time is still reported as it is."""
+    return bool(listing) and (listing[-1].get("info") or {}).get("role") == "assistant"
+
+
 def _has_assistant(listing: Sequence[Mapping[str, Any]]) -> bool:
     return any((m.get("info") or {}).get("role") == "assistant" for m in listing)
 
@@ -780,23 +811,40 @@ class _HostRunner:
                 if attempt == self._s.fetch_attempts:
                     raise
                 await self._clock.sleep(self._backoff.delay(attempt))
-        kept = listing[-self._s.max_messages:]
-        snap = snapshot_id(self.host.name, session_id, kept)
         previous = self.state.sessions.get(session_id)
-        if previous is not None and previous.get("snapshot_id") == snap:
-            self.stats.turns_unchanged += 1
-        elif request.source != "sse" and not _has_assistant(listing):
-            pass  # nothing has answered yet, so no turn ended; remembered so polls skip it
-        else:
-            envelope = turn_ended(host=self.host.name, site_key=self.host.site_key, session=session,
-                                  messages=kept, trigger=request.trigger,
-                                  received_at_ms=self._clock.now_ms(), source=request.source,
-                                  backfill=request.backfill)
-            await self._produce(envelope)
-            self.stats.turns_emitted += 1
-            if request.backfill:
-                self.stats.backfills += 1
-        self._remember(session_id, snap, kept, _updated_ms(session))
+        ends = completed_turns(listing) or ([len(listing)] if _settled_timeout(listing) else [])
+        for end in self._unreported(listing, ends, previous):
+            kept = listing[:end][-self._s.max_messages:]
+            snap = snapshot_id(self.host.name, session_id, kept)
+            if previous is not None and previous.get("snapshot_id") == snap:
+                self.stats.turns_unchanged += 1
+            elif request.source != "sse" and not _has_assistant(kept):
+                pass  # nothing has answered yet, so no turn ended; remembered so polls skip it
+            else:
+                envelope = turn_ended(host=self.host.name, site_key=self.host.site_key, session=session,
+                                      messages=kept, trigger=request.trigger,
+                                      received_at_ms=self._clock.now_ms(), source=request.source,
+                                      backfill=request.backfill)
+                await self._produce(envelope)
+                self.stats.turns_emitted += 1
+                if request.backfill:
+                    self.stats.backfills += 1
+            self._remember(session_id, snap, kept, _updated_ms(session))
+            previous = self.state.sessions.get(session_id)
+
+    @staticmethod
+    def _unreported(listing: Sequence[Mapping[str, Any]], ends: list[int],
+                    previous: Mapping[str, Any] | None) -> list[int]:
+        """The turn ends after the last one this collector reported (all of them if it never
+        reported this session, or if that message fell out of the listing window)."""
+        last_id = previous.get("last_message_id") if previous else None
+        ids = [(m.get("info") or {}).get("id") for m in listing]
+        if last_id in ids:
+            reported_end = ids.index(last_id) + 1
+            newer = [e for e in ends if e > reported_end]
+            # the reported turn itself may have changed since (a late update): re-check it
+            return [e for e in ends if e == reported_end] + newer
+        return ends
 
     async def _settled_listing(self, client: OpencodeClient,
                                session_id: str) -> list[dict[str, Any]]:

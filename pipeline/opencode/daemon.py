@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -126,6 +127,10 @@ class OpencodeDaemon:
         self._log: collections.deque[str] = collections.deque(maxlen=log_lines)
         self._log_lock = threading.Lock()
         self._state_dir: Path | None = None
+        # Safety nets for a daemon that is dropped or outlives the test without
+        # cleanup(): at collection or interpreter exit, kill and delete.
+        self._dir_finalizer: weakref.finalize | None = None
+        self._proc_finalizer: weakref.finalize | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._url_found = threading.Event()
@@ -198,6 +203,9 @@ class OpencodeDaemon:
         )
         if self._state_dir is None:
             self._state_dir = Path(tempfile.mkdtemp(prefix="opencode-daemon-"))
+            self._dir_finalizer = weakref.finalize(
+                self, shutil.rmtree, self._state_dir, ignore_errors=True
+            )
         # opencode 1.18.33 reads --port 0 as "4096 if free", which would squat
         # the port a developer's own opencode expects: pick a free one instead,
         # and try another if something took it before opencode bound it.
@@ -232,6 +240,7 @@ class OpencodeDaemon:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so stop() reaches its children
         )
+        self._proc_finalizer = weakref.finalize(self, _kill_all, self._proc.pid, self._marker)
         self._reader = threading.Thread(
             target=self._read_output, args=(self._proc,), name="opencode-log", daemon=True
         )
@@ -242,6 +251,8 @@ class OpencodeDaemon:
         proc = self._proc
         if proc is None:
             return
+        if self._proc_finalizer is not None:
+            self._proc_finalizer.detach()
         pgid = proc.pid  # start_new_session made the leader's pid the group id
         self._last_pgid = pgid
         _signal_group(pgid, signal.SIGTERM)
@@ -282,9 +293,9 @@ class OpencodeDaemon:
     def cleanup(self) -> None:
         """Stop, and delete the temporary state directory."""
         self.stop()
-        if self._state_dir is not None:
-            shutil.rmtree(self._state_dir, ignore_errors=True)
-            self._state_dir = None
+        if self._dir_finalizer is not None:
+            self._dir_finalizer()  # removes the state dir, once
+        self._state_dir = None
 
     def __enter__(self) -> OpencodeDaemon:
         return self.start()
@@ -374,6 +385,15 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _kill_all(pgid: int, marker: str) -> None:
+    """Last resort for a daemon never stopped: no grace, just SIGKILL."""
+    _signal_group(pgid, signal.SIGKILL)
+    for pid in _leftovers(pgid, marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _wait_gone(pgid, marker, 5.0)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -12,6 +12,12 @@ of a large window as candidates, so the default banding depends on the window si
 up to RECALL_FIRST_MAX_SIZE use r=2 (recall first; candidates are cheap to check), larger ones
 r=3 (a few % of the window as candidates, at the price of misses between 0.3 and ~0.4).
 bench/novelty.py measures both, tests/unit/test_novelty_accuracy.py the agreement.
+
+The index is datasketch's MinHashLSH (banding, insert, remove) with two changes that matter
+at large windows, both checked against MinHashLSH.query by the tests: a bucket storage that
+holds a bare key until a bucket has two (its dict storage keeps a 216-byte set per bucket,
+and nearly every bucket holds one key: 12 KB per entry instead of 5 KB), and a candidate
+lookup that reads the buckets with set.update instead of adding keys one by one in Python.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 from datasketch.hashfunc import sha1_hash32
+from datasketch.storage import UnorderedStorage
 
 from pipeline.errors import RecordError
 from pipeline.sampling.base import Decision
@@ -125,6 +132,54 @@ def default_lsh_params(size: int, num_perm: int, threshold: float) -> tuple[int,
 Signature = MinHash | np.ndarray | Sequence[int] | None
 
 
+class _Buckets(UnorderedStorage):
+    """One LSH band: band key -> a window row, or a set of rows once two share the bucket."""
+
+    def __init__(self) -> None:
+        self.map: dict[bytes, int | set[int]] = {}
+
+    def keys(self) -> Any:
+        return self.map.keys()
+
+    def get(self, key: bytes) -> Collection[int]:
+        rows = self.map.get(key)
+        return () if rows is None else (rows,) if type(rows) is int else rows
+
+    def insert(self, key: bytes, *vals: int, **kwargs: Any) -> None:
+        for val in vals:
+            rows = self.map.get(key)
+            if rows is None:
+                self.map[key] = val
+            elif type(rows) is int:
+                if rows != val:
+                    self.map[key] = {rows, val}
+            else:
+                rows.add(val)
+
+    def remove(self, *keys: bytes, **kwargs: Any) -> None:
+        for key in keys:
+            self.map.pop(key, None)
+
+    def remove_val(self, key: bytes, val: int, **kwargs: Any) -> None:
+        rows = self.map.get(key)
+        if type(rows) is int:
+            if rows == val:
+                del self.map[key]
+        elif rows is not None:
+            rows.discard(val)
+            if len(rows) == 1:
+                self.map[key] = next(iter(rows))
+
+    def size(self) -> int:
+        return len(self.map)
+
+    def itemcounts(self, **kwargs: Any) -> dict[bytes, int]:
+        return {k: 1 if type(v) is int else len(v) for k, v in self.map.items()}
+
+    def has_key(self, key: bytes) -> bool:
+        return key in self.map
+
+
 def _check(size: int, threshold: float) -> None:
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"window size (lruSize) must be a positive integer, got {size!r}")
@@ -153,12 +208,15 @@ class NoveltyWindow:
         self.lsh_params = lsh_params or default_lsh_params(size, num_perm, threshold)
         # LSH keys are row numbers of _sig, so candidates index the signatures directly.
         self._lsh = MinHashLSH(num_perm=num_perm, params=self.lsh_params)
+        self._buckets = [_Buckets() for _ in range(self._lsh.b)]
+        self._lsh.hashtables = self._buckets  # type: ignore[assignment]
         self._probe = self.hasher.probe()
         self._slots: OrderedDict[str, int] = OrderedDict()
         self._keys: list[str | None] = [None] * size
         self._sig = np.zeros((size, num_perm), dtype=np.uint32)
         self._seq = np.zeros(size, dtype=np.int64)
         self._indexed = np.zeros(size, dtype=bool)
+        self._indexed_count = 0
         self._free = list(range(size - 1, -1, -1))
         self._arrivals = 0
 
@@ -182,13 +240,12 @@ class NoveltyWindow:
                          ) -> tuple[float, str | None]:
         # An empty set or an empty window is novel, as in the reference. So is a set with no
         # LSH candidate: nothing in the window is near enough to matter.
-        if hv is None or not self._indexed.any():
+        if hv is None or not self._indexed_count:
             return 1.0, None
-        self._probe.hashvalues = hv
-        candidates = self._lsh.query(self._probe)
+        candidates = self.candidates(hv)
         skip = self._slots.get(exclude) if exclude is not None else None
         if skip is not None:
-            candidates = [c for c in candidates if c != skip]
+            candidates.discard(skip)
         if not candidates:
             return 1.0, None
         rows = np.fromiter(candidates, dtype=np.intp, count=len(candidates))
@@ -198,6 +255,22 @@ class NoveltyWindow:
         # Ties go to the newest entry, whatever order the LSH returned candidates in.
         row = int(tied[np.argmax(self._seq[tied])])
         return (self.num_perm - best) / self.num_perm, self._keys[row]
+
+    def candidates(self, hv: np.ndarray) -> set[int]:
+        """The rows MinHashLSH.query would return: those sharing a band with `hv`."""
+        # A band's key is its values as big-endian bytes (datasketch's _byteswap), so one
+        # byteswap of the whole signature gives every band's key by slicing.
+        raw = hv.astype(np.uint32, copy=False).byteswap().tobytes()
+        found: set[int] = set()
+        for (start, end), buckets in zip(self._lsh.hashranges, self._buckets, strict=True):
+            rows = buckets.map.get(raw[4 * start:4 * end])
+            if rows is None:
+                continue
+            if type(rows) is int:
+                found.add(rows)
+            else:
+                found.update(rows)
+        return found
 
     def add(self, key: str, signature: Signature) -> bool:
         """Append `key` (None or an empty MinHash: an empty token set). False if present."""
@@ -209,6 +282,7 @@ class NoveltyWindow:
             if self._indexed[old]:
                 self._lsh.remove(old)
                 self._indexed[old] = False
+                self._indexed_count -= 1
             self._keys[old] = None
             self._free.append(old)
         row = self._free.pop()
@@ -221,6 +295,7 @@ class NoveltyWindow:
             self._probe.hashvalues = hv
             self._lsh.insert(row, self._probe, check_duplication=False)
             self._indexed[row] = True
+            self._indexed_count += 1
         return True
 
     def apply_shipped(self, record: Mapping[str, Any]) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from pathlib import Path
@@ -57,17 +58,15 @@ def secured_daemon(
     daemon_password: str,
 ) -> Iterator[OpencodeDaemon]:
     workdir = tmp_path_factory.mktemp("opencode-secured")
-    with OpencodeDaemon(
-        workdir, model_stub.base_url, password=daemon_password, binary=opencode_binary
-    ) as daemon:
+    with OpencodeDaemon(workdir, model_stub.base_url, password=daemon_password, binary=opencode_binary) as daemon:
         yield daemon
 
 
 class EventRecorder:
     """Reads a daemon's event stream in the background; tests wait on conditions.
 
-    Entering returns once ``server.connected`` arrived, i.e. once the
-    subscription is live, so nothing the test triggers afterwards is missed.
+    Entering returns once the subscription is provably live (an event it
+    caused came through), so nothing the test triggers afterwards is missed.
     """
 
     def __init__(self, client: OpencodeClient, *, global_: bool) -> None:
@@ -98,9 +97,7 @@ class EventRecorder:
             async with self._changed:
                 self._changed.notify_all()
 
-    async def wait_for(
-        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 60.0
-    ) -> None:
+    async def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 60.0) -> None:
         async def satisfied() -> None:
             async with self._changed:
                 while not predicate(self.frames):
@@ -114,15 +111,31 @@ class EventRecorder:
 
     async def __aenter__(self) -> EventRecorder:
         self._task = asyncio.create_task(self._run())
-        await self.wait_for(
-            lambda frames: any(unwrap_event(f).get("type") == "server.connected" for f in frames)
-        )
-        return self
+        await self.wait_for(lambda frames: any(unwrap_event(f).get("type") == "server.connected" for f in frames))
+        # opencode 1.18.33 sends server.connected on /global/event before its bus
+        # subscription is live: an event published in the next few ms is lost
+        # (6 of 15 tries). Only an event we caused and saw proves the stream
+        # live, and a new session emits just one, so probe until one arrives.
+        for _ in range(20):
+            probe = await self._client.create_session(title=f"event-probe-{uuid.uuid4().hex[:8]}")
+            try:
+                await self.wait_for(_mentions(probe["id"]), timeout=1.0)
+            except TimeoutError:
+                continue
+            return self
+        raise AssertionError("the event stream delivered none of 20 probe sessions")
 
     async def __aexit__(self, *exc: object) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _mentions(session_id: str) -> Callable[[list[dict[str, Any]]], bool]:
+    def check(frames: list[dict[str, Any]]) -> bool:
+        return any(unwrap_event(f).get("properties", {}).get("sessionID") == session_id for f in frames)
+
+    return check
 
 
 @pytest.fixture

@@ -50,9 +50,7 @@ def tool_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.asyncio
-async def test_run_task_returns_the_model_reply(
-    open_client: OpencodeClient, model_stub: ModelStub
-) -> None:
+async def test_run_task_returns_the_model_reply(open_client: OpencodeClient, model_stub: ModelStub) -> None:
     marker = word()
     before = model_stub.count("agent")
     result = await open_client.run_task(f"say something about {marker}", title=f"plain {marker}")
@@ -139,9 +137,7 @@ async def test_api_error_session(open_client: OpencodeClient) -> None:
 
 
 @pytest.mark.asyncio
-async def test_secured_daemon_needs_its_password(
-    secured_daemon: OpencodeDaemon, daemon_password: str
-) -> None:
+async def test_secured_daemon_needs_its_password(secured_daemon: OpencodeDaemon, daemon_password: str) -> None:
     async with OpencodeClient(secured_daemon.url) as anonymous:
         with pytest.raises(OpencodeAuthError) as no_auth:
             await anonymous.list_sessions()
@@ -177,8 +173,7 @@ def turn_ended(session_id: str) -> Callable[[list[dict[str, Any]]], bool]:
     def check(frames: list[dict[str, Any]]) -> bool:
         ours = [f for f in frames if event_properties(f).get("sessionID") == session_id]
         idle_status = any(
-            event_type(f) == "session.status"
-            and event_properties(f).get("status", {}).get("type") == "idle"
+            event_type(f) == "session.status" and event_properties(f).get("status", {}).get("type") == "idle"
             for f in ours
         )
         return idle_status and any(event_type(f) == "session.idle" for f in ours)
@@ -214,15 +209,12 @@ async def test_global_events_report_the_turn_and_its_end(
     # Global frames wrap the event with the instance it came from.
     assert all(f["directory"] == str(secured_daemon.workdir) for f in ours)
     assert types.index("session.created") < types.index("session.idle")
-    statuses = [
-        event_properties(f)["status"]["type"] for f in ours if event_type(f) == "session.status"
-    ]
+    statuses = [event_properties(f)["status"]["type"] for f in ours if event_type(f) == "session.status"]
     assert statuses[0] == "busy" and statuses[-1] == "idle"
     tool_states = {
         event_properties(f)["part"]["state"]["status"]
         for f in ours
-        if event_type(f) == "message.part.updated"
-        and event_properties(f)["part"].get("type") == "tool"
+        if event_type(f) == "message.part.updated" and event_properties(f)["part"].get("type") == "tool"
     }
     assert "completed" in tool_states
 
@@ -292,9 +284,7 @@ def test_missing_binary_names_the_install_command(tmp_path: Path, model_stub: Mo
 @pytest.mark.asyncio
 async def test_model_stub_runs_as_its_own_process(tmp_path: Path) -> None:
     script = tmp_path / "script.json"
-    script.write_text(
-        json.dumps({"rules": [{"match": "fix it", "directives": "[[tool:bash:ls -la]]"}]})
-    )
+    script.write_text(json.dumps({"rules": [{"match": "fix it", "directives": "[[tool:bash:ls -la]]"}]}))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

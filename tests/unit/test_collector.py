@@ -522,3 +522,31 @@ def test_settings_from_config_and_validation() -> None:
     with pytest.raises(ValueError, match="heartbeat_period_s"):
         CollectorSettings(heartbeat_period_s=0)
     assert copy.copy(CollectorSettings()).max_messages == 25
+
+
+def _msg(mid: str, role: str, *, completed: bool = True, finish: str | None = "stop", error: bool = False) -> dict:
+    info: dict = {"id": mid, "role": role, "time": {"created": 1}}
+    if role == "assistant":
+        if completed:
+            info["time"]["completed"] = 2
+        if finish:
+            info["finish"] = finish
+        if error:
+            info["error"] = {"name": "APIError", "data": {}}
+    return {"info": info, "parts": []}
+
+
+def test_completed_turns_ignore_a_turn_still_in_progress() -> None:
+    from pipeline.collector import completed_turns
+
+    u1, a1, u2 = _msg("u1", "user"), _msg("a1", "assistant"), _msg("u2", "user")
+    a2_tools = _msg("a2", "assistant", finish="tool-calls")
+    a2_running = _msg("a2", "assistant", completed=False, finish=None)
+    a2_failed = _msg("a2", "assistant", completed=False, finish=None, error=True)
+    assert completed_turns([u1, a1]) == [2]
+    assert completed_turns([u1, a1, u2]) == [2]  # the next prompt was sent before the fetch
+    assert completed_turns([u1, a1, u2, a2_running]) == [2]
+    assert completed_turns([u1, a1, u2, a2_tools]) == [2]  # more assistant messages will follow
+    assert completed_turns([u1, a1, u2, a2_failed]) == [2, 4]
+    assert completed_turns([u1, a2_tools, _msg("a3", "assistant")]) == [3]
+    assert completed_turns([u1]) == []

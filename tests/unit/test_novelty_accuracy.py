@@ -52,13 +52,14 @@ def exact_novelty(queries: list[frozenset[str]], window: list[frozenset[str]]) -
     """1 - max exact Jaccard per query, all pairs at once as a sparse product (the Python loop
     the bench times is too slow for a unit test)."""
     vocab: dict[str, int] = {}
+    columns = [[vocab.setdefault(t, len(vocab)) for t in s] for s in [*queries, *window]]
 
-    def matrix(sets: list[frozenset[str]]) -> sparse.csr_matrix:
-        cols = [vocab.setdefault(t, len(vocab)) for s in sets for t in s]
-        rows = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
-        return sparse.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(sets), 1 << 22))
+    def matrix(cols: list[list[int]]) -> sparse.csr_matrix:
+        rows = np.repeat(np.arange(len(cols)), [len(c) for c in cols])
+        flat = [c for row in cols for c in row]
+        return sparse.csr_matrix((np.ones(len(flat)), (rows, flat)), shape=(len(cols), len(vocab)))
 
-    inter = (matrix(queries) @ matrix(window).T).toarray()
+    inter = (matrix(columns[:len(queries)]) @ matrix(columns[len(queries):]).T).toarray()
     sizes_q = np.array([len(q) for q in queries])[:, None]
     sizes_w = np.array([len(w) for w in window])[None, :]
     return 1.0 - (inter / (sizes_q + sizes_w - inter)).max(axis=1)
@@ -184,3 +185,22 @@ def test_empty_entries_take_a_place_but_match_nothing() -> None:
     assert window.score(frozenset()) == (1.0, None)
     with pytest.raises(ValueError, match="hashvalues"):
         window.add("snp_bad", [1, 2, 3])
+
+
+@pytest.mark.parametrize("params", [(59, 2), (42, 3)])
+def test_candidate_lookup_is_minhashlsh_query(params: tuple[int, int]) -> None:
+    # The window reads MinHashLSH's buckets itself (and stores them its own way); this pins
+    # it to what MinHashLSH.query answers, through inserts, shared buckets and evictions.
+    corpus = Corpus(8)
+    sets = [corpus.session() for _ in range(30)]
+    sets += [corpus.near_duplicate(s) for s in sets] + [frozenset({"a"}), frozenset({"a"})]
+    window = NoveltyWindow("site", size=40, lsh_params=params)
+    fill(window, sets)
+    queries = [q for q in (corpus.near_duplicate(s) for s in sets) if q] + [frozenset({"a"})]
+    found = 0
+    for q in queries:
+        hv = window.hasher.hashvalues(q)
+        expected = set(window._lsh.query(window.hasher.minhash(hv)))
+        assert window.candidates(hv) == expected
+        found += len(expected)
+    assert found > len(queries)

@@ -1,0 +1,426 @@
+"""Consumer-group lag per stage: what an operator watches to see which stage to scale.
+
+Every stage is its own consumer group (`Stage.app_id`) on one input topic. For each group
+this reads, per input partition, the committed offset (from the group coordinator, through
+the admin client) and the log start and end offsets (through a group-less consumer), and
+derives the lag. Two samples some seconds apart give the group's consumption rate and so
+the time to drain its lag; the stage with the longest time to drain is the bottleneck.
+
+Nothing here joins a group or commits: the report is read-only against any cluster, and
+works whether or not a stage is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import (
+    GroupCoordinatorNotAvailableError,
+    GroupLoadInProgressError,
+    KafkaError,
+    NotCoordinatorForGroupError,
+)
+from rich.console import JustifyMethod
+from rich.table import Table
+from rich.text import Text
+
+from pipeline import metrics
+from pipeline.errors import BrokerError
+from pipeline.topics import STAGES, Stage
+
+log = logging.getLogger(__name__)
+
+# The coordinator answers these while the offsets topic is being created (the first
+# FindCoordinator on a fresh cluster creates it) or while a coordinator moves: worth a retry.
+_COORDINATOR_BUSY = (GroupCoordinatorNotAvailableError, GroupLoadInProgressError, NotCoordinatorForGroupError)
+
+# Group states in which nothing consumes and nothing ever did, if no offset is committed either.
+_NO_MEMBERS_STATES = {"Dead", "Empty", None}
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    partition: int
+    committed: int | None  # None: the group never committed on this partition
+    start: int  # log start offset: retention moves it forward
+    end: int  # high watermark: the offset the next record written gets
+
+    @property
+    def position(self) -> int:
+        """Where the group resumes: its commit, or the log start (faust resets to earliest)
+        when it never committed or its commit points at records retention already deleted."""
+        return self.start if self.committed is None else max(self.committed, self.start)
+
+    @property
+    def lag(self) -> int:
+        # Clamped: a topic deleted and recreated leaves old commits beyond the new end.
+        return max(0, self.end - self.position)
+
+    @property
+    def expired(self) -> int:
+        """Records retention deleted before this group read them: data the stage lost."""
+        return 0 if self.committed is None else max(0, self.start - self.committed)
+
+
+@dataclass(frozen=True)
+class StageLag:
+    stage: str
+    group: str
+    topic: str
+    topic_exists: bool
+    partitions: tuple[PartitionLag, ...] = ()
+    state: str | None = None  # the coordinator's group state: Stable, Empty, Dead (no such group), ...
+    members: int | None = None
+    rate: float | None = None  # records/s the group committed past; None until two samples exist
+    in_rate: float | None = None  # records/s appended to the input topic over the same span
+    error: str | None = None
+
+    @property
+    def lag(self) -> int:
+        return sum(p.lag for p in self.partitions)
+
+    @property
+    def end_total(self) -> int:
+        return sum(p.end for p in self.partitions)
+
+    @property
+    def expired(self) -> int:
+        return sum(p.expired for p in self.partitions)
+
+    @property
+    def group_exists(self) -> bool:
+        """Has this group ever run: a commit on its input, or members right now."""
+        return any(p.committed is not None for p in self.partitions) or bool(self.members) \
+            or self.state not in _NO_MEMBERS_STATES
+
+    @property
+    def drain_s(self) -> float | None:
+        """Seconds to consume the current lag at the measured rate, as if input stopped now.
+        None: rate not measured yet, or no topic; inf: lag and nothing consumed over the interval."""
+        if not self.topic_exists or self.error:
+            return None
+        if self.lag == 0:
+            return 0.0
+        if self.rate is None:
+            return None
+        return math.inf if self.rate <= 0 else self.lag / self.rate
+
+    @property
+    def stalled(self) -> bool:
+        return self.drain_s == math.inf
+
+
+@dataclass(frozen=True)
+class LagReport:
+    bootstrap: str
+    taken_at: float  # wall clock (epoch seconds), for display
+    stages: tuple[StageLag, ...]
+    interval_s: float | None = None  # the span rates were measured over; None: no rates
+    monotonic: float = 0.0  # for rates against a later report; meaningless across processes
+
+    def stage(self, name: str) -> StageLag:
+        for s in self.stages:
+            if s.stage == name:
+                return s
+        raise KeyError(name)
+
+    @property
+    def absent(self) -> list[str]:
+        """Stages whose group never ran (not deployed, or dying before its first commit)."""
+        return [s.stage for s in self.stages if s.topic_exists and not s.error and not s.group_exists]
+
+    @property
+    def bottleneck(self) -> str | None:
+        """The stage to scale: the longest time to drain; by lag when rates are unknown, and
+        by lag among stalled stages. Groups that never ran are left out: a stage that is not
+        deployed (the passthrough wiring check, in production) would otherwise always win
+        with the whole topic as its lag. They are listed in `absent` instead."""
+        candidates = [s for s in self.stages
+                      if s.topic_exists and not s.error and s.group_exists and s.lag > 0]
+        if not candidates:
+            return None
+        if any(s.rate is None for s in candidates):
+            return max(candidates, key=lambda s: s.lag).stage
+        return max(candidates, key=lambda s: (s.drain_s or 0.0, s.lag)).stage
+
+
+def _stage_list(stages: Mapping[str, Stage] | Iterable[Stage]) -> list[Stage]:
+    return list(stages.values()) if isinstance(stages, Mapping) else list(stages)
+
+
+class LagCollector:
+    """Holds one admin client and one group-less consumer, so `--watch` and the worker's
+    exporter do not reconnect on every sample."""
+
+    def __init__(self, bootstrap: str, *, request_timeout_ms: int = 15000, coordinator_wait_s: float = 15.0) -> None:
+        self.bootstrap = bootstrap
+        self.coordinator_wait_s = coordinator_wait_s
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms,
+                                          client_id="pipeline-lag")
+        # group_id=None: reading offsets must never join, rebalance or commit for a stage's group.
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                          request_timeout_ms=request_timeout_ms, client_id="pipeline-lag")
+
+    async def start(self) -> LagCollector:
+        try:
+            await self._admin.start()
+            await self._consumer.start()
+        except (KafkaError, OSError) as exc:
+            await self.close()
+            raise BrokerError(f"cannot reach Kafka at {self.bootstrap}: {type(exc).__name__}: {exc}") from None
+        return self
+
+    async def close(self) -> None:
+        # Both, whether or not they started: an unstopped consumer warns when collected.
+        # A half-broken client failing to close must not mask the error that got us here.
+        with contextlib.suppress(Exception):
+            await self._consumer.stop()
+        with contextlib.suppress(Exception):
+            await self._admin.close()
+
+    async def __aenter__(self) -> LagCollector:
+        return await self.start()
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def sample(self, stages: Mapping[str, Stage] | Iterable[Stage] = STAGES) -> LagReport:
+        """One snapshot, without rates. Raises BrokerError when the cluster stops answering."""
+        try:
+            return await self._sample(_stage_list(stages))
+        except (TimeoutError, KafkaError) as exc:
+            raise BrokerError(f"reading offsets from {self.bootstrap}: {type(exc).__name__}: {exc}") from None
+
+    async def _sample(self, wanted: list[Stage]) -> LagReport:
+        # All topics in one metadata request. Naming a missing topic in a metadata request
+        # would create it on a broker with auto.create.topics.enable, so only existing ones are.
+        described = await self._admin.describe_topics(None)
+        parts_of = {d["topic"]: sorted(p["partition"] for p in d["partitions"])
+                    for d in described if not d.get("error_code")}
+        # Committed offsets first, end offsets after: a record committed in between then
+        # shows as lag rather than as a negative one.
+        groups = await asyncio.gather(*(self._group(s.app_id, s.input) for s in wanted))
+        tps = [TopicPartition(t, p) for t in {s.input for s in wanted if s.input in parts_of} for p in parts_of[t]]
+        starts = await self._consumer.beginning_offsets(tps) if tps else {}
+        ends = await self._consumer.end_offsets(tps) if tps else {}
+        out = []
+        for stage, (committed, state, members, error) in zip(wanted, groups, strict=True):
+            if stage.input not in parts_of:
+                out.append(StageLag(stage.name, stage.app_id, stage.input, False, state=state, members=members,
+                                    error=error))
+                continue
+            partitions = tuple(
+                PartitionLag(p, committed.get(p), starts[TopicPartition(stage.input, p)],
+                             ends[TopicPartition(stage.input, p)])
+                for p in parts_of[stage.input])
+            out.append(StageLag(stage.name, stage.app_id, stage.input, True, partitions, state, members,
+                                error=error))
+        return LagReport(self.bootstrap, time.time(), tuple(out), monotonic=time.monotonic())
+
+    async def collect(self, stages: Mapping[str, Stage] | Iterable[Stage] = STAGES, *,
+                      interval_s: float | None = None, previous: LagReport | None = None) -> LagReport:
+        """A snapshot with rates: against `previous` if given, else from a second sample
+        `interval_s` later; without either, rates stay None."""
+        if previous is None and interval_s:
+            previous = await self.sample(stages)
+            await asyncio.sleep(interval_s)
+        current = await self.sample(stages)
+        return with_rates(current, previous) if previous is not None else current
+
+    async def _group(self, group: str, topic: str) -> tuple[dict[int, int], str | None, int | None, str | None]:
+        """Committed offsets on `topic` by partition, the group's state and member count, error."""
+        deadline = time.monotonic() + self.coordinator_wait_s
+        delay = 0.1
+        while True:
+            try:
+                offsets = await self._admin.list_consumer_group_offsets(group)
+                break
+            except _COORDINATOR_BUSY as exc:
+                if time.monotonic() + delay > deadline:
+                    return {}, None, None, f"group coordinator not available: {exc}"
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except KafkaError as exc:  # e.g. not authorised for this group: report it, go on with the rest
+                return {}, None, None, f"{type(exc).__name__}: {exc}"
+        # -1 means "no offset" in OffsetFetch answers.
+        committed = {tp.partition: meta.offset for tp, meta in offsets.items()
+                     if tp.topic == topic and meta.offset >= 0}
+        state, members = await self._describe(group)
+        return committed, state, members, None
+
+    async def _describe(self, group: str) -> tuple[str | None, int | None]:
+        # One group per request: aiokafka 0.14 decodes a v3 DescribeGroups answer with the v2
+        # schema, which only keeps the first group intact. State is informative only, so a
+        # failure here leaves it unknown rather than failing the report.
+        try:
+            answers = await self._admin.describe_consumer_groups([group])
+            for g in answers[0].to_object()["groups"]:
+                if g["group"] == group and not g["error_code"]:
+                    return g["state"], len(g["members"])
+        except (KafkaError, IndexError, KeyError) as exc:
+            log.debug("describe group %s: %s", group, exc)
+        return None, None
+
+
+def with_rates(current: LagReport, previous: LagReport) -> LagReport:
+    """`current` with each group's consumption and input rates measured since `previous`."""
+    dt = current.monotonic - previous.monotonic
+    if dt <= 0:
+        return current
+    before = {s.group: s for s in previous.stages}
+    stages = []
+    for s in current.stages:
+        prev = before.get(s.group)
+        if prev is None or not (s.topic_exists and prev.topic_exists) or s.topic != prev.topic:
+            stages.append(s)
+            continue
+        old = {p.partition: p for p in prev.partitions}
+        consumed = produced = 0
+        for p in s.partitions:
+            o = old.get(p.partition)
+            if o is None:
+                continue  # a partition added since: nothing to compare with
+            # Clamped per partition: an offset reset backwards is not negative throughput.
+            consumed += max(0, p.position - o.position)
+            produced += max(0, p.end - o.end)
+        stages.append(replace(s, rate=consumed / dt, in_rate=produced / dt))
+    return replace(current, stages=tuple(stages), interval_s=dt)
+
+
+async def collect_lag(bootstrap: str, stages: Mapping[str, Stage] | Iterable[Stage] = STAGES, *,
+                      interval_s: float | None = None, previous: LagReport | None = None) -> LagReport:
+    """One lag report for `stages` (default: every stage in the topic table).
+
+    Rates come from `previous` (a report taken earlier in this process) or, failing that,
+    from two samples `interval_s` apart; with neither they are None and the bottleneck is
+    the stage with the largest lag. Raises BrokerError when the cluster cannot be reached.
+    """
+    async with LagCollector(bootstrap) as collector:
+        return await collector.collect(stages, interval_s=interval_s, previous=previous)
+
+
+# ---------------------------------------------------------------- output
+
+
+def to_json(report: LagReport) -> dict[str, Any]:
+    """A JSON-ready dict. An infinite drain time (stalled) is null with `stalled: true`."""
+    def stage(s: StageLag) -> dict[str, Any]:
+        drain = s.drain_s
+        return {
+            "stage": s.stage, "group": s.group, "topic": s.topic, "topic_exists": s.topic_exists,
+            "group_exists": s.group_exists, "state": s.state, "members": s.members,
+            # null, not 0, when the topic is missing: an unknown lag is not a caught-up stage
+            "lag": s.lag if s.topic_exists else None, "end_total": s.end_total, "expired": s.expired,
+            "rate": s.rate, "in_rate": s.in_rate,
+            "drain_s": None if drain is None or math.isinf(drain) else drain, "stalled": s.stalled,
+            "error": s.error,
+            "partitions": [{"partition": p.partition, "committed": p.committed, "start": p.start, "end": p.end,
+                            "lag": p.lag, "expired": p.expired} for p in s.partitions],
+        }
+
+    return {"bootstrap": report.bootstrap, "taken_at": report.taken_at, "interval_s": report.interval_s,
+            "bottleneck": report.bottleneck, "absent_groups": report.absent,
+            "stages": [stage(s) for s in report.stages]}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if math.isinf(seconds):
+        return "∞ stalled"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.1f}"
+
+
+def render_table(report: LagReport) -> Table:
+    """The lag table: one row per stage, the bottleneck marked."""
+    span = f"rates over {report.interval_s:.1f}s" if report.interval_s else "one sample, no rates yet"
+    when = time.strftime("%H:%M:%S", time.localtime(report.taken_at))
+    table = Table(title=f"consumer lag at {report.bootstrap}  {when}  ({span})", title_justify="left")
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("stage", "left"), ("topic", "left"), ("group", "left"), ("lag", "right"), ("partition:lag", "left"),
+        ("read/s", "right"), ("in/s", "right"), ("drain", "right")]
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=True)
+    table.add_column("", overflow="fold")  # the note takes what width is left
+    bottleneck = report.bottleneck
+    for s in report.stages:
+        if s.group_exists:
+            group = f"{s.state or '?'} ({s.members if s.members is not None else '?'} members)"
+        else:
+            group = "no group" if s.state in ("Dead", None) else f"{s.state}, no commits"
+        if s.error:
+            note = Text(s.error, style="red")
+        elif not s.topic_exists:
+            note = Text("topic missing (pipeline topics create)", style="yellow")
+        elif not s.group_exists:
+            note = Text("group never ran", style="yellow")
+        elif s.stage == bottleneck:
+            note = Text("◀ bottleneck", style="bold red")
+        else:
+            note = Text("")
+        if s.expired:
+            note.append(f"  {s.expired} expired unread", style="red")
+        by_part = " ".join(f"{p.partition}:{p.lag}" for p in s.partitions)
+        lag_style = "bold red" if s.stage == bottleneck else ("yellow" if s.lag else "green")
+        table.add_row(s.stage, s.topic, group, Text(f"{s.lag:,}" if s.topic_exists else "—", style=lag_style),
+                      by_part, _rate(s.rate), _rate(s.in_rate), _duration(s.drain_s), note)
+    return table
+
+
+# ---------------------------------------------------------------- worker export
+
+
+def export_report(report: LagReport) -> None:
+    """Set `pipeline_consumer_lag` for every partition in the report."""
+    for s in report.stages:
+        for p in s.partitions:
+            metrics.CONSUMER_LAG.labels(s.stage, s.topic, str(p.partition)).set(p.lag)
+
+
+async def export_lag_forever(bootstrap: str, stage_name: str, interval_s: float = 15.0) -> None:
+    """Keep `pipeline_consumer_lag{stage=stage_name}` current, every `interval_s` seconds.
+
+    Run inside a worker: every replica exports the same numbers for its group, so dashboards
+    take `max by (stage, topic, partition)`. A broker hiccup is logged and retried; lag
+    export never takes the worker down. Cancel the task to stop it.
+    """
+    stage = STAGES[stage_name]
+    backoff = 1.0
+    while True:
+        collector = LagCollector(bootstrap, coordinator_wait_s=min(interval_s, 15.0))
+        try:
+            await collector.start()
+            backoff = 1.0
+            while True:
+                report = await collector.sample([stage])
+                export_report(report)
+                s = report.stages[0]
+                if s.error or not s.topic_exists:
+                    log.warning("lag for %s: %s", stage_name, s.error or f"topic {s.topic} missing")
+                await asyncio.sleep(interval_s)
+        except (TimeoutError, KafkaError, BrokerError, OSError) as exc:
+            log.warning("lag export for %s: %s; retrying in %.0fs", stage_name, exc, backoff)
+        finally:
+            await collector.close()
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, max(interval_s, 1.0) * 4)
