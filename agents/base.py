@@ -21,6 +21,7 @@ import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline import metrics
+from pipeline.admin import topic_partitions
 from pipeline.config import Config
 from pipeline.errors import RecordError
 from pipeline.records import dead_letter, decode, encode, validate_for_topic
@@ -175,7 +176,7 @@ class TopicFollower:
                                     max_partition_fetch_bytes=16 * 1024 * 1024)
         await consumer.start()
         try:
-            parts = [TopicPartition(self.name, p) for p in sorted(consumer.partitions_for_topic(self.name) or {0})]
+            parts = await topic_partitions(consumer, [self.name]) or [TopicPartition(self.name, 0)]
             consumer.assign(parts)
             ends = await consumer.end_offsets(parts)
             if self.horizon_ms is None:

@@ -34,11 +34,20 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def breaker_settings(config: Config) -> BreakerSettings:
+    b = config.breaker
+    return BreakerSettings(failure_threshold=b.failure_threshold, failure_window_s=b.failure_window_s,
+                           open_s=b.open_s, mode=b.mode)
+
+
+def replay_horizon_ms(settings: BreakerSettings) -> int:
+    """Only outcomes newer than the longest any of them can matter are replayed at start."""
+    return int((settings.open_s + settings.failure_window_s + settings.probe_timeout_s) * 1000) * 2
+
+
 def build(config: Config, **app_overrides: object) -> faust.App:
     app = make_app(STAGE, config, **app_overrides)
-    b = config.breaker
-    settings = BreakerSettings(failure_threshold=b.failure_threshold, failure_window_s=b.failure_window_s,
-                               open_s=b.open_s, mode=b.mode)
+    settings = breaker_settings(config)
     registry = BreakerRegistry(settings)
     sinks = Sinks(app, config, STAGES[STAGE])
 
@@ -54,9 +63,7 @@ def build(config: Config, **app_overrides: object) -> faust.App:
             if follower.ready.is_set():  # replayed history was reported when it happened
                 await sinks.send(Out(OUTCOMES, t.endpoint, transition_outcome(t)))
 
-    # Only outcomes newer than the longest any of them can matter are replayed at start.
-    horizon_ms = int((b.open_s + b.failure_window_s + settings.probe_timeout_s) * 1000) * 2
-    follower = TopicFollower(config, OUTCOMES, apply, horizon_ms)
+    follower = TopicFollower(config, OUTCOMES, apply, replay_horizon_ms(settings))
 
     @app.task
     async def follow() -> None:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -91,3 +92,10 @@ async def create_topics(bootstrap: str, default_partitions: int, replication: in
     finally:
         await admin.close()
     return {"created": created, "existing": existing, "mismatched": mismatched}
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
+    """Every partition of `topics`. A consumer that subscribed to nothing has no metadata for
+    them until asked, and `partitions_for_topic` alone would answer None."""
+    await consumer.topics()
+    return [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]

@@ -169,6 +169,20 @@ def cmd_opencode(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     return 0
 
 
+@command("demo")
+def cmd_demo(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from pipeline import demo
+
+    return demo.run(cfg, args.duration, args.panel_outage)
+
+
+@command("lag")
+def cmd_lag(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from pipeline import lag_cli
+
+    return lag_cli.run(args, cfg)
+
+
 @command("stub")
 def cmd_stub(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     module = importlib.import_module(f"pipeline.stubs.{args.service}")
@@ -244,13 +258,15 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--all", action="store_true", help="redrive every dead letter not redriven before")
     d.add_argument("--json", action="store_true")
 
-    for extra in EXTRA_PARSERS:
-        extra(sub)
+    m = sub.add_parser("demo", help="everything, locally, with a live view (the README's main command)")
+    m.add_argument("--duration", type=float, default=None, help="seconds of workload (default: until Ctrl-C)")
+    m.add_argument("--panel-outage", type=float, default=None, metavar="SECONDS",
+                   help="fail the panel for this long, a quarter into the run: the breaker opens and holds")
+
+    from pipeline import lag_cli
+
+    lag_cli.add_parser(sub)
     return p
-
-
-# Later commands register their parser builders here (collect, opencode, stub, lag, dead, demo).
-EXTRA_PARSERS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
+from pipeline.admin import topic_partitions
 from pipeline.errors import ConfigError
 from pipeline.records import original_bytes
 from pipeline.topics import dead_letter_topics
@@ -41,7 +42,7 @@ async def read(bootstrap: str, topic: str | None = None, *, group: str | None = 
     await consumer.start()
     out: list[DeadLetter] = []
     try:
-        tps = [TopicPartition(t, p) for t in _topics(topic) for p in (consumer.partitions_for_topic(t) or ())]
+        tps = await topic_partitions(consumer, _topics(topic))
         if not tps:
             return []
         consumer.assign(tps)

@@ -154,6 +154,12 @@ class LagReport:
         return max(candidates, key=lambda s: (s.drain_s or 0.0, s.lag)).stage
 
 
+def _explain(exc: BaseException) -> str:
+    # aiokafka's broker errors already start with their class name; its client errors may be empty.
+    text = str(exc)
+    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
 def _stage_list(stages: Mapping[str, Stage] | Iterable[Stage]) -> list[Stage]:
     return list(stages.values()) if isinstance(stages, Mapping) else list(stages)
 
@@ -162,14 +168,17 @@ class LagCollector:
     """Holds one admin client and one group-less consumer, so `--watch` and the worker's
     exporter do not reconnect on every sample."""
 
-    def __init__(self, bootstrap: str, *, request_timeout_ms: int = 15000, coordinator_wait_s: float = 15.0) -> None:
+    def __init__(self, bootstrap: str, *, request_timeout_ms: int = 15000, coordinator_wait_s: float = 15.0,
+                 **client_options: Any) -> None:
+        """`client_options` go to both aiokafka clients: security_protocol, ssl_context,
+        sasl_mechanism, sasl_plain_username, ... for a cluster that needs them."""
         self.bootstrap = bootstrap
         self.coordinator_wait_s = coordinator_wait_s
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms,
-                                          client_id="pipeline-lag")
+        common = {"bootstrap_servers": bootstrap, "request_timeout_ms": request_timeout_ms,
+                  "client_id": "pipeline-lag", **client_options}
+        self._admin = AIOKafkaAdminClient(**common)
         # group_id=None: reading offsets must never join, rebalance or commit for a stage's group.
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                          request_timeout_ms=request_timeout_ms, client_id="pipeline-lag")
+        self._consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **common)
 
     async def start(self) -> LagCollector:
         try:
@@ -177,7 +186,7 @@ class LagCollector:
             await self._consumer.start()
         except (KafkaError, OSError) as exc:
             await self.close()
-            raise BrokerError(f"cannot reach Kafka at {self.bootstrap}: {type(exc).__name__}: {exc}") from None
+            raise BrokerError(f"cannot reach Kafka at {self.bootstrap}: {_explain(exc)}") from None
         return self
 
     async def close(self) -> None:
@@ -200,7 +209,7 @@ class LagCollector:
         try:
             return await self._sample(_stage_list(stages))
         except (TimeoutError, KafkaError) as exc:
-            raise BrokerError(f"reading offsets from {self.bootstrap}: {type(exc).__name__}: {exc}") from None
+            raise BrokerError(f"reading offsets from {self.bootstrap}: {_explain(exc)}") from None
 
     async def _sample(self, wanted: list[Stage]) -> LagReport:
         # All topics in one metadata request. Naming a missing topic in a metadata request
@@ -252,7 +261,7 @@ class LagCollector:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             except KafkaError as exc:  # e.g. not authorised for this group: report it, go on with the rest
-                return {}, None, None, f"{type(exc).__name__}: {exc}"
+                return {}, None, None, _explain(exc)
         # -1 means "no offset" in OffsetFetch answers.
         committed = {tp.partition: meta.offset for tp, meta in offsets.items()
                      if tp.topic == topic and meta.offset >= 0}
@@ -282,8 +291,9 @@ def with_rates(current: LagReport, previous: LagReport) -> LagReport:
     stages = []
     for s in current.stages:
         prev = before.get(s.group)
-        if prev is None or not (s.topic_exists and prev.topic_exists) or s.topic != prev.topic:
-            stages.append(s)
+        if prev is None or s.topic != prev.topic or not (s.topic_exists and prev.topic_exists) \
+                or s.error or prev.error:
+            stages.append(s)  # nothing comparable: the rate stays unknown
             continue
         old = {p.partition: p for p in prev.partitions}
         consumed = produced = 0
@@ -291,8 +301,12 @@ def with_rates(current: LagReport, previous: LagReport) -> LagReport:
             o = old.get(p.partition)
             if o is None:
                 continue  # a partition added since: nothing to compare with
-            # Clamped per partition: an offset reset backwards is not negative throughput.
-            consumed += max(0, p.position - o.position)
+            # From commits only: retention moving the log start is not consumption. A first
+            # commit counts from where the group started (the log start, as it never committed).
+            if p.committed is not None:
+                since = o.committed if o.committed is not None else o.start
+                # Clamped per partition: an offset reset backwards is not negative throughput.
+                consumed += max(0, p.committed - since)
             produced += max(0, p.end - o.end)
         stages.append(replace(s, rate=consumed / dt, in_rate=produced / dt))
     return replace(current, stages=tuple(stages), interval_s=dt)
@@ -406,6 +420,7 @@ async def export_lag_forever(bootstrap: str, stage_name: str, interval_s: float 
     """
     stage = STAGES[stage_name]
     backoff = 1.0
+    problem: str | None = None  # logged when it changes, not every interval
     while True:
         collector = LagCollector(bootstrap, coordinator_wait_s=min(interval_s, 15.0))
         try:
@@ -415,8 +430,11 @@ async def export_lag_forever(bootstrap: str, stage_name: str, interval_s: float 
                 report = await collector.sample([stage])
                 export_report(report)
                 s = report.stages[0]
-                if s.error or not s.topic_exists:
-                    log.warning("lag for %s: %s", stage_name, s.error or f"topic {s.topic} missing")
+                now = s.error or (None if s.topic_exists else f"input topic {s.topic} does not exist")
+                if now != problem:
+                    log.log(logging.WARNING if now else logging.INFO, "lag export for %s: %s", stage_name,
+                            now or "ok")
+                    problem = now
                 await asyncio.sleep(interval_s)
         except (TimeoutError, KafkaError, BrokerError, OSError) as exc:
             log.warning("lag export for %s: %s; retrying in %.0fs", stage_name, exc, backoff)

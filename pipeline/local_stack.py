@@ -105,7 +105,7 @@ class StackSettings:
     sampling_rate: float = 1.0
     novelty_threshold: float = 0.7
     stages: tuple[str, ...] = PIPELINE_STAGES
-    metrics_base_port: int = 0
+    metrics: bool = False  # serve /metrics from every stage and the collector
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -120,6 +120,7 @@ class Stack:
         self.scrubber_port = free_port()
         self.procs: dict[str, PipelineProcess] = {}
         self.config_path = settings.workdir / "pipeline.toml"
+        self._metrics_ports: dict[str, int] = {}
 
     @property
     def panel_url(self) -> str:
@@ -178,17 +179,19 @@ state_dir = "{s.workdir / 'collector-state'}"
 
     def start_stage(self, stage: str) -> PipelineProcess:
         args = ["worker", stage]
-        if self.s.metrics_base_port:
+        if self.s.metrics:
             args += ["--metrics-port", str(self.metrics_port(stage))]
         return self._start(stage, args)
 
     def metrics_port(self, name: str) -> int:
-        order = [*PIPELINE_STAGES, "collector"]
-        return self.s.metrics_base_port + order.index(name)
+        """A free port per process, picked once (consecutive ports may be taken by anything)."""
+        if name not in self._metrics_ports:
+            self._metrics_ports[name] = free_port()
+        return self._metrics_ports[name]
 
     def start_collector(self) -> PipelineProcess:
         args = ["collect"]
-        if self.s.metrics_base_port:
+        if self.s.metrics:
             args += ["--metrics-port", str(self.metrics_port("collector"))]
         return self._start("collector", args)
 
@@ -245,6 +248,17 @@ state_dir = "{s.workdir / 'collector-state'}"
 
     def logs_tail(self, chars: int = 1500) -> str:
         return "\n".join(f"--- {n}\n{p.log()[-chars:]}" for n, p in self.procs.items())
+
+
+def hosts_toml(daemons: Mapping[str, Any]) -> str:
+    """`[[hosts]]` entries for running daemons (anything with `.url` and `.password`)."""
+    entries = []
+    for name, daemon in daemons.items():
+        entry = f'[[hosts]]\nname = "{name}"\nbase_url = "{daemon.url}"\n'
+        if daemon.password:
+            entry += f'password = "{daemon.password}"\n'
+        entries.append(entry)
+    return "\n".join(entries)
 
 
 def dump(obj: Any) -> str:

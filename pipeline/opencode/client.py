@@ -245,9 +245,7 @@ class OpencodeClient:
             _expect_message(message, f"GET {path}")
         return listing
 
-    async def create_session(
-        self, title: str | None = None, agent: str | None = None
-    ) -> dict[str, Any]:
+    async def create_session(self, title: str | None = None, agent: str | None = None) -> dict[str, Any]:
         payload: dict[str, Any] = {}
         if title is not None:
             payload["title"] = title
@@ -332,17 +330,11 @@ class OpencodeClient:
         except OpencodeError:
             raise
         except httpx.TimeoutException as exc:
-            raise OpencodeUnavailable(
-                self._scrub(f"{method} {path}: timed out ({_kind(exc)})")
-            ) from None
+            raise OpencodeUnavailable(self._scrub(f"{method} {path}: timed out ({_kind(exc)})")) from None
         except httpx.TransportError as exc:
-            raise OpencodeUnavailable(
-                self._scrub(f"{method} {path}: {_kind(exc)}: {exc}")
-            ) from None
+            raise OpencodeUnavailable(self._scrub(f"{method} {path}: {_kind(exc)}: {exc}")) from None
         except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-            raise OpencodeProtocolError(
-                self._scrub(f"{method} {path}: {_kind(exc)}: {exc}")
-            ) from None
+            raise OpencodeProtocolError(self._scrub(f"{method} {path}: {_kind(exc)}: {exc}")) from None
 
     def _scrub(self, text: str) -> str:
         if self._secret:
@@ -377,9 +369,7 @@ class OpencodeClient:
                 ) from None
 
     @asynccontextmanager
-    async def _stream(
-        self, method: str, path: str, *, scoped: bool
-    ) -> AsyncIterator[httpx.Response]:
+    async def _stream(self, method: str, path: str, *, scoped: bool) -> AsyncIterator[httpx.Response]:
         with self._boundary(method, path):
             request = self._http.build_request(
                 method,
@@ -411,10 +401,7 @@ class OpencodeClient:
         detail = self._scrub(f"{method} {path}: HTTP {status}: {_snippet(response.text)}")
         if status in (401, 403):
             raise OpencodeAuthError(
-                self._scrub(
-                    f"{method} {path}: HTTP {status}: authentication failed "
-                    f"for user {self.username!r}"
-                ),
+                self._scrub(f"{method} {path}: HTTP {status}: authentication failed for user {self.username!r}"),
                 status_code=status,
             )
         if status >= 500 or status in (408, 429):
@@ -460,9 +447,7 @@ def _expect_dict(body: Any, where: str, required: tuple[str, ...] = ()) -> dict[
     return body
 
 
-def _expect_list_of_dicts(
-    body: Any, where: str, required: tuple[str, ...] = ()
-) -> list[dict[str, Any]]:
+def _expect_list_of_dicts(body: Any, where: str, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     if not isinstance(body, list):
         raise OpencodeProtocolError(f"{where}: expected an array, got {type(body).__name__}")
     return [_expect_dict(item, where, required) for item in body]

@@ -2,9 +2,14 @@
 
 Each daemon gets its own XDG data/config/cache/state (and HOME) under one
 temporary directory, so several run side by side without sharing a database
-or reading the developer's own opencode setup; ``restart()`` reuses that
-directory, so sessions survive it. The process runs in its own process group
-and ``stop()`` waits until every process of that group is gone.
+or reading the developer's own opencode setup. ``stop()`` keeps that
+directory, so ``restart()`` (or ``start()`` again) finds the sessions;
+``cleanup()`` or leaving the ``with`` block deletes it, and so does garbage
+collection or interpreter exit for a daemon nobody cleaned up.
+
+``stop()`` returns only once no process the daemon started is left: its
+process group, plus anything carrying its environment marker (opencode runs
+each bash tool in a process group of its own).
 """
 
 from __future__ import annotations
@@ -203,9 +208,7 @@ class OpencodeDaemon:
         )
         if self._state_dir is None:
             self._state_dir = Path(tempfile.mkdtemp(prefix="opencode-daemon-"))
-            self._dir_finalizer = weakref.finalize(
-                self, shutil.rmtree, self._state_dir, ignore_errors=True
-            )
+            self._dir_finalizer = weakref.finalize(self, shutil.rmtree, self._state_dir, ignore_errors=True)
         # opencode 1.18.33 reads --port 0 as "4096 if free", which would squat
         # the port a developer's own opencode expects: pick a free one instead,
         # and try another if something took it before opencode bound it.
@@ -241,9 +244,7 @@ class OpencodeDaemon:
             start_new_session=True,  # its own process group, so stop() reaches its children
         )
         self._proc_finalizer = weakref.finalize(self, _kill_all, self._proc.pid, self._marker)
-        self._reader = threading.Thread(
-            target=self._read_output, args=(self._proc,), name="opencode-log", daemon=True
-        )
+        self._reader = threading.Thread(target=self._read_output, args=(self._proc,), name="opencode-log", daemon=True)
         self._reader.start()
 
     def stop(self) -> None:
@@ -339,9 +340,7 @@ class OpencodeDaemon:
                 self._url = match.group(1).rstrip("/")
                 self._url_found.set()
 
-    def _failure(
-        self, what: str, kind: type[OpencodeDaemonError] = OpencodeDaemonError
-    ) -> OpencodeDaemonError:
+    def _failure(self, what: str, kind: type[OpencodeDaemonError] = OpencodeDaemonError) -> OpencodeDaemonError:
         tail = "\n".join(self.log[-40:])
         return kind(f"{what}\n--- opencode output (tail) ---\n{tail}")
 
@@ -356,17 +355,13 @@ class OpencodeDaemon:
                     _ExitedEarly,
                 )
             if time.monotonic() > deadline:
-                raise self._failure(
-                    f"opencode serve printed no 'listening on' line in {self.startup_timeout:.0f}s"
-                )
+                raise self._failure(f"opencode serve printed no 'listening on' line in {self.startup_timeout:.0f}s")
         auth = httpx.BasicAuth(self.username, self._password) if self._password else None
         last = "no answer yet"
         with httpx.Client(base_url=self._url or "", auth=auth, timeout=2.0) as http:
             while True:
                 if proc.poll() is not None:
-                    raise self._failure(
-                        f"opencode serve exited with {proc.returncode} during start"
-                    )
+                    raise self._failure(f"opencode serve exited with {proc.returncode} during start")
                 try:
                     response = http.get("/global/health")
                     if response.status_code == 200 and response.json().get("healthy") is True:
@@ -375,9 +370,7 @@ class OpencodeDaemon:
                 except (httpx.HTTPError, ValueError) as exc:
                     last = type(exc).__name__
                 if time.monotonic() > deadline:
-                    raise self._failure(
-                        f"/global/health not healthy in {self.startup_timeout:.0f}s (last: {last})"
-                    )
+                    raise self._failure(f"/global/health not healthy in {self.startup_timeout:.0f}s (last: {last})")
                 time.sleep(0.1)  # poll interval between health probes
 
 

@@ -139,11 +139,7 @@ def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(
-            str(p.get("text", ""))
-            for p in content
-            if isinstance(p, dict) and p.get("type") == "text"
-        )
+        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
     return ""
 
 
@@ -151,11 +147,7 @@ def _last_user_turn(messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[st
     """The last user message's text, and the tool results that followed it."""
     for index in range(len(messages) - 1, -1, -1):
         if messages[index].get("role") == "user":
-            results = [
-                _content_text(m.get("content"))
-                for m in messages[index + 1 :]
-                if m.get("role") == "tool"
-            ]
+            results = [_content_text(m.get("content")) for m in messages[index + 1 :] if m.get("role") == "tool"]
             return _content_text(messages[index].get("content")), results
     return "", []
 
@@ -353,9 +345,7 @@ class ModelStub:
         return web.json_response(
             {
                 "object": "list",
-                "data": [
-                    {"id": self.model_id, "object": "model", "created": 0, "owned_by": "stub"}
-                ],
+                "data": [{"id": self.model_id, "object": "model", "created": 0, "owned_by": "stub"}],
             }
         )
 
@@ -395,9 +385,7 @@ class ModelStub:
             return await self._answer(request, body, stream, f"Calling {call.name}.", call)
         if plan.error is not None and self._take_error(prompt, plan.error_times):
             self._record(StubRequest(request.path, "agent", stream, plan.error, prompt, step))
-            return _error_response(
-                plan.error, f"stub error {plan.error} for: {_echo_words(prompt, 6)}"
-            )
+            return _error_response(plan.error, f"stub error {plan.error} for: {_echo_words(prompt, 6)}")
         self._record(StubRequest(request.path, "agent", stream, 200, prompt, step))
         if plan.say is not None:
             text = plan.say
@@ -437,9 +425,7 @@ class ModelStub:
         if not stream:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if tool_calls:
-                message["tool_calls"] = [
-                    {k: v for k, v in c.items() if k != "index"} for c in tool_calls
-                ]
+                message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
             return web.json_response(
                 {
                     "id": completion_id,
@@ -462,9 +448,7 @@ class ModelStub:
             }
             return b"data: " + json.dumps(frame).encode() + b"\n\n"
 
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         await response.write(chunk({"role": "assistant", "content": ""}))
         for piece in _chunks(text):

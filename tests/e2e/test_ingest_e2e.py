@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.local_stack import Stack, StackSettings, wait_for
+from pipeline.local_stack import Stack, StackSettings, hosts_toml, wait_for
 from pipeline.opencode.daemon import OpencodeDaemon
 from pipeline.opencode.model_stub import ModelStub
 from pipeline.records import validate
@@ -94,9 +94,7 @@ def test_every_turn_one_snapshot_across_restarts(kafka, tmp_path: Path) -> None:
         for d in daemons.values():
             d.start()
         try:
-            hosts = "\n".join(
-                f'[[hosts]]\nname = "{name}"\nbase_url = "{d.url}"\n' + (f'password = "{d.password}"\n' if d.password else "")
-                for name, d in daemons.items())
+            hosts = hosts_toml(daemons)
             stack = Stack(StackSettings(bootstrap=kafka.bootstrap, workdir=tmp_path / "stack", stages=("ingest",),
                                         hosts_toml=hosts,
                                         extra_toml="checkpoint_interval_s = 1\npoll_interval_s = 2\n"))

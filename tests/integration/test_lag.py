@@ -282,3 +282,27 @@ def test_lag_watch_refreshes_until_interrupted(kafka, kafka_env, kafka_config, t
     else:
         assert "one sample" in got[0] and all("rates over" in f for f in got[1:])
         assert ("\x1b[" in out.read_text()) == (mode == "terminal")  # Live redraws with cursor controls
+
+
+def test_rates_and_lag_edge_cases_without_a_broker() -> None:
+    """Retention, resets and recreated topics, on hand-made reports."""
+    from pipeline.lag import LagReport, PartitionLag, StageLag, with_rates
+
+    def report(at: float, *parts: PartitionLag, error: str | None = None) -> LagReport:
+        return LagReport("b", at, (StageLag("s", "g", "t", True, parts, "Stable", 1, error=error),), monotonic=at)
+
+    # Retention deleted records the group had not read: they are counted as expired, not as lag.
+    p = PartitionLag(0, committed=3, start=10, end=15)
+    assert (p.position, p.lag, p.expired) == (10, 5, 7)
+    # A topic recreated under old commits: no negative lag.
+    assert PartitionLag(0, committed=50, start=0, end=5).lag == 0
+
+    before = report(100.0, PartitionLag(0, None, 0, 10), PartitionLag(1, 8, 0, 10), PartitionLag(2, 9, 0, 9))
+    after = report(102.0, PartitionLag(0, 4, 6, 12),  # first commit: 4 read from the start (0)
+                   PartitionLag(1, 2, 0, 10),  # reset backwards: not negative throughput
+                   PartitionLag(2, 9, 9, 9))  # retention moved the start: not consumption
+    s = with_rates(after, before).stages[0]
+    assert with_rates(after, before).interval_s == 2.0
+    assert s.rate == 4 / 2.0 and s.in_rate == 2 / 2.0
+    # An error on either side leaves the rate unknown rather than 0.
+    assert with_rates(report(102.0, error="boom"), before).stages[0].rate is None

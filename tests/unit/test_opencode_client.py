@@ -53,9 +53,7 @@ class Recorder:
 
 
 def client_for(handler: Handler, **kwargs: Any) -> OpencodeClient:
-    return OpencodeClient(
-        kwargs.pop("base_url", URL), transport=httpx.MockTransport(handler), **kwargs
-    )
+    return OpencodeClient(kwargs.pop("base_url", URL), transport=httpx.MockTransport(handler), **kwargs)
 
 
 ASSISTANT = {
@@ -132,10 +130,7 @@ async def test_custom_username() -> None:
     recorder = Recorder({("GET", "/global/health"): {"healthy": True, "version": "x"}})
     async with client_for(recorder, password="pw", username="ci") as client:
         await client.health()
-    assert (
-        recorder.requests[0].headers["authorization"]
-        == "Basic " + base64.b64encode(b"ci:pw").decode()
-    )
+    assert recorder.requests[0].headers["authorization"] == "Basic " + base64.b64encode(b"ci:pw").decode()
 
 
 @pytest.mark.asyncio
@@ -170,9 +165,7 @@ def raising(exc: Exception) -> Handler:
         (httpx.TooManyRedirects("loop"), OpencodeProtocolError),
     ],
 )
-async def test_transport_errors_are_translated(
-    exc: Exception, expected: type[OpencodeError]
-) -> None:
+async def test_transport_errors_are_translated(exc: Exception, expected: type[OpencodeError]) -> None:
     async with client_for(raising(exc), password=SECRET) as client:
         with pytest.raises(expected) as info:
             await client.list_sessions()
@@ -233,9 +226,7 @@ async def test_auth_error_names_user_not_password() -> None:
         (("GET", "/session/ses_1/message"), "messages", [{"info": [], "parts": []}]),
     ],
 )
-async def test_unexpected_payloads_are_protocol_errors(
-    route: tuple[str, str], call: str, answer: Any
-) -> None:
+async def test_unexpected_payloads_are_protocol_errors(route: tuple[str, str], call: str, answer: Any) -> None:
     async with client_for(Recorder({route: answer})) as client:
         method = getattr(client, call)
         with pytest.raises(OpencodeProtocolError):
@@ -333,9 +324,7 @@ async def test_continue_session_prompts_the_given_session() -> None:
 
 
 def test_reply_text_ignores_non_text_and_ignored_parts() -> None:
-    message = {
-        "parts": [{"type": "text", "text": "a"}, {"type": "text", "text": "b", "ignored": True}]
-    }
+    message = {"parts": [{"type": "text", "text": "a"}, {"type": "text", "text": "b", "ignored": True}]}
     assert reply_text(message) == "a"
     assert reply_text({"info": {}, "parts": []}) == ""
 

@@ -166,9 +166,7 @@ def test_oversize_unterminated_line_is_bounded_and_skipped_to_frame_end() -> Non
     # The rest of that line and frame is discarded without being buffered.
     assert parser.feed(b"z" * 10_000) == []
     assert parser.buffered_bytes == 0
-    assert parser.feed(b"\ndata: more of the big frame\n\ndata: next\n\n") == [
-        SSEFrame(data="next")
-    ]
+    assert parser.feed(b"\ndata: more of the big frame\n\ndata: next\n\n") == [SSEFrame(data="next")]
 
 
 def test_frame_at_exactly_the_limit_is_accepted() -> None:
