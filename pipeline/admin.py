@@ -96,6 +96,7 @@ async def create_topics(bootstrap: str, default_partitions: int, replication: in
 
 async def topic_partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
     """Every partition of `topics`. A consumer that subscribed to nothing has no metadata for
-    them until asked, and `partitions_for_topic` alone would answer None."""
-    await consumer.topics()
-    return [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+    them (`partitions_for_topic` answers None), and `consumer.topics()` fetches metadata into a
+    throwaway object: this fetches it and reads the partitions from that."""
+    cluster = await consumer._client.fetch_all_metadata()
+    return [TopicPartition(t, p) for t in topics for p in sorted(cluster.partitions_for_topic(t) or ())]

@@ -92,6 +92,13 @@ def cmd_worker(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         raise ConfigError(f"unknown stage {args.stage!r} (stages: {', '.join(STAGES)})", "STAGE")
     module = importlib.import_module(f"agents.{args.stage}")
     app = module.build(cfg)
+
+    from pipeline.lag import export_lag_forever
+
+    @app.task
+    async def export_lag() -> None:
+        # every replica exports its group's lag; dashboards take max by (stage, topic, partition)
+        await export_lag_forever(cfg.kafka.bootstrap, args.stage, interval_s=15.0)
     metrics.serve(args.metrics_port if args.metrics_port is not None else cfg.metrics.port, cfg.metrics.host)
     worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -34,9 +34,9 @@ from pipeline.sampling.random_baseline import (
 def reference_sampler(windows: NoveltyWindows, *, rate: object = DEFAULT_RATE,
                       rate_override: bool = False, max_messages: int = 25,
                       token_messages: int = 8) -> Sampler:
-    """The reference decision order over `windows`; `rate` is validated as the reference does
-    (the effective rate is `sampler.rate`, and `sampler.policies[-1].setting` says whether it
-    was capped or defaulted, for the caller to warn)."""
+    """The reference decision order over `windows`. `rate` is validated as the reference does
+    and the result is `sampler.rate`; `effective_rate(rate, rate_override)` (the same rule)
+    tells the caller whether it was capped or defaulted, to warn at start."""
     sample = RandomBaseline(rate, rate_override)
     return Sampler([ErrorFlag(max_messages), NoveltyPolicy(windows, token_messages), sample],
                    rate=sample.rate)

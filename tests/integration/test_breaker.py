@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
@@ -50,6 +51,7 @@ retry_max_s = 1
 attestation_refresh_s = 2
 """
 REFRESH_S = 2
+OPEN_S = 8
 WAIT_S = 90  # generous: other test runs share the two cores
 
 
@@ -90,7 +92,9 @@ def send_sampled(bootstrap: str, records: Sequence[dict[str, Any]]) -> set[str]:
 
 
 async def _consumer(bootstrap: str, topic: str) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    # earliest: assign() starts an offset reset of its own, which can land after a seek
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                auto_offset_reset="earliest")
     await consumer.start()
     parts = consumer.partitions_for_topic(topic) or set()
     deadline = time.monotonic() + 10
@@ -106,11 +110,19 @@ async def _read_to_end(bootstrap: str, topic: str) -> list[ConsumerRecord]:
     try:
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
+        starts = await consumer.beginning_offsets(tps)
         await consumer.seek_to_beginning(*tps)
+        # Done by the offsets seen: a read that stops early must not pass for "not there".
+        todo = {tp for tp in tps if ends[tp] > starts[tp]}
         out: list[ConsumerRecord] = []
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-            for msgs in (await consumer.getmany(timeout_ms=500)).values():
-                out.extend(msgs)
+        deadline = time.monotonic() + 60
+        while todo:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: could not read up to {ends}")
+            for tp, msgs in (await consumer.getmany(*todo, timeout_ms=500)).items():
+                out.extend(m for m in msgs if m.offset < ends[tp])
+                if msgs and msgs[-1].offset >= ends[tp] - 1:
+                    todo.discard(tp)
         return out
     finally:
         await consumer.stop()
@@ -169,6 +181,25 @@ def jwt_claims(token: str) -> dict[str, Any]:
     return dict(json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))))
 
 
+def request_times(stack: Stack) -> list[float]:
+    """When (epoch s, the stub's clock) each ingest request reached the stub panel: faulted and
+    refused ones from its refusal log, accepted ones by their first and last upsert."""
+    refused = httpx.get(stack.panel_url + "/_stub/refused", timeout=10).json()["refused"]
+    times = [r["at"] for r in refused]
+    for t in stack.panel_accepted():
+        times += [t["first_at"], t["last_at"]] if t["upserts"] > 1 else [t["first_at"]]
+    return sorted(times)
+
+
+def requests_while_open(all_outcomes: list[dict[str, Any]], times: list[float], *, open_s: float,
+                        grace_s: float = 2.0) -> list[float]:
+    """Panel requests inside an open period, past `grace_s` for requests already in flight when
+    it opened and for the stages to read the transition back from delivery.outcomes."""
+    windows = [(o["at"] / 1000 + grace_s, o["at"] / 1000 + open_s) for o in all_outcomes
+               if o["status"] == "transition" and o["detail"]["to"] == "open"]
+    return [t for t in times if any(start <= t < end for start, end in windows)]
+
+
 def extra_worker(stack: Stack, stage: str, name: str, env: dict[str, str] | None = None) -> PipelineProcess:
     """One more `pipeline worker STAGE` process, stopped with the stack (env: overrides)."""
     proc = PipelineProcess(["worker", stage], {**stack.env, **(env or {})}, stack.logs, name).start()
@@ -181,7 +212,7 @@ def extra_worker(stack: Stack, stage: str, name: str, env: dict[str, str] | None
 
 def test_hold_opens_holds_in_the_topic_and_delivers_everything_after_recovery(kafka: LocalBroker,
                                                                               tmp_path: Path) -> None:
-    stack = delivery_stack(kafka, tmp_path, fast_toml(open_s=6, mode="hold"))
+    stack = delivery_stack(kafka, tmp_path, fast_toml(open_s=OPEN_S, mode="hold"))
     host = unique_host("hold")
     first, held = sampled(host, range(0, 3)), sampled(host, range(3, 7))
     with stack.start():
@@ -221,6 +252,7 @@ def test_hold_opens_holds_in_the_topic_and_delivers_everything_after_recovery(ka
         sampled_ids = {json.loads(m.value)["trace_id"] for m in read_topic(kafka.bootstrap, "traces.sampled")
                        if json.loads(m.value)["host"] == host}
         stats = stack.panel_stats()
+        panel_requests = request_times(stack)
 
     assert sampled_ids == first_ids | held_ids
     assert set(accepted) == sampled_ids, "every forwarded trace is accepted, none invented"
@@ -228,7 +260,12 @@ def test_hold_opens_holds_in_the_topic_and_delivers_everything_after_recovery(ka
     seq = [(o["detail"]["from"], o["detail"]["to"]) for o in all_outcomes if o["status"] == "transition"]
     assert seq[0] == ("closed", "open"), seq
     assert seq[-2:] == [("open", "half_open"), ("half_open", "closed")], seq
-    held_seen = {o["trace_id"] for o in all_outcomes if o["status"] == "held"}
+    # Three failed attempts opened it, and nothing reached the panel while it was open: not the
+    # held traces, nor retries of those already past the breaker (in-flight grace aside).
+    opened_at = next(o["at"] for o in all_outcomes if o["status"] == "transition")
+    assert sum(o["status"] == "failed" and o["at"] <= opened_at for o in all_outcomes) >= 3
+    assert not requests_while_open(all_outcomes, panel_requests, open_s=OPEN_S)
+    held_seen = {o["trace_id"] for o in all_outcomes if o["status"] == "held" and o["stage"] == "breaker"}
     assert held_seen and held_seen <= held_ids, held_seen
     # Every trace that reached the panel later than the refresh bound after signing went with a
     # freshly minted attestation (the stub panel verified it; a reused one has the sign jti).
