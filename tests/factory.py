@@ -73,3 +73,21 @@ def snapshot(i: int, *, host: str = "h1", site_key: str = "pk_test_thirdparty", 
     env = turn_ended(host=host, site_key=site_key, session=session, messages=msgs, trigger="session.idle",
                      received_at_ms=1795236913836 + i)
     return build_snapshot(env, SessionState(), max_messages=25, now_ms=1795236913836 + i)
+
+
+def text_snapshot(i: int, user_text: str, reply_text: str, *, host: str = "h1",
+                  site_key: str = "pk_test_thirdparty") -> dict[str, Any]:
+    """A one-turn snapshot with exactly this text (for novelty tests: the token sets are known)."""
+    sid = f"ses_txt{i:06d}"
+    uid, aid = f"msg_{i:06d}u", f"msg_{i:06d}a"
+    msgs = [
+        {"info": {"id": uid, "sessionID": sid, "role": "user", "time": {"created": 1}},
+         "parts": [_part(sid, uid, 0, type="text", text=user_text)]},
+        {"info": {"id": aid, "sessionID": sid, "role": "assistant", "time": {"created": 2, "completed": 3},
+                  "finish": "stop"},
+         "parts": [_part(sid, aid, 0, type="text", text=reply_text)]},
+    ]
+    session = {"id": sid, "projectID": "global", "directory": "/w", "title": f"text {i}"}
+    env = turn_ended(host=host, site_key=site_key, session=session, messages=msgs, trigger="session.idle",
+                     received_at_ms=1795236913836 + i)
+    return build_snapshot(env, SessionState(), max_messages=25, now_ms=1795236913836 + i)

@@ -1,0 +1,104 @@
+"""Two sampler replicas on a multi-partition topic decide like one: the novelty window is
+shared through sampler.shipped, so a session forwarded by one replica is in the other's window
+once it has propagated (the bound documented in the README; waves here are spaced past it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline import admin
+from pipeline.config import DEFAULT_CACHE_DIR
+from pipeline.kafka_local import LocalBroker, free_port
+from pipeline.local_stack import PipelineProcess, wait_for
+from pipeline.records import encode
+from pipeline.sampling import NoveltyWindows, reference_sampler
+from pipeline.sampling.novelty import NoveltyPolicy
+from pipeline.trace import sampled_trace
+from tests.factory import text_snapshot
+from tests.kafka_util import produce, read_all
+
+pytestmark = pytest.mark.integration
+PROPAGATION_BOUND_S = 2.0
+
+
+def corpus(seed: int = 11) -> list[list[dict]]:
+    """Three waves: fresh topics; near-duplicates of wave-1 sessions plus fresh ones; and again."""
+    rng = random.Random(seed)
+    base = [[f"t{k}w{rng.randrange(10**6)}" for _ in range(60)] for k in range(8)]
+    waves: list[list[dict]] = [[], [], []]
+    n = 0
+    for k, words in enumerate(base):
+        waves[0].append(text_snapshot(n := n + 1, " ".join(words[:30]), " ".join(words[30:])))
+        if k % 2 == 0:  # a near-duplicate a wave later: not novel
+            near = words[:55] + [f"x{rng.randrange(10**6)}" for _ in range(5)]
+            waves[1].append(text_snapshot(n := n + 1, " ".join(near[:30]), " ".join(near[30:])))
+    for wave in (1, 2):
+        for _ in range(4):
+            fresh = [f"f{wave}w{rng.randrange(10**6)}" for _ in range(60)]
+            waves[wave].append(text_snapshot(n := n + 1, " ".join(fresh[:30]), " ".join(fresh[30:])))
+    last = waves[1][-1]["messages"]  # a near-duplicate of a wave-2 session in wave 3
+    text = " ".join(p["text"] for m in last for p in m["parts"]).split()
+    waves[2].append(text_snapshot(n + 1, " ".join(text[:30]), " ".join(text[30:55] + ["y1", "y2", "y3"])))
+    return waves
+
+
+def expected_forwarded(waves: list[list[dict]]) -> set[str]:
+    """What one sampler deciding the waves in order forwards (the pure logic, in process)."""
+    windows = NoveltyWindows(size=200)
+    sampler = reference_sampler(windows, rate=0.0)
+    novelty = next(p for p in sampler.policies if isinstance(p, NoveltyPolicy))
+    forwarded = set()
+    for wave in waves:
+        for snap in wave:
+            decision = sampler.decide(snap)
+            if decision.forward:
+                forwarded.add(snap["snapshot_id"])
+                trace = sampled_trace(snap, decision, 25, 0)
+                windows.apply_shipped(novelty.shipped_record(snap, trace["trace_id"], 0))
+    return forwarded
+
+
+def test_two_replicas_decide_like_one(tmp_path: Path) -> None:
+    waves = corpus()
+    expected = expected_forwarded(waves)
+    assert 0 < len(expected) < sum(len(w) for w in waves), "the corpus must exercise both outcomes"
+    broker = LocalBroker("127.0.0.1", free_port(), free_port(), tmp_path / "kafka", DEFAULT_CACHE_DIR)
+    broker.start()
+    env = {"PIPELINE_KAFKA__BOOTSTRAP": broker.bootstrap, "PIPELINE_KAFKA__PARTITIONS": "4",
+           "PIPELINE_SAMPLING_RATE": "0.0", "PIPELINE_KAFKA__CACHE_DIR": str(tmp_path / "cache")}
+    workers = [PipelineProcess(["worker", "sample", "--loglevel", "info"], env, tmp_path, f"sample-{i}")
+               for i in range(2)]
+    try:
+        asyncio.run(admin.create_topics(broker.bootstrap, 4, 1))
+        for w in workers:
+            w.start()
+        # both replicas hold partitions of sessions.idle before any record arrives
+        for w in workers:
+            w.wait_for_log(r"sessions\.idle\s*\|\s*\{\d", 120)
+        forwarded_so_far = 0
+        for wave in waves:
+            asyncio.run(produce(broker.bootstrap, "sessions.idle",
+                                [(f"h1:{s['session_id']}".encode(), encode(s)) for s in wave]))
+            wave_expected = len([s for s in wave if s["snapshot_id"] in expected])
+            forwarded_so_far += wave_expected
+            wait_for(lambda n=forwarded_so_far: len(asyncio.run(
+                read_all(broker.bootstrap, "traces.sampled", n, 5))) >= n, 90, what="the wave's decisions")
+            # past the propagation bound, every replica's window holds this wave's forwards
+            asyncio.run(asyncio.sleep(PROPAGATION_BOUND_S))
+        got = {json.loads(m.value)["snapshot_id"]
+               for m in asyncio.run(read_all(broker.bootstrap, "traces.sampled", len(expected) + 1, 5))}
+        assert got == expected
+        assert all(w.alive() for w in workers), [w.log()[-2000:] for w in workers]
+        # both replicas really decided: each was assigned partitions of sessions.idle
+        for w in workers:
+            assert re.search(r"sessions\.idle\s*\|\s*\{\d", w.log()), f"{w.name} got no partition"
+    finally:
+        for w in workers:
+            w.stop()
+        broker.stop()
