@@ -44,7 +44,7 @@ def corpus(seed: int = 11) -> list[list[dict]]:
             waves[wave].append(text_snapshot(n := n + 1, " ".join(fresh[:30]), " ".join(fresh[30:])))
     last = waves[1][-1]["messages"]  # a near-duplicate of a wave-2 session in wave 3
     text = " ".join(p["text"] for m in last for p in m["parts"]).split()
-    waves[2].append(text_snapshot(n + 1, " ".join(text[:30]), " ".join(text[30:55] + ["y1", "y2", "y3"])))
+    waves[2].append(text_snapshot(n + 1, " ".join(text[:30]), " ".join([*text[30:55], "y1", "y2", "y3"])))
     return waves
 
 
