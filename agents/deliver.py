@@ -6,6 +6,14 @@ The HMAC is recomputed with the current secret and a stale attestation re-minted
 body before each attempt: a trace held for minutes (breaker open, retries) would otherwise
 reach the panel with an attestation past its 300 s window, and a dead letter redriven after a
 secret rotation would carry the old signature.
+
+Every attempt, the first included, also waits for the endpoint's breaker, which this stage
+follows from delivery.outcomes like every breaker replica: the breaker stage only gates what
+enters traces.outbox, and without this gate the traces already past it (in flight, queued in
+the outbox, retrying) kept hitting a failing panel for the whole open period, where the
+contract ships nothing. While the breaker is open an attempt waits for the period to end; once
+it is over one attempt per process goes as the probe (announced with a `probe` outcome, which
+also holds off the breaker stage's probe) and the others wait for its verdict.
 """
 
 from __future__ import annotations
@@ -19,12 +27,15 @@ from typing import Any
 import faust
 import httpx
 
-from agents.base import Meta, Out, Sinks, bind, make_app
+from agents.base import Meta, Out, Sinks, TopicFollower, bind, make_app
+from agents.breaker import OUTCOMES, breaker_settings, replay_horizon_ms
 from pipeline import metrics
+from pipeline.breaker import BreakerRegistry, State
 from pipeline.config import Config
+from pipeline.errors import RecordError
 from pipeline.outcomes import outcome
 from pipeline.panel import PanelClient, PanelUnavailable
-from pipeline.records import dead_letter
+from pipeline.records import dead_letter, decode
 from pipeline.retry import RetryPolicy, classify_http
 from pipeline.signing import mint_attestation, needs_refresh, sign
 from pipeline.topics import STAGES
@@ -44,6 +55,57 @@ def build(config: Config, **app_overrides: object) -> faust.App:
     jwt = config.scrubber_jwt_secret
     clients: dict[str, PanelClient] = {}
     sinks = Sinks(app, config, STAGES[STAGE])
+    settings = breaker_settings(config)
+    registry = BreakerRegistry(settings)
+    # endpoint -> (the open period being probed, monotonic start) of this process' probe
+    probing: dict[str, tuple[int | None, float]] = {}
+
+    async def apply(raw: bytes) -> None:
+        try:
+            registry.apply(decode(raw, OUTCOMES))
+        except RecordError as exc:
+            log.warning("skipping unusable outcome record: %s", exc)
+
+    follower = TopicFollower(config, OUTCOMES, apply, replay_horizon_ms(settings))
+
+    @app.task
+    async def follow() -> None:
+        await follower.run()
+
+    async def emit(endpoint: str, trace_id: str, status: str, **fields: Any) -> None:
+        # sent and awaited at once: other replicas must see a probe before they decide
+        await sinks.send(Out(OUTCOMES, endpoint, outcome(
+            stage=STAGE, endpoint=endpoint, status=status, trace_id=trace_id, at=int(time.time() * 1000),
+            **fields)))
+        await sinks.drain()
+
+    async def wait_for_breaker(endpoint: str, trace_id: str, attempt: int) -> bool:
+        """Return when the breaker lets this attempt go; True when it goes as the probe."""
+        announced = False
+        while True:
+            now_ms = int(time.time() * 1000)
+            snap = registry.get(endpoint).snapshot(now_ms)
+            if snap.state is State.CLOSED:
+                probing.pop(endpoint, None)
+                return False
+            if snap.state is State.HALF_OPEN:
+                period, started = probing.get(endpoint, (None, 0.0))
+                expired = time.monotonic() - started > settings.probe_timeout_s
+                if period != snap.open_until_ms or expired:
+                    probing[endpoint] = (snap.open_until_ms, time.monotonic())
+                    await emit(endpoint, trace_id, "probe", attempt=attempt, probe=True,
+                               detail={"reason": "open period over: this delivery probes"})
+                    return True
+            if not announced:
+                announced = True
+                metrics.DELIVERY_OUTCOMES.labels(endpoint, "held").inc()
+                await emit(endpoint, trace_id, "held", attempt=attempt,
+                           detail={"reason": f"breaker {snap.state}", "until": snap.open_until_ms})
+                log.warning("breaker %s %s: delivery of %s waits", endpoint, snap.state, trace_id)
+            # open: nothing changes before the period ends; half-open: the probe's verdict comes
+            # in through the follower
+            wait_s = (snap.open_until_ms or now_ms) / 1000 - time.time() if snap.state is State.OPEN else 0.2
+            await asyncio.sleep(min(max(wait_s, 0.05), 1.0))
 
     def client_for(endpoint: str) -> PanelClient:
         if endpoint not in clients:
@@ -51,6 +113,7 @@ def build(config: Config, **app_overrides: object) -> faust.App:
         return clients[endpoint]
 
     async def handle(record: dict[str, Any], meta: Meta) -> list[Out]:
+        await follower.ready.wait()
         endpoint, trace_id = record["endpoint"], record["trace_id"]
         body = record["body"].encode("utf-8")
         attestation, iat = record["attestation"], record["attestation_iat"]
@@ -58,6 +121,7 @@ def build(config: Config, **app_overrides: object) -> faust.App:
         attempt = 0
         while True:
             attempt += 1
+            probe = await wait_for_breaker(endpoint, trace_id, attempt)
             now = time.time()
             _, secret = config.panel_secret(record["site_key"])
             signature = sign(body, secret.reveal())
@@ -78,9 +142,9 @@ def build(config: Config, **app_overrides: object) -> faust.App:
             if result["latency_ms"] is not None:
                 metrics.PANEL_LATENCY.labels(endpoint, status).observe(result["latency_ms"] / 1000)
             # sent at once, not with the batch: the breaker must see failures while we retry
-            await sinks.send(Out("delivery.outcomes", endpoint, outcome(
+            await sinks.send(Out(OUTCOMES, endpoint, outcome(
                 stage=STAGE, endpoint=endpoint, status=status, trace_id=trace_id, at=int(time.time() * 1000),
-                attempt=attempt, **result)))
+                attempt=attempt, probe=probe, **result)))
             if kind == "success":
                 return []
             if kind == "permanent" or policy.give_up(first_at, time.time()):

@@ -1,8 +1,11 @@
 """Scrub stage: traces.sampled -> traces.scrubbed, one scrubber request per trace, fail closed.
 
 A scrubber that is down, slow, rate-limiting or answering errors holds the trace (and its
-partition) back with backoff; nothing goes on unscrubbed. A trace the scrubber refuses outright
-(400: it can never be scrubbed as it is) is dead-lettered, not passed.
+partition) back with backoff; nothing goes on unscrubbed. That includes refusals that say the
+deployment is wrong, not the trace (401/403: the key; 404: the URL or the tenant): every trace
+would get the same answer, so they wait for the fix instead of filling scrub.dead. A trace the
+scrubber refuses for what it is (400, 413, ...: it can never be scrubbed as it is) is
+dead-lettered, not passed.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from pipeline import metrics
 from pipeline.config import Config
 from pipeline.errors import RecordError
 from pipeline.retry import RetryPolicy
-from pipeline.scrubber import ScrubberClient, ScrubberError, bypass_record
+from pipeline.scrubber import ScrubberClient, ScrubberError, ScrubberRejected, bypass_record
 
 STAGE = "scrub"
 # fail closed: a trace waits for the scrubber as long as it takes (a year bounds the arithmetic)
 HOLD_FOREVER_S = 365 * 24 * 3600.0
+# refusals about our credentials or address rather than the record: hold, do not dead-letter
+CONFIG_REFUSALS = frozenset({401, 403, 404})
 log = logging.getLogger(__name__)
 
 
@@ -54,11 +59,16 @@ def build(config: Config, **app_overrides: object) -> faust.App:
                 scrubbed = await client.scrub_trace(record)
             except ScrubberError as exc:
                 metrics.SCRUBBER_LATENCY.labels("error").observe(time.perf_counter() - started)
-                if not exc.retriable:
+                misconfigured = isinstance(exc, ScrubberRejected) and exc.status_code in CONFIG_REFUSALS
+                if not (exc.retriable or misconfigured):
                     raise RecordError(f"scrubber_{type(exc).__name__}", str(exc)) from None
                 delay = policy.delay(attempt, exc.retry_after)
-                log.warning("scrubber unavailable (%s); holding trace %s, retry %d in %.1fs",
-                            exc, record.get("trace_id"), attempt, delay)
+                if misconfigured:
+                    log.error("scrubber refuses us (%s): check SCRUBBER_API_KEY and scrubberUrl; holding trace "
+                              "%s, retry %d in %.1fs", exc, record.get("trace_id"), attempt, delay)
+                else:
+                    log.warning("scrubber unavailable (%s); holding trace %s, retry %d in %.1fs",
+                                exc, record.get("trace_id"), attempt, delay)
                 await asyncio.sleep(delay)
                 continue
             metrics.SCRUBBER_LATENCY.labels("ok").observe(time.perf_counter() - started)

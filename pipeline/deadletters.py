@@ -50,7 +50,9 @@ async def read(bootstrap: str, topic: str | None = None, *, group: str | None = 
         for tp in tps:
             committed = await consumer.committed(tp) if group else None
             consumer.seek(tp, committed or 0)
-        while any(await consumer.position(tp) < ends[tp] for tp in tps):
+        # a list, not a generator: `await` inside a generator expression makes it an async
+        # generator, which any() cannot iterate
+        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
             for tp, msgs in (await consumer.getmany(timeout_ms=1000)).items():
                 for m in msgs:
                     try:

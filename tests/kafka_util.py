@@ -7,9 +7,11 @@ import json
 import time
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import GroupCoordinatorNotAvailableError
+
+from pipeline.admin import topic_partitions
 
 
 async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
@@ -29,13 +31,12 @@ async def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 6
                                 enable_auto_commit=False, group_id=None)
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
+        parts = await topic_partitions(consumer, [topic])
         deadline = time.monotonic() + 10
-        while not parts and time.monotonic() < deadline:
+        while not parts and time.monotonic() < deadline:  # a topic the test's stage creates itself
             await asyncio.sleep(0.2)
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        consumer.assign([TopicPartition(topic, p) for p in parts])
+            parts = await topic_partitions(consumer, [topic])
+        consumer.assign(parts)
         await consumer.seek_to_beginning()
         out: list[Any] = []
         deadline = time.monotonic() + timeout_s
@@ -62,3 +63,14 @@ async def committed(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
         return {}  # the offsets topic is created on first use; nothing is committed yet
     finally:
         await admin.close()
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        tps = await topic_partitions(consumer, [topic])
+        consumer.assign(tps)
+        return {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
+    finally:
+        await consumer.stop()

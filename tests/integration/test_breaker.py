@@ -1,9 +1,8 @@
 """The circuit breaker on the real broker, every stage its own process (issue 5).
 
-The stack runs scrub -> sign -> breaker -> deliver against the stub panel and scrubber; the
-tests write `trace.sampled/1` records (built from tests/factory.py snapshots by the same code
-the sample stage uses) straight to traces.sampled, so what they exercise is the delivery half
-and two fewer processes compete for the CPU. Durations are shortened through the config file
+The stack runs sample -> scrub -> sign -> breaker -> deliver against the stub panel and
+scrubber; tests produce tests/factory.py snapshots (with seeded secrets) to sessions.idle, as
+the ingest stage would. Durations are shortened through the config file
 (`StackSettings.extra_toml`), so each test takes seconds, not the production minutes.
 
 The helpers here are shared by test_scrubber_outage.py and test_dead_letters.py.
@@ -14,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -23,24 +23,27 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from aiokafka.partitioner import murmur2
 
 from pipeline.kafka_local import LocalBroker
 from pipeline.local_stack import PipelineProcess, Stack, StackSettings, wait_for
-from pipeline.records import encode, validate_for_topic
-from pipeline.sampling.base import Decision
+from pipeline.records import encode
 from pipeline.topics import STAGES
-from pipeline.trace import sampled_trace
+from pipeline.trace import trace_id
 from tests.factory import snapshot
 from tests.kafka_util import committed, produce
 
 pytestmark = pytest.mark.integration
 
-DELIVERY_STAGES = ("scrub", "sign", "breaker", "deliver")
+DELIVERY_STAGES = ("sample", "scrub", "sign", "breaker", "deliver")
 BREAKER_GROUP = STAGES["breaker"].app_id
 # Short enough for a test, long enough that a loaded 2-core machine still opens the breaker
 # from one burst of retries: three failures within the window open it for open_s.
 FAST_TOML = """
 [breaker]
+failure_threshold = {threshold}
 failure_window_s = 10
 open_s = {open_s}
 mode = "{mode}"
@@ -58,13 +61,13 @@ WAIT_S = 90  # generous: other test runs share the two cores
 # ---------------------------------------------------------------- helpers (shared)
 
 
-def fast_toml(*, open_s: float = 6, mode: str = "hold", extra: str = "") -> str:
-    return FAST_TOML.format(open_s=open_s, mode=mode) + extra
+def fast_toml(*, open_s: float = 6, mode: str = "hold", threshold: int = 3, extra: str = "") -> str:
+    return FAST_TOML.format(open_s=open_s, mode=mode, threshold=threshold) + extra
 
 
-def delivery_stack(kafka: LocalBroker, workdir: Path, extra_toml: str, **kw: Any) -> Stack:
-    return Stack(StackSettings(bootstrap=kafka.bootstrap, workdir=workdir, stages=DELIVERY_STAGES,
-                               extra_toml=extra_toml, **kw))
+def delivery_stack(kafka: LocalBroker, workdir: Path, extra_toml: str,
+                   stages: tuple[str, ...] = DELIVERY_STAGES) -> Stack:
+    return Stack(StackSettings(bootstrap=kafka.bootstrap, workdir=workdir, stages=stages, extra_toml=extra_toml))
 
 
 def unique_host(prefix: str) -> str:
@@ -73,22 +76,25 @@ def unique_host(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def sampled(host: str, indices: Iterable[int], **kw: Any) -> list[dict[str, Any]]:
-    """What the sample stage writes for forwarded factory snapshots (with seeded secrets)."""
-    decision = Decision(forward=True, reason="sample", rate=1.0)
-    records = []
-    for i in indices:
-        record = sampled_trace(snapshot(i, host=host, with_secrets=True, **kw), decision, 25,
-                               int(time.time() * 1000))
-        validate_for_topic("traces.sampled", record)
-        records.append(record)
-    return records
+def snapshots(host: str, indices: Iterable[int], **kw: Any) -> list[dict[str, Any]]:
+    return [snapshot(i, host=host, with_secrets=True, **kw) for i in indices]
 
 
-def send_sampled(bootstrap: str, records: Sequence[dict[str, Any]]) -> set[str]:
-    asyncio.run(produce(bootstrap, "traces.sampled",
-                        [(f"{r['host']}:{r['session_id']}".encode(), encode(r)) for r in records]))
-    return {r["trace_id"] for r in records}
+def expected_trace_id(snap: dict[str, Any]) -> str:
+    """The id the sample stage gives the snapshot's trace (host, session, last message)."""
+    return trace_id(snap["host"], snap["session_id"], snap["messages"][-1]["info"]["id"])
+
+
+def send_snapshots(bootstrap: str, snaps: Sequence[dict[str, Any]]) -> set[str]:
+    """Produce to sessions.idle as the ingest stage does; the trace ids the sampler will give them
+    (sampling_rate 1.0 forwards every one)."""
+    asyncio.run(produce(bootstrap, "sessions.idle",
+                        [(f"{s['host']}:{s['session_id']}".encode(), encode(s)) for s in snaps]))
+    return {expected_trace_id(s) for s in snaps}
+
+
+def sampled_ids(bootstrap: str, host: str) -> set[str]:
+    return {r["trace_id"] for r in read_values(bootstrap, "traces.sampled") if r["host"] == host}
 
 
 async def _consumer(bootstrap: str, topic: str) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
@@ -214,14 +220,14 @@ def test_hold_opens_holds_in_the_topic_and_delivers_everything_after_recovery(ka
                                                                               tmp_path: Path) -> None:
     stack = delivery_stack(kafka, tmp_path, fast_toml(open_s=OPEN_S, mode="hold"))
     host = unique_host("hold")
-    first, held = sampled(host, range(0, 3)), sampled(host, range(3, 7))
+    first, held = snapshots(host, range(0, 3)), snapshots(host, range(3, 7))
     with stack.start():
         # The panel fails until this test says otherwise, so the hold outlasts the refresh bound.
         stack.panel_faults(fail_for_s=600, status=503)
-        first_ids = send_sampled(kafka.bootstrap, first)
+        first_ids = send_snapshots(kafka.bootstrap, first)
         wait_for(lambda: ("closed", "open") in transitions(stack), WAIT_S, interval_s=0.5,
                  what="the breaker to open")
-        held_ids = send_sampled(kafka.bootstrap, held)
+        held_ids = send_snapshots(kafka.bootstrap, held)
 
         def held_outcome() -> dict[str, Any] | None:
             return next((o for o in outcomes(stack) if o["status"] == "held" and o["trace_id"] in held_ids), None)
@@ -249,13 +255,12 @@ def test_hold_opens_holds_in_the_topic_and_delivers_everything_after_recovery(ka
         all_outcomes = outcomes(stack)
         signed = {json.loads(m.value)["trace_id"]: json.loads(m.value)
                   for m in read_topic(kafka.bootstrap, "traces.signed")}
-        sampled_ids = {json.loads(m.value)["trace_id"] for m in read_topic(kafka.bootstrap, "traces.sampled")
-                       if json.loads(m.value)["host"] == host}
+        forwarded = sampled_ids(kafka.bootstrap, host)
         stats = stack.panel_stats()
         panel_requests = request_times(stack)
 
-    assert sampled_ids == first_ids | held_ids
-    assert set(accepted) == sampled_ids, "every forwarded trace is accepted, none invented"
+    assert forwarded == first_ids | held_ids
+    assert set(accepted) == forwarded, "every forwarded trace is accepted, none invented"
     assert stats["refused"] == 0, stats  # only fault answers, never a contract refusal
     seq = [(o["detail"]["from"], o["detail"]["to"]) for o in all_outcomes if o["status"] == "transition"]
     assert seq[0] == ("closed", "open"), seq
@@ -273,3 +278,121 @@ def test_hold_opens_holds_in_the_topic_and_delivers_everything_after_recovery(ka
         minted = jwt_claims(signed[tid]["attestation"])
         assert accepted[tid]["attestation_jti"] != minted["jti"], f"{tid}: held trace kept its old attestation"
         assert accepted[tid]["last_at"] - minted["iat"] >= REFRESH_S
+
+
+def test_drop_mode_records_circuit_open_and_delivers_nothing_that_arrived_while_open(kafka: LocalBroker,
+                                                                                     tmp_path: Path) -> None:
+    # open long enough that the dropped batch surely reaches the breaker inside the period
+    stack = delivery_stack(kafka, tmp_path, fast_toml(open_s=12, mode="drop"))
+    host = unique_host("drop")
+    first, dropped, after = snapshots(host, range(0, 3)), snapshots(host, range(3, 6)), snapshots(host, range(6, 8))
+    with stack.start():
+        stack.panel_faults(fail_for_s=600, status=503)
+        first_ids = send_snapshots(kafka.bootstrap, first)
+        wait_for(lambda: ("closed", "open") in transitions(stack), WAIT_S, interval_s=0.5,
+                 what="the breaker to open")
+        dropped_ids = send_snapshots(kafka.bootstrap, dropped)
+
+        def circuit_open() -> set[str]:
+            return {o["trace_id"] for o in outcomes(stack) if o["status"] == "circuit_open"}
+
+        wait_for(lambda: dropped_ids <= circuit_open(), WAIT_S, interval_s=0.5,
+                 what="circuit_open outcomes for the traces that arrived while open")
+        stack.panel_faults(fail_for_s=0)
+        wait_for(lambda: ("half_open", "closed") in transitions(stack), WAIT_S, interval_s=0.5,
+                 what="the breaker to close")
+        after_ids = send_snapshots(kafka.bootstrap, after)  # closed again: these pass
+        wait_accepted(stack, first_ids | after_ids)
+        # dropped, not held: the breaker group moves past them
+        wait_for(lambda: not any(lag(kafka.bootstrap, BREAKER_GROUP, "traces.signed").values()), WAIT_S,
+                 what="the breaker group to commit past the dropped traces")
+        outbox = {json.loads(m.value)["trace_id"] for m in read_topic(kafka.bootstrap, "traces.outbox")}
+        all_outcomes = outcomes(stack)
+        accepted = accepted_ids(stack)
+
+    assert not dropped_ids & accepted, "a trace dropped while open reached the panel"
+    assert not dropped_ids & outbox, "a trace dropped while open went on to traces.outbox"
+    assert accepted == first_ids | after_ids
+    dropped_outcomes = [o for o in all_outcomes if o["status"] == "circuit_open"]
+    assert sorted(o["trace_id"] for o in dropped_outcomes) == sorted(dropped_ids), "one record per dropped trace"
+    assert all(o["stage"] == "breaker" and o["detail"]["reason"] == "open" for o in dropped_outcomes)
+    assert not [o for o in all_outcomes if o["status"] == "held" and o["stage"] == "breaker"]
+
+
+async def _breaker_assignments(bootstrap: str) -> list[set[int]]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        [response] = await admin.describe_consumer_groups([BREAKER_GROUP])
+    finally:
+        await admin.close()
+    _, _, state, _, _, members = response.groups[0]
+    if state != "Stable":
+        return []
+    out = []
+    for member in members:
+        assignment = ConsumerProtocolMemberAssignment.decode(member[4]) if member[4] else None
+        parts = {p for topic, ps in (assignment.assignment if assignment else []) if topic == "traces.signed"
+                 for p in ps}
+        out.append(parts)
+    return out
+
+
+def covering_partitions(host: str, start: int, partitions: int) -> list[dict[str, Any]]:
+    """Snapshots from index `start` on until every traces.signed partition gets one (the sign
+    stage keys traces by trace_id; faust's producer partitions keys as Kafka's default does)."""
+    chosen, seen, i = [], set(), start
+    while len(seen) < partitions:
+        snap = snapshot(i, host=host, with_secrets=True)
+        part = (murmur2(expected_trace_id(snap).encode()) & 0x7FFFFFFF) % partitions
+        if part not in seen:
+            seen.add(part)
+            chosen.append(snap)
+        i += 1
+    return chosen
+
+
+def test_two_breaker_replicas_agree_and_lose_nothing(kafka: LocalBroker, tmp_path: Path) -> None:
+    stack = delivery_stack(kafka, tmp_path, fast_toml(open_s=8, mode="hold"))
+    host = unique_host("two")
+    partitions = stack.s.partitions
+    first = snapshots(host, range(0, 3))
+    held = covering_partitions(host, 100, partitions)
+    with stack.start():
+        second = extra_worker(stack, "breaker", "breaker-2")
+        replicas = [stack.procs["breaker"], second]
+
+        def split_between_two() -> bool:
+            parts = asyncio.run(_breaker_assignments(kafka.bootstrap))
+            return len(parts) == 2 and all(parts) and set().union(*parts) == set(range(partitions))
+
+        wait_for(split_between_two, WAIT_S, interval_s=1, what="two breaker replicas sharing traces.signed")
+        stack.panel_faults(fail_for_s=600, status=503)
+        first_ids = send_snapshots(kafka.bootstrap, first)
+        wait_for(lambda: ("closed", "open") in transitions(stack), WAIT_S, interval_s=0.5,
+                 what="the breaker to open")
+        held_ids = send_snapshots(kafka.bootstrap, held)
+        # every partition has a held trace, so each replica holds one of its own
+        wait_for(lambda: all(re.search(r"open: holding trace", p.log()) for p in replicas), WAIT_S,
+                 interval_s=0.5, what="both replicas to hold a trace")
+        stack.panel_faults(fail_for_s=0)
+        wait_accepted(stack, first_ids | held_ids)
+        wait_for(lambda: not any(lag(kafka.bootstrap, BREAKER_GROUP, "traces.signed").values()), WAIT_S,
+                 what="the breaker group to commit everything")
+        all_outcomes = outcomes(stack)
+        forwarded = sampled_ids(kafka.bootstrap, host)
+        logs = [p.log() for p in replicas]
+
+    assert forwarded == first_ids | held_ids
+    # Both replicas built the same state from delivery.outcomes: each logged the opening, and
+    # each wrote the transition with the same deterministic id, so readers can dedupe it.
+    for log in logs:
+        assert re.search(r"breaker \S+: closed -> open", log), log[-2000:]
+        assert re.search(r"breaker \S+: half_open -> closed", log), log[-2000:]
+    opened = [o for o in all_outcomes if o["status"] == "transition" and o["detail"]["to"] == "open"
+              and o["detail"]["from"] == "closed"]
+    assert len(opened) == 2 and len({o["outcome_id"] for o in opened}) == 1, opened
+    held_by_breaker = {o["trace_id"] for o in all_outcomes if o["status"] == "held" and o["stage"] == "breaker"}
+    assert held_by_breaker <= held_ids
+    delivered = {o["trace_id"] for o in all_outcomes if o["status"] == "delivered"}
+    assert delivered == forwarded

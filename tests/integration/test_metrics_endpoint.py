@@ -18,7 +18,7 @@ from pipeline.records import encode
 from pipeline.topics import STAGES, TOPICS, partitions_of
 from tests.kafka_util import produce
 from tests.procs import PipelineProcess, wait_for
-from tests.unit.test_metrics_doc import DOCS_TABLE, parse_metrics_table
+from tests.unit.test_metrics_doc import README, parse_metrics_table
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,7 @@ def worker(kafka, kafka_env, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def test_worker_serves_every_documented_metric(worker: Scraper) -> None:
-    documented = parse_metrics_table(DOCS_TABLE.read_text(encoding="utf-8"), "docs/metrics.md")
+    documented = parse_metrics_table(README.read_text(encoding="utf-8"), "README.md")
 
     def counted() -> bool:
         ins = [v for labels, v in worker.samples("pipeline_records_in_total") if labels == {"stage": STAGE}]
