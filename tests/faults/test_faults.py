@@ -524,11 +524,14 @@ def test_collector_kill9_while_turns_end(tmp_path: Path, capsys: pytest.CaptureF
 
                 driver = threading.Thread(target=run_before, name="drive-before", daemon=True)
                 driver.start()
-                # turns are ending and reaching the panel: kill the collector in the middle of it
-                wait_for(lambda: len(stack.panel_accepted()) >= 2, 180, interval_s=0.25,
-                         what="the first turns delivered")
-                at_kill = ended[0]
+                # turns are ending: kill the collector in the middle of it
                 total_before = sum(len(p) for _, p in WORKLOAD_BEFORE)
+                try:
+                    wait_for(lambda: ended[0] >= 3 or failure, 180, interval_s=0.1, what="the first turns ended")
+                except TimeoutError as exc:
+                    pytest.fail(f"{exc}: {failure}\n{stack.logs_tail(2500)}")
+                at_kill = ended[0]
+                assert not failure, failure
                 assert at_kill < total_before, "the workload ended before the kill: not mid-stream"
                 stack.procs["collector"].kill9()
                 driver.join(240)

@@ -118,10 +118,12 @@ def _nest(leaf: Any, depth: int, as_list: bool) -> Any:
 
 # Nesting well past anything real but far from the recursion limit (that is tested apart).
 deep_values = st.builds(_nest, json_leaves, st.integers(20, 200), st.booleans())
+json_keys = st.one_of(st.sampled_from(["id", "type", "sessionID", "info", "parts", "role", "text", "", "x"]),
+                      texts(8))
 json_values = st.recursive(
     st.one_of(json_leaves, medium_text),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts(8), inner, max_size=4),
-    max_leaves=10,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(json_keys, inner, max_size=3),
+    max_leaves=5,
 ) | deep_values
 wrong_value = st.one_of(json_values, huge_text, st.just(MISSING))
 

@@ -28,7 +28,7 @@ from pipeline.sampling import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
 SITE = "pk_test_thirdparty"
 
 

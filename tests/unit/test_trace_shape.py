@@ -15,7 +15,7 @@ from pipeline.sampling import Decision, session_tokens
 from pipeline.trace import panel_messages, sampled_trace, trace_id
 
 ROOT = Path(__file__).resolve().parents[2]
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
 SCHEMA = json.loads((ROOT / "schemas" / "trace-sampled.v1.json").read_text())
 VALIDATOR = Draft202012Validator(SCHEMA)
 
