@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import os
 import platform
 import subprocess
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -258,48 +259,63 @@ async def committed_total(bootstrap: str, group: str, topic: str) -> int:
 
 @dataclass
 class Progress:
-    """How a topic's record count grew from `base` to `base + target` while a process worked."""
+    """How a topic's record count grew past `base` while a process worked: when it was first
+    seen to grow, and when it was first seen at or past each mark (cumulative counts)."""
 
-    target: int
+    marks: list[int]
     started: float  # when the process was started (monotonic)
     first_at: float | None = None  # first poll that saw output
     first_n: int = 0  # outputs already there at that poll
-    done_at: float | None = None
-    done_n: int = 0
-    samples: int = 0
+    crossed: list[tuple[float, int]] = field(default_factory=list)  # (when, count) per mark reached
+
+    @property
+    def done_at(self) -> float | None:
+        return self.crossed[-1][0] if len(self.crossed) == len(self.marks) else None
+
+    def rates(self) -> list[float | None]:
+        """Records/s per phase: phase 0 from the first poll that saw output to the poll that saw
+        the first mark (start-up, group join and the first fetch left out, as for every row),
+        each later phase from one mark's poll to the next."""
+        out: list[float | None] = []
+        prev: tuple[float | None, int] = (self.first_at, self.first_n)
+        for when, n in self.crossed:
+            t0, n0 = prev
+            out.append((n - n0) / (when - t0) if t0 is not None and when > t0 else None)
+            prev = (when, n)
+        return out
+
+    def seconds(self) -> list[float]:
+        times = [self.first_at or 0.0] + [t for t, _ in self.crossed]
+        return [b - a for a, b in itertools.pairwise(times)]
 
     @property
     def rate(self) -> float | None:
-        """Steady records/s: from the first poll that saw output to the one that saw all of it
-        (start-up, group join and the first fetch are left out, as they are for every row)."""
-        if self.first_at is None or self.done_at is None or self.done_at <= self.first_at:
-            return None
-        return (self.done_n - self.first_n) / (self.done_at - self.first_at)
+        return self.rates()[0] if self.crossed else None
 
     @property
     def startup_s(self) -> float | None:
         return None if self.first_at is None else self.first_at - self.started
 
 
-async def watch(bootstrap: str, topic: str, base: int, target: int, started: float, timeout_s: float,
+async def watch(bootstrap: str, topic: str, base: int, marks: int | list[int], started: float, timeout_s: float,
                 alive: Callable[[], bool] = lambda: True, interval_s: float = 0.05) -> Progress:
-    """Poll `topic`'s end offsets until `target` records were added past `base`."""
-    progress = Progress(target=target, started=started)
+    """Poll `topic`'s end offsets until the last mark of records were added past `base`."""
+    progress = Progress(marks=[marks] if isinstance(marks, int) else list(marks), started=started)
     async with EndOffsets(bootstrap) as ends:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             n = await ends.count(topic) - base
             now = time.monotonic()
-            progress.samples += 1
             if n > 0 and progress.first_at is None:
                 progress.first_at, progress.first_n = now, n
-            if n >= target:
-                progress.done_at, progress.done_n = now, n
+            while len(progress.crossed) < len(progress.marks) and n >= progress.marks[len(progress.crossed)]:
+                progress.crossed.append((now, n))
+            if progress.done_at is not None:
                 return progress
             if not alive():
-                raise RuntimeError(f"the process writing {topic} exited with {n}/{target} records written")
+                raise RuntimeError(f"the process writing {topic} exited with {n}/{progress.marks[-1]} written")
             await asyncio.sleep(interval_s)
-    raise TimeoutError(f"{topic}: fewer than {target} records after {timeout_s:.0f}s")
+    raise TimeoutError(f"{topic}: fewer than {progress.marks[-1]} records after {timeout_s:.0f}s")
 
 
 # ---------------------------------------------------------------- the ceiling: raw aiokafka pass-through
@@ -356,17 +372,21 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None
 
 @dataclass
 class Measured:
-    rate: float
+    rates: list[float]  # records/s per phase (one phase unless marks were given)
     startup_s: float
     n: int
     load: str
-    seconds: float
-    attempts: int
+    seconds: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.rates[0]
 
 
 async def measure_ceiling(bootstrap: str, src: str, n: int, tag: str, logdir: Path,
-                          timeout_s: float = 120.0) -> Measured:
-    """Run the raw pass-through over the `n` records of `src` into a fresh topic; its rate."""
+                          timeout_s: float = 120.0, marks: list[int] | None = None) -> Measured:
+    """Run the raw pass-through over the first `n` records of `src` into a fresh topic; its
+    rate (per phase, when `marks` splits the records into phases)."""
     dst = f"bench.ceiling.{tag}"
     await create_topics(bootstrap, [dst])
     async with EndOffsets(bootstrap) as ends:
@@ -375,11 +395,12 @@ async def measure_ceiling(bootstrap: str, src: str, n: int, tag: str, logdir: Pa
     started = time.monotonic()
     proc = start_raw_passthrough(bootstrap, src, dst, f"bench-ceiling-{tag}", n, logdir / f"ceiling-{tag}.log")
     try:
-        progress = await watch(bootstrap, dst, base, n, started, timeout_s, alive=lambda: proc.poll() is None)
+        progress = await watch(bootstrap, dst, base, marks or [n], started, timeout_s,
+                               alive=lambda: proc.poll() is None)
     finally:
         stop_process(proc)
-    rate = progress.rate
-    if rate is None:
+    rates = progress.rates()
+    if any(r is None for r in rates):
         raise RuntimeError(f"ceiling {tag}: too fast to measure with {n} records")
-    return Measured(rate=rate, startup_s=progress.startup_s or 0.0, n=n, load=f"{load_before} -> {loadavg()}",
-                    seconds=(progress.done_at or 0) - (progress.first_at or 0), attempts=1)
+    return Measured(rates=[r for r in rates if r is not None], startup_s=progress.startup_s or 0.0, n=n,
+                    load=f"{load_before} -> {loadavg()}", seconds=progress.seconds())

@@ -207,7 +207,9 @@ class Demo:
                 pass
             finally:
                 stop.set()
-                await asyncio.wait([driver], timeout=30)
+                _, pending = await asyncio.wait([driver], timeout=30)
+                for task in pending:  # a turn stuck in a daemon must not hold the demo open
+                    task.cancel()
                 self.console.print("workload stopped; waiting for the pipeline to drain ...")
                 await self.drain(stack, bootstrap, live, watched, stages)
 
@@ -219,7 +221,7 @@ class Demo:
             self.last_lag = await collect_lag(bootstrap, stages, previous=self.last_lag)
             live.update(self.view(stack, counts, self.last_lag))
             summary = await self.account(stack, bootstrap)
-            if summary["unexplained"] == 0 and summary["forwarded"] > 0:
+            if summary["unexplained"] == 0 and (summary["forwarded"] > 0 or self.progress.turns == 0):
                 return
             await asyncio.sleep(2.0)
 
@@ -232,12 +234,17 @@ class Demo:
                 dead[d.get("key") or d["dead_id"]] = d.get("reason")
         dead_traces = {tid for tid in forwarded if tid in dead}
         unexplained = forwarded - accepted - dead_traces
+        outcomes: Counter[str] = Counter()
+        for o in await read_values(bootstrap, "delivery.outcomes"):
+            outcomes[o["status"] if o["status"] != "transition" else f"breaker->{o['detail'].get('to')}"] += 1
         return {"forwarded": len(forwarded), "delivered": len(forwarded & accepted),
                 "dead_lettered": len(dead_traces), "dead_letters_total": len(dead),
-                "unexplained": len(unexplained), "unexplained_ids": sorted(unexplained)[:10]}
+                "unexplained": len(unexplained), "unexplained_ids": sorted(unexplained)[:10],
+                "outcomes": dict(outcomes)}
 
     def run(self) -> int:
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the view
+        for noisy in ("httpx", "aiokafka"):  # a line per request or metadata refresh drowns the view
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         broker = LocalBroker("127.0.0.1", free_port(), free_port(), self.workdir / "kafka", self.config.cache_dir,
                              version=self.config.kafka.version)
         model = ModelStub()
@@ -286,6 +293,8 @@ class Demo:
         t.add_row("delivered to the panel", str(summary["delivered"]))
         t.add_row("dead-lettered (with a reason)", str(summary["dead_lettered"]))
         t.add_row("unexplained losses", str(summary["unexplained"]))
+        for status, n in sorted(summary["outcomes"].items()):
+            t.add_row(f"outcome records: {status}", str(n))
         return t
 
 

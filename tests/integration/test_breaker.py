@@ -119,19 +119,19 @@ STAGE_GROUPS = [(STAGES[s].app_id, STAGES[s].input) for s in DELIVERY_STAGES]
 
 
 @contextlib.contextmanager
-def running(stack: Stack) -> Iterator[Stack]:
+def running(stack: Stack, extra_groups: Sequence[tuple[str, str]] = ()) -> Iterator[Stack]:
     """The stack started past anything earlier tests left, and nothing of this one left to later
     tests (its stub panel is gone with it) when it stops."""
+    groups = [*STAGE_GROUPS, *extra_groups]
     asyncio.run(create_topics(stack.s.bootstrap, stack.s.partitions, 1))
-    skip_leftovers(stack.s.bootstrap, STAGE_GROUPS, timeout_s=WAIT_S)
+    skip_leftovers(stack.s.bootstrap, groups, timeout_s=WAIT_S)
     try:
-        with running(stack):
+        with stack.start():
             yield stack
     finally:
-        try:
-            skip_leftovers(stack.s.bootstrap, STAGE_GROUPS, timeout_s=30)
-        except TimeoutError:  # best effort: the test's own outcome is what gets reported
-            pass
+        # best effort: the test's own outcome is what gets reported
+        with contextlib.suppress(TimeoutError):
+            skip_leftovers(stack.s.bootstrap, groups, timeout_s=30)
 
 
 def snapshots(host: str, indices: Iterable[int], **kw: Any) -> list[dict[str, Any]]:
@@ -153,6 +153,18 @@ def send_snapshots(bootstrap: str, snaps: Sequence[dict[str, Any]]) -> set[str]:
 
 def sampled_ids(bootstrap: str, host: str) -> set[str]:
     return {r["trace_id"] for r in read_values(bootstrap, "traces.sampled") if r["host"] == host}
+
+
+def forward(stack: Stack, snaps: Sequence[dict[str, Any]]) -> set[str]:
+    """Produce the snapshots and wait until the sampler forwarded every one of them."""
+    ids = send_snapshots(stack.s.bootstrap, snaps)
+    host = snaps[0]["host"]
+    try:
+        wait_for(lambda: ids <= sampled_ids(stack.s.bootstrap, host), WAIT_S, interval_s=0.5,
+                 what=f"{len(ids)} traces on traces.sampled")
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}: the sample stage did not forward them\n{stack.procs['sample'].log()[-3000:]}")
+    return ids
 
 
 async def _consumer(bootstrap: str, topic: str) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
@@ -282,10 +294,10 @@ def test_hold_opens_holds_in_the_topic_and_delivers_everything_after_recovery(ka
     with running(stack):
         # The panel fails until this test says otherwise, so the hold outlasts the refresh bound.
         stack.panel_faults(fail_for_s=600, status=503)
-        first_ids = send_snapshots(kafka.bootstrap, first)
+        first_ids = forward(stack, first)
         wait_for(lambda: ("closed", "open") in transitions(stack), WAIT_S, interval_s=0.5,
                  what="the breaker to open")
-        held_ids = send_snapshots(kafka.bootstrap, held)
+        held_ids = forward(stack, held)
 
         def held_outcome() -> dict[str, Any] | None:
             return next((o for o in outcomes(stack) if o["status"] == "held" and o["trace_id"] in held_ids), None)
@@ -346,10 +358,10 @@ def test_drop_mode_records_circuit_open_and_delivers_nothing_that_arrived_while_
     first, dropped, after = snapshots(host, range(0, 3)), snapshots(host, range(3, 6)), snapshots(host, range(6, 8))
     with running(stack):
         stack.panel_faults(fail_for_s=600, status=503)
-        first_ids = send_snapshots(kafka.bootstrap, first)
+        first_ids = forward(stack, first)
         wait_for(lambda: ("closed", "open") in transitions(stack), WAIT_S, interval_s=0.5,
                  what="the breaker to open")
-        dropped_ids = send_snapshots(kafka.bootstrap, dropped)
+        dropped_ids = forward(stack, dropped)
 
         def circuit_open() -> set[str]:
             return {o["trace_id"] for o in outcomes(stack) if o["status"] == "circuit_open"}
@@ -359,7 +371,7 @@ def test_drop_mode_records_circuit_open_and_delivers_nothing_that_arrived_while_
         stack.panel_faults(fail_for_s=0)
         wait_for(lambda: ("half_open", "closed") in transitions(stack), WAIT_S, interval_s=0.5,
                  what="the breaker to close")
-        after_ids = send_snapshots(kafka.bootstrap, after)  # closed again: these pass
+        after_ids = forward(stack, after)  # closed again: these pass
         wait_accepted(stack, first_ids | after_ids)
         # dropped, not held: the breaker group moves past them
         wait_for(lambda: not any(lag(kafka.bootstrap, BREAKER_GROUP, "traces.signed").values()), WAIT_S,
@@ -426,10 +438,10 @@ def test_two_breaker_replicas_agree_and_lose_nothing(kafka: LocalBroker, tmp_pat
 
         wait_for(split_between_two, WAIT_S, interval_s=1, what="two breaker replicas sharing traces.signed")
         stack.panel_faults(fail_for_s=600, status=503)
-        first_ids = send_snapshots(kafka.bootstrap, first)
+        first_ids = forward(stack, first)
         wait_for(lambda: ("closed", "open") in transitions(stack), WAIT_S, interval_s=0.5,
                  what="the breaker to open")
-        held_ids = send_snapshots(kafka.bootstrap, held)
+        held_ids = forward(stack, held)
         # every partition has a held trace, so each replica holds one of its own
         wait_for(lambda: all(re.search(r"open: holding trace", p.log()) for p in replicas), WAIT_S,
                  interval_s=0.5, what="both replicas to hold a trace")

@@ -55,6 +55,7 @@ FUZZ = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.filter_too_much])
 FUZZ_SMALL = settings(FUZZ, max_examples=100)
+FUZZ_TINY = settings(FUZZ, max_examples=75)  # each example is a whole session of several turns
 
 HOST, SITE = "h1", "pk_test_thirdparty"
 NOW = 1_795_236_913_836
@@ -396,7 +397,7 @@ def test_sse_parse_is_independent_of_chunking(data: st.DataObject, stream: bytes
     assert parser_state(chunked) == parser_state(whole)
 
 
-@FUZZ
+@FUZZ_SMALL
 @given(st.data(), st.lists(st.sampled_from(range(len(REFERENCE_LINES))), min_size=1, max_size=12),
        EOLS, st.booleans())
 def test_valid_frames_parse_identically_at_any_chunking(
@@ -616,7 +617,7 @@ def session_events(draw: st.DrawFn) -> list[dict[str, Any]]:
     return out
 
 
-@FUZZ_SMALL
+@FUZZ_TINY
 @given(session_events(), st.integers(1, 30))
 def test_apply_event_folds_wrong_sessions_into_valid_snapshots_or_record_errors(
         events: list[dict[str, Any]], max_messages: int) -> None:
@@ -686,7 +687,7 @@ def test_panel_messages_are_schema_valid_or_record_error(
     assert [m["idx"] for m in out] == list(range(len(out)))
 
 
-@FUZZ_SMALL
+@FUZZ_TINY
 @given(st.lists(st.tuples(message_listings(), session_infos), min_size=1, max_size=4).map(lambda t: t + t[:1]),
        st.sampled_from([0.0, 0.05, 1.0]), st.integers(1, 30))
 def test_sampler_decides_every_snapshot_and_the_trace_is_schema_valid_or_record_error(
