@@ -19,7 +19,7 @@ STAGE = "ingest"
 
 def build(config: Config, **app_overrides: object) -> faust.App:
     app = make_app(STAGE, config, **app_overrides)
-    table = app.Table("session-state", default=None,
+    table = app.Table("session-state", default=None, key_type=bytes,
                       schema=faust.Schema(key_serializer="raw", value_serializer="json"),
                       # written after the batch is on the broker, outside stream iteration: the
                       # key picks the changelog partition (same partitioner as the producers)

@@ -38,7 +38,7 @@ def build(config: Config, **app_overrides: object) -> faust.App:
                                 max_messages=config.max_messages,
                                 token_messages=config.sampler.novelty_window_tokens_messages)
     novelty = next(p for p in sampler.policies if isinstance(p, NoveltyPolicy))
-    decided = app.Table("decided-snapshots", default=None,
+    decided = app.Table("decided-snapshots", default=None, key_type=bytes,
                         schema=faust.Schema(key_serializer="raw", value_serializer="json"),
                       # written after the batch is on the broker, outside stream iteration: the
                       # key picks the changelog partition (same partitioner as the producers)

@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 
-from pipeline.admin import create_topics
+from pipeline.admin import create_topics, topic_partitions
 from pipeline.kafka_local import LocalBroker
 from pipeline.local_stack import PipelineProcess, Stack, StackSettings, wait_for
 from pipeline.records import encode
@@ -172,13 +172,7 @@ async def _consumer(bootstrap: str, topic: str) -> tuple[AIOKafkaConsumer, list[
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                 auto_offset_reset="earliest")
     await consumer.start()
-    parts = consumer.partitions_for_topic(topic) or set()
-    deadline = time.monotonic() + 10
-    while not parts and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic) or set()
-    return consumer, [TopicPartition(topic, p) for p in sorted(parts)]
+    return consumer, await topic_partitions(consumer, [topic])
 
 
 async def _read_to_end(bootstrap: str, topic: str) -> list[ConsumerRecord]:
@@ -335,6 +329,11 @@ def test_hold_opens_holds_in_the_topic_and_delivers_everything_after_recovery(ka
     seq = [(o["detail"]["from"], o["detail"]["to"]) for o in all_outcomes if o["status"] == "transition"]
     assert seq[0] == ("closed", "open"), seq
     assert seq[-2:] == [("open", "half_open"), ("half_open", "closed")], seq
+    # closed by a probe: the one delivery let through after the open period, not by whichever
+    # retry happened to come first
+    closing = [o for o in all_outcomes if o["status"] == "transition" and o["detail"]["to"] == "closed"][-1]
+    assert closing["detail"]["reason"] == "probe succeeded", closing
+    assert any(o["status"] == "probe" for o in all_outcomes), "no probe outcome"
     # Three failed attempts opened it, and nothing reached the panel while it was open: not the
     # held traces, nor retries of those already past the breaker (in-flight grace aside).
     opened_at = next(o["at"] for o in all_outcomes if o["status"] == "transition")
