@@ -96,7 +96,11 @@ def _url(allow_empty: bool) -> Check:
             return what
         if value == "" and allow_empty:
             return None
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on an out-of-range or malformed port
+        except ValueError:
+            return what
         return None if parts.scheme in ("http", "https") and parts.hostname else what
 
     return check
@@ -113,7 +117,8 @@ BOOL = _type_check(bool, "true or false")
 POS_INT = _range(1, None, int, "an integer >= 1")
 NONNEG_INT = _range(0, None, int, "an integer >= 0")
 PORT = _range(0, 65535, int, "a port number 0..65535")
-POS_FLOAT = _range(0.0, None, (int, float), "a number > 0")
+_NONNEG_FLOAT = _range(0.0, None, (int, float), "a number > 0")
+POS_FLOAT: Check = lambda v: _NONNEG_FLOAT(v) or (None if v > 0 and math.isfinite(v) else "a finite number > 0")  # noqa: E731
 UNIT = _range(0.0, 1.0, (int, float), "a number between 0 and 1")
 
 
@@ -178,7 +183,7 @@ SECTIONS: dict[str, dict[str, Field]] = {
         ("checkpoint_interval_s", 5.0, POS_FLOAT),
     ),
     "sampler": _fields(
-        ("num_perm", 128, POS_INT),
+        ("num_perm", 128, _range(16, 1024, int, "an integer between 16 and 1024")),
         ("novelty_window_tokens_messages", 8, POS_INT),
     ),
     "scrub": _fields(
@@ -329,7 +334,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
             raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {p}", "--config") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as exc:
             raise ConfigError(f"{p}: not valid TOML: {exc}", "--config") from None
         source = str(p)
     _apply_env(raw, env)
@@ -346,7 +351,10 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
             raw[top_by_env[name]] = value
         elif "__" in name:
             section, key = name[len("PIPELINE_") :].split("__", 1)
-            raw.setdefault(section.lower(), {})[key.lower()] = value
+            table = raw.setdefault(section.lower(), {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{name}: {section.lower()} is not a section in the config file", name)
+            table[key.lower()] = value
         else:
             raise ConfigError(f"unknown environment override {name}", name)
 
@@ -415,11 +423,29 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], source: str) -> Config:
     if env.get("PANEL_OPENCODE_DISABLED") == "1":
         top["enabled"] = False
     built = {name: Section(name, _validate(sections[name], fields, name)) for name, fields in SECTIONS.items()}
+    _cross_checks(built)
     hosts = _hosts(hosts_raw, top["site_key"])
     for w in warnings:
         log.warning(w)
     return Config(sampling_rate=rate, hosts=hosts, source=source, warnings=tuple(warnings), _env=env,
                   **top, **built)
+
+
+def _cross_checks(sections: Mapping[str, Section]) -> None:
+    """Rules between keys, so a stage never refuses at start what the loader accepted."""
+    for name in ("scrub", "delivery"):
+        sec = sections[name]
+        if sec.retry_max_s < sec.retry_base_s:
+            raise ConfigError(f"{name}.retry_max_s: expected >= {name}.retry_base_s ({sec.retry_base_s}), "
+                              f"got {sec.retry_max_s}", f"{name}.retry_max_s")
+    drop = sections["collector"].drop_event_types
+    if drop is not None:
+        from pipeline.envelope import EventFilter
+
+        try:
+            EventFilter.from_config(drop)
+        except ValueError as exc:
+            raise ConfigError(f"collector.drop_event_types: {exc}", "collector.drop_event_types") from None
 
 
 def _hosts(hosts_raw: Any, default_site: str) -> tuple[HostConfig, ...]:

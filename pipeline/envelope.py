@@ -273,7 +273,7 @@ def synthetic_event_id(host: str, session_id: str, trigger: str, messages: Seque
     dropped as a duplicate of the earlier, unsettled fetch.
     """
     material = "\x00".join([host, session_id, trigger, _last_message_marker(messages)])
-    return "evt_syn_" + hashlib.sha256(material.encode("utf-8")).hexdigest()[:32]
+    return "evt_syn_" + hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def turn_ended(

@@ -222,7 +222,7 @@ def snapshot_id(host: str, session_id: str, messages: Sequence[Mapping[str, Any]
         ])
     material = json.dumps([host, session_id, shape], sort_keys=True, separators=(",", ":"),
                           ensure_ascii=False, default=str)
-    return "snp_" + hashlib.sha256(material.encode("utf-8")).hexdigest()[:32]
+    return "snp_" + hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _turn_ended_at(messages: Sequence[Mapping[str, Any]], fallback: int) -> int:

@@ -25,7 +25,7 @@ def trace_id(host: str, session_id: str, last_message_id: str) -> str:
     """`tr_oc_<32 hex>` from the turn's identity, so a retry, a replay or a second
     `session.idle` for the same turn upserts the same panel trace instead of adding one."""
     material = json.dumps([host, session_id, last_message_id], ensure_ascii=False)
-    return TRACE_ID_PREFIX + hashlib.sha256(material.encode("utf-8")).hexdigest()[:32]
+    return TRACE_ID_PREFIX + hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def visible_text(part: Mapping[str, Any]) -> str | None:
@@ -78,7 +78,8 @@ def panel_messages(snapshot_messages: Sequence[Mapping[str, Any]], max_messages:
             raise RecordError("bad_messages", f"message {message_id!r} has no info.role")
         if not isinstance(message_id, str) or not message_id:
             raise RecordError("bad_messages", f"message at {idx} has no info.id")
-        sid = info.get("sessionID") if isinstance(info.get("sessionID"), str) else session_id
+        own = info.get("sessionID")
+        sid = own if isinstance(own, str) and 0 < len(own) <= 512 else session_id
         if not sid:
             raise RecordError("bad_messages", f"message {message_id} has no info.sessionID")
         parts = [p for p in message.get("parts") or [] if isinstance(p, Mapping)]

@@ -414,8 +414,8 @@ class OpencodeClient:
 def _decode_frame(data: str, invalid_utf8: bool) -> dict[str, Any] | MalformedFrame:
     try:
         parsed = json.loads(data)
-    except ValueError as exc:
-        return MalformedFrame("not-json", data, str(exc))
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        return MalformedFrame("not-json", data, str(exc)[:200])
     if invalid_utf8:
         return MalformedFrame("invalid-utf8", data, "frame bytes were not valid UTF-8", parsed)
     if not isinstance(parsed, dict):

@@ -110,6 +110,8 @@ class SSEParser:
         if a frame overflowed the bound; parsing resumes after that frame.
         """
         frames: list[SSEFrame] = []
+        if not chunk:  # nothing to read, and a pending CR must still pair with the next LF
+            return frames
         pos = 0
         if self._after_cr and chunk[:1] == b"\n":
             pos = 1

@@ -45,7 +45,7 @@ def effective_rate(rate: object, override: bool = False) -> RateSetting:
 
 def uniform(site_key: str, snapshot_id: str) -> float:
     """A number in [0, 1), uniform over snapshots and fixed for each one."""
-    digest = hashlib.sha256((site_key + snapshot_id).encode("utf-8")).digest()
+    digest = hashlib.sha256((site_key + snapshot_id).encode("utf-8", "surrogatepass")).digest()
     # 53 bits: every value is exactly representable, so the result is < 1.0 for certain.
     return (int.from_bytes(digest[:8], "big") >> 11) / float(1 << 53)
 

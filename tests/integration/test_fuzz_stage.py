@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from pipeline import admin
 from pipeline.envelope import normalise, turn_ended
@@ -43,7 +44,7 @@ from pipeline.kafka_local import LocalBroker
 from pipeline.local_stack import PipelineProcess
 from pipeline.records import decode, encode, original_bytes, validate
 from pipeline.snapshot import Emit, SessionState, apply_event
-from pipeline.topics import MAX_MESSAGE_BYTES
+from pipeline.topics import MAX_MESSAGE_BYTES, STAGES
 from tests.factory import messages
 
 pytestmark = pytest.mark.integration
@@ -236,6 +237,39 @@ async def collect(bootstrap: str, topic: str, keep: Callable[[bytes | None], boo
         await consumer.stop()
 
 
+async def commit_to_end(bootstrap: str, group: str, topic: str, timeout_s: float = 90.0) -> None:
+    """Move `group`'s committed offsets on `topic` to its end (the group must have no members;
+    retried until a stopped worker's membership has expired)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            parts = await admin.topic_partitions(consumer, [topic])
+            consumer.assign(parts)
+            ends = await consumer.end_offsets(parts)
+            await consumer.commit(dict(ends))
+            return
+        except KafkaError:
+            if time.monotonic() > deadline:
+                raise
+        finally:
+            await consumer.stop()
+        await asyncio.sleep(2.0)
+
+
+def release_shared_topics(bootstrap: str) -> None:
+    """Move every stage's group that reads a topic these tests write to past what they wrote.
+
+    The broker is shared with the rest of the session, and later tests run the passthrough
+    stage on opencode.events and the sample stage on sessions.idle, some counting what comes
+    out: they must see neither these records nor (after a crash) the poison ones. Called with
+    no worker running, so the groups have no members."""
+    for stage in STAGES.values():
+        if stage.input in ("opencode.events", "sessions.idle"):
+            asyncio.run(commit_to_end(bootstrap, stage.app_id, stage.input))
+
+
 def interleave(rng: random.Random, streams: list[list[Produced]]) -> list[Produced]:
     """A random merge that keeps each stream's own order (a session's events stay in order)."""
     pending = [list(s) for s in streams if s]
@@ -296,6 +330,7 @@ def test_ingest_worker_dead_letters_every_bad_record_and_snapshots_every_turn(
         assert worker.alive(), worker.log()[-4000:]
     finally:
         worker.stop()
+        release_shared_topics(bootstrap)
     log = worker.log()
     assert "unexpected error" not in log, log[-4000:]
 
@@ -338,43 +373,62 @@ def test_ingest_worker_dead_letters_every_bad_record_and_snapshots_every_turn(
                 assert have[field] == want[field], (key, field)
 
 
-@pytest.mark.parametrize("case", ["agent", "big"])
-def test_zz_experiment(kafka: LocalBroker, tmp_path: Path, case: str) -> None:
+# ---------------------------------------------------------------- pinned bugs (strict xfail)
+
+# Set to True once agents/base.py (and records.encode / dead_letter) are fixed; see the report.
+POISON_RECORDS_HANDLED = False
+
+
+def poison_records(host: str) -> list[Produced]:
+    """Records that pass decode and the reducer but fail after `process()`, in Sinks.send."""
+    sid = "ses_fzsurrogate"
+    listing = messages(sid, turns=1)
+    # a tool output cut in the middle of a surrogate pair, as a JS string slice can: hashed by
+    # nothing, so the snapshot is built and then cannot be encoded
+    listing[-1]["parts"][-1]["state"]["output"] = "emoji cut in half: \ud83d"
+    env = turn_ended(host=host, site_key="pk_test_thirdparty", session={"id": sid}, messages=listing,
+                     trigger="session.idle", received_at_ms=T0)
+    surrogate = Produced(f"{host}:{sid}".encode(), json.dumps(env, ensure_ascii=True).encode("ascii"))
+    # over decode's 8 MiB limit but under the topic's 10 MiB: its dead letter (base64) is not
+    big = _base_envelope(host, 1)
+    big["properties"]["pad"] = "z" * (9 * 1024 * 1024)
+    return [surrogate, Produced(f"{host}:big".encode(), encode(big))]
+
+
+@pytest.mark.xfail(not POISON_RECORDS_HANDLED, strict=True,
+                   reason="bug: an exception in Sinks.send (unencodable snapshot, dead letter over the topic's "
+                          "max size) crashes the faust agent; the worker stays up and stops consuming")
+def test_ingest_worker_survives_records_that_fail_on_send(kafka: LocalBroker, tmp_path: Path) -> None:
     bootstrap = kafka.bootstrap
     asyncio.run(admin.create_topics(bootstrap, 4, 1))
-    host = f"fx{uuid.uuid4().hex[:10]}"
-    recs = []
-    if case == "agent":
-        sid = "ses_agent"
-        msgs = messages(sid, turns=1)
-        msgs[-1]["info"]["agent"] = "\ud800"
-        env = turn_ended(host=host, site_key="pk", session={"id": sid}, messages=msgs, trigger="session.idle",
-                         received_at_ms=T0)
-        recs.append(Produced(f"{host}:{sid}".encode(), json.dumps(env, ensure_ascii=True).encode()))
-    else:
-        big = _base_envelope(host, 1)
-        big["properties"]["pad"] = "z" * (9 * 1024 * 1024)
-        recs.append(Produced(f"{host}:big".encode(), encode(big)))
-    for n in range(3):
-        sid = f"ses_after{n}"
-        env = turn_ended(host=host, site_key="pk", session={"id": sid}, messages=messages(sid, turns=1),
-                         trigger="session.idle", received_at_ms=T0)
-        recs.append(Produced(f"{host}:{sid}".encode(), encode(env)))
-    asyncio.run(produce(bootstrap, "opencode.events", recs))
-    env_ = {"PIPELINE_KAFKA__BOOTSTRAP": bootstrap, "PIPELINE_KAFKA__PARTITIONS": "4",
-            "PIPELINE_KAFKA__CACHE_DIR": str(tmp_path / "cache")}
-    worker = PipelineProcess(["worker", "ingest"], env_, tmp_path, "ingest").start()
+    host = f"fz{uuid.uuid4().hex[:10]}"
+    poison = poison_records(host)
+    after = []
+    for n in range(8):  # valid turns behind them, on every partition
+        sid = f"ses_fzafter{n}"
+        env = turn_ended(host=host, site_key="pk_test_thirdparty", session={"id": sid},
+                         messages=messages(sid, turns=1, seed=n), trigger="session.idle", received_at_ms=T0)
+        after.append(Produced(f"{host}:{sid}".encode(), encode(env)))
+    asyncio.run(produce(bootstrap, "opencode.events", poison + after))
+    env_vars = {"PIPELINE_KAFKA__BOOTSTRAP": bootstrap, "PIPELINE_KAFKA__PARTITIONS": "4",
+                "PIPELINE_KAFKA__CACHE_DIR": str(tmp_path / "cache")}
+    worker = PipelineProcess(["worker", "ingest"], env_vars, tmp_path, "ingest").start()
     mine = f"{host}:".encode()
     try:
-        dead = asyncio.run(collect(bootstrap, "ingest.dead", lambda k: bool(k and k.startswith(mine)), 1, 45))
-        idle = asyncio.run(collect(bootstrap, "sessions.idle", lambda k: bool(k and k.startswith(mine)), 3, 10))
-        alive = worker.alive()
+        # while the bug stands nothing comes and this waits out its timeout: kept short
+        idle = asyncio.run(collect(bootstrap, "sessions.idle", lambda k: bool(k and k.startswith(mine)),
+                                   len(after), 60))
+        dead = asyncio.run(collect(bootstrap, "ingest.dead", lambda k: bool(k and k.startswith(mine)), 1, 10))
+        assert worker.alive(), worker.log()[-3000:]
     finally:
         worker.stop()
-    print("ALIVE", case, alive)
-    for k, v in dead:
-        d = json.loads(v)
-        print("DEAD", case, k, d["reason"], d["error"][:200])
-    for k, v in idle:
-        print("IDLE", case, k, len(v))
-    Path(f"/tmp/exp_{case}.log").write_text(worker.log())
+        release_shared_topics(bootstrap)  # the poison records must not reach another test's worker
+    snapshots = {k for k, _ in idle}
+    assert {r.key for r in after} <= snapshots, f"turns after the poison records were not processed: {snapshots}"
+    letters = {k: json.loads(v) for k, v in dead}
+    for record in poison:  # each one handled: a snapshot, or a dead letter with its bytes and a real reason
+        if record.key in snapshots:
+            continue
+        assert record.key in letters, f"{record.key!r}: neither snapshot nor dead letter"
+        assert original_bytes(letters[record.key]) == record.value
+        assert letters[record.key]["reason"] != "internal_error"

@@ -21,13 +21,14 @@ import re
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, currently_in_test_context, given, settings
+from hypothesis import event as _event
 from hypothesis import strategies as st
 
 from pipeline import config as config_mod
@@ -39,15 +40,19 @@ from pipeline.sampling import NoveltyWindows, reference_sampler
 
 # ---------------------------------------------------------------- known bugs (see module doc)
 
-URL_PARSE_OK = False  # urlsplit's ValueError ("http://[::1", NFKC netlocs) escapes load as ValueError
-ENV_OVER_NON_TABLE_OK = False  # PIPELINE_<S>__<K> where the document's <s> is not a table: TypeError
-CONSUMERS_AGREE = False  # load accepts values the stages' settings then refuse with ValueError
+URL_PARSE_OK = True  # urlsplit's ValueError ("http://[::1", NFKC netlocs) escapes load as ValueError
+ENV_OVER_NON_TABLE_OK = True  # PIPELINE_<S>__<K> where the document's <s> is not a table: TypeError
+# keys whose error comes from a rule between keys (config._cross_checks), named even when defaulted
+CROSS_FIELD_KEYS = frozenset({"scrub.retry_max_s", "delivery.retry_max_s", "collector.drop_event_types"})
+CONSUMERS_AGREE = True  # load accepts values the stages' settings then refuse with ValueError
+HUGE_INT_OK = True  # tomllib's ValueError on a > 4300-digit integer escapes load
 
 REPO = Path(__file__).resolve().parents[2]
 FUZZ = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
 FUZZ_SMALL = settings(FUZZ, max_examples=100)
+FUZZ_TINY = settings(FUZZ, max_examples=60)
 URL_KEYS = {"panelUrl", "scrubberUrl", "base_url"}
 REQUIRED_LEAVES = {"name"}  # [[hosts]] entries must have a name
 SECRET_MARK = "pw-\u2603-"  # host passwords carry it, so a leak is recognisable
@@ -109,6 +114,11 @@ HOST_VALID = {k: _valid_values(f, k) for k, f in HOST.items() if k != "name"}
 TOP_NAMES = {*TOP_VALID, *SECTIONS, "hosts"}
 
 
+def pick(draw: st.DrawFn, items: Sequence[Any]) -> Any:
+    """One of `items` (a list built during the draw: cheaper than a sampled_from per call)."""
+    return items[draw(st.integers(0, len(items) - 1))]
+
+
 @st.composite
 def valid_tables(draw: st.DrawFn, fields: Mapping[str, st.SearchStrategy[Any]], max_keys: int) -> dict[str, Any]:
     chosen = draw(st.lists(st.sampled_from(sorted(fields)), unique=True, max_size=max_keys))
@@ -155,7 +165,7 @@ def documents(draw: st.DrawFn, max_faults: int = 3) -> tuple[dict[str, Any], lis
         kind = draw(st.sampled_from(["value", "value", "unknown", "section", "hosts"]))
         slots = _slots(doc)
         if kind == "value" and slots:
-            path, table, key, spec = draw(st.sampled_from(slots))
+            path, table, key, spec = pick(draw, slots)
             value = draw(wrong_values)
             table[key] = value
             faults.append(path)
@@ -194,6 +204,12 @@ def documents(draw: st.DrawFn, max_faults: int = 3) -> tuple[dict[str, Any], lis
     if not URL_PARSE_OK:
         _replace_unparseable_urls(doc)
     return doc, faults, certain
+
+
+def event(value: str) -> None:
+    """hypothesis.event, also callable from the plain (pinned) tests that share the helpers."""
+    if currently_in_test_context():
+        _event(value)
 
 
 def _splits(value: Any) -> bool:
@@ -307,7 +323,7 @@ def load_checked(path: Path, text: str | bytes, env: Mapping[str, str],
         path.write_bytes(text)
     try:
         parsed: Any = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):  # TOMLDecodeError, or int()'s digit limit
         parsed = None
     try:
         cfg = config_mod.load(path, env)
@@ -320,7 +336,7 @@ def load_checked(path: Path, text: str | bytes, env: Mapping[str, str],
         # A required key left out is named where it belongs: `hosts[0].name` in a present `hosts[0]`.
         parent, _, leaf = (exc.key or "").rpartition(".")
         missing_required = parent in known and leaf in REQUIRED_LEAVES
-        assert exc.key in known or missing_required, f"{exc.key!r} is not a key of the document: {sorted(known)}"
+        assert exc.key in known or missing_required or exc.key in CROSS_FIELD_KEYS, f"{exc.key!r} is not a key of the document: {sorted(known)}"
         assert exc.key in str(exc) or repr(exc.key) in str(exc)  # repr for keys with control characters
         for secret in _passwords(parsed):
             assert secret not in str(exc)
@@ -357,6 +373,8 @@ def test_load_gives_a_config_or_a_config_error_naming_a_fault(
     parsed = tomllib.loads(text)  # the writer wrote TOML
     event(f"faults: {len(faults)}")
     cfg = load_checked(config_file, text, {})
+    if isinstance(cfg, ConfigError) and cfg.key in CROSS_FIELD_KEYS:
+        return  # a rule between keys the generator does not model; pinned by test_loader_refuses_...
     if isinstance(cfg, ConfigError):
         assert faults, f"a document of valid values was refused: {cfg}"
         assert cfg.key in faults, f"{cfg.key!r} is none of the faults {faults}"
@@ -365,10 +383,27 @@ def test_load_gives_a_config_or_a_config_error_naming_a_fault(
         check_values(cfg, parsed)
 
 
+SAMPLE_DOCUMENT = """samplingRate = 0.1
+panelUrl = "https://panel.example"
+[kafka]
+bootstrap = "127.0.0.1:9092"
+partitions = 4
+[breaker]
+mode = "drop"
+[[hosts]]
+name = "a"
+base_url = "http://127.0.0.1:4096"
+password = "pw-\u2603-abcd"
+[[hosts]]
+name = "b"
+model = "stub/stub-model"
+"""
+
+
 @FUZZ_SMALL
 @given(st.one_of(st.binary(max_size=200),
-                 st.builds(lambda d, cut: toml_document(d[0], True).encode("utf-8")[:cut], documents(1),
-                           st.integers(0, 400)),
+                 st.builds(lambda cut, junk: SAMPLE_DOCUMENT.encode("utf-8")[:cut] + junk,
+                           st.integers(0, len(SAMPLE_DOCUMENT)), st.sampled_from([b"", b"\xff", b"=", b"\n[", b'"'])),
                  st.sampled_from([b"\xff", b"a =", b"[kafka]\n[kafka]\n", b"a = 1\na = 2\n", b"\x00"])))
 def test_load_of_any_bytes_gives_a_config_or_a_config_error(config_file: Path, raw: bytes) -> None:
     load_checked(config_file, raw, {})
@@ -408,7 +443,7 @@ def _env_known_bug(doc: Mapping[str, Any], name: str) -> bool:
     return section == "enabled" or (section in doc and not isinstance(doc[section], dict))
 
 
-@FUZZ_SMALL
+@FUZZ_TINY
 @given(documents(1), st.dictionaries(ENV_NAMES, ENV_VALUES, max_size=4))
 def test_env_overrides_give_a_config_or_a_config_error_naming_the_key(
         config_file: Path, case: tuple[dict[str, Any], list[str], list[str]], env: dict[str, str]) -> None:
@@ -454,7 +489,7 @@ def build_stage_settings(cfg: Config) -> None:
                       max_messages=cfg.max_messages, token_messages=cfg.sampler.novelty_window_tokens_messages)
 
 
-@FUZZ_SMALL
+@FUZZ_TINY
 @given(documents(1), st.booleans())
 def test_every_loaded_config_is_accepted_by_the_stages(
         config_file: Path, case: tuple[dict[str, Any], list[str], list[str]], headers: bool) -> None:
@@ -520,6 +555,11 @@ def test_bug_cli_exits_2_on_an_unparseable_url(cli_results: dict[str, subprocess
     assert result.returncode == 2, result.stderr[-2000:]
 
 
+@pytest.mark.xfail(not HUGE_INT_OK, strict=True, reason="bug: load catches TOMLDecodeError, not int()'s ValueError")
+def test_bug_huge_integer_is_a_config_error(tmp_path: Path) -> None:
+    load_checked(tmp_path / "c.toml", "lruSize = " + "1" * 4301 + "\n", {})
+
+
 @pytest.mark.xfail(not ENV_OVER_NON_TABLE_OK, strict=True,
                    reason="bug: _apply_env indexes a non-table document value (TypeError)")
 @pytest.mark.parametrize("text,name", [("kafka = 3\n", "PIPELINE_KAFKA__BOOTSTRAP"),
@@ -529,8 +569,6 @@ def test_bug_env_override_into_a_non_table(tmp_path: Path, text: str, name: str)
     load_checked(tmp_path / "c.toml", text, {name: "x"}, _env_paths(name))
 
 
-@pytest.mark.xfail(not CONSUMERS_AGREE, strict=True,
-                   reason="bug: load accepts values the stage settings refuse (ValueError at start, not exit 2)")
 @pytest.mark.parametrize("text", [
     "[sampler]\nnum_perm = 8\n",  # MinHasher needs >= 16
     '[collector]\ndrop_event_types = ["session.*"]\n',  # EventFilter refuses to drop required types
@@ -539,7 +577,7 @@ def test_bug_env_override_into_a_non_table(tmp_path: Path, text: str, name: str)
     "[scrub]\nretry_base_s = 5.0\nretry_max_s = 1.0\n",  # RetryPolicy needs max >= base
     "[breaker]\nopen_s = inf\n",  # BreakerSettings needs finite
 ])
-def test_bug_loaded_config_is_refused_by_a_stage(tmp_path: Path, text: str) -> None:
+def test_loader_refuses_what_a_stage_would_refuse(tmp_path: Path, text: str) -> None:
+    # once a bug (load accepted, the stage refused at start with a ValueError): now exit 2 at load
     cfg = load_checked(tmp_path / "c.toml", text, {})
-    assert isinstance(cfg, Config), cfg
-    build_stage_settings(cfg)
+    assert isinstance(cfg, ConfigError), cfg
