@@ -336,7 +336,8 @@ def load_checked(path: Path, text: str | bytes, env: Mapping[str, str],
         # A required key left out is named where it belongs: `hosts[0].name` in a present `hosts[0]`.
         parent, _, leaf = (exc.key or "").rpartition(".")
         missing_required = parent in known and leaf in REQUIRED_LEAVES
-        assert exc.key in known or missing_required or exc.key in CROSS_FIELD_KEYS, f"{exc.key!r} is not a key of the document: {sorted(known)}"
+        assert exc.key in known or missing_required or exc.key in CROSS_FIELD_KEYS, \
+            f"{exc.key!r} is not a key of the document: {sorted(known)}"
         assert exc.key in str(exc) or repr(exc.key) in str(exc)  # repr for keys with control characters
         for secret in _passwords(parsed):
             assert secret not in str(exc)
