@@ -18,16 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline import metrics
 from pipeline.admin import topic_partitions
 from pipeline.config import Config
 from pipeline.errors import RecordError
-from pipeline.records import dead_letter, decode, encode, validate_for_topic
-from pipeline.topics import MAX_MESSAGE_BYTES, STAGES, TOPICS, Stage, partitions_of
+from pipeline.records import dead_letter, decode, encode, is_plain_json, validate_for_topic
+from pipeline.topics import DEAD_LETTER_BYTES, MAX_MESSAGE_BYTES, STAGES, TOPICS, Stage, partitions_of
 
 log = logging.getLogger(__name__)
+PRODUCER_BATCH_BYTES = 1024 * 1024
+PRODUCER_LINGER_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,16 @@ def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
         "web_enabled": False,
         "broker_commit_every": 500,
         "broker_commit_interval": 1.0,
+        "broker_session_timeout": config.kafka.session_timeout_s,
+        "broker_heartbeat_interval": config.kafka.heartbeat_interval_s,
         "stream_wait_empty": False,
-        "producer_max_request_size": MAX_MESSAGE_BYTES,
+        "producer_max_request_size": DEAD_LETTER_BYTES,  # a dead letter is the largest record
+        # Batches of records per produce request (bench/README.md): a 25-message turn is ~20 KB,
+        # past faust's 16 KB default batch, so every record went out as its own batch; and with
+        # no linger the sender shipped each record as soon as the agent yielded, one request
+        # per record. The agent awaits the acks once per batch of records anyway.
+        "producer_max_batch_size": PRODUCER_BATCH_BYTES,
+        "producer_linger": PRODUCER_LINGER_S,
         "consumer_max_fetch_size": MAX_MESSAGE_BYTES,
         "datadir": str(config.cache_dir / "faust" / stage.app_id),
     }
@@ -91,19 +101,49 @@ class Sinks:
 
     def __init__(self, app: faust.App, config: Config, stage: Stage) -> None:
         self.stage = stage
+        self._app = app
         self._topics = {name: topic(app, name, config) for name in {*stage.outputs, stage.dead}}
         self._pending: list[Awaitable[Any]] = []
 
     async def send(self, out: Out) -> None:
-        validate_for_topic(out.topic, out.value)
-        fut = await self._topics[out.topic].send(key=_key_bytes(out.key), value=encode(out.value))
+        plain = is_plain_json(out.value)
+        validate_for_topic(out.topic, out.value, plain=plain)
+        await self.send_validated(out, plain)
+
+    async def send_validated(self, out: Out, plain: bool | None = None, data: bytes | None = None) -> None:
+        """`send` for a record the caller has just validated (the agent loop validates every
+        output where it can still turn a failure into a dead letter): validated once, not twice.
+        `plain`: what is_plain_json said of it, when the caller asked (the encoder then need not)."""
+        if out.topic not in self._topics:
+            raise KeyError(f"{out.topic} is not an output of stage {self.stage.name}")
+        producer = await self._kafka_producer()
+        value = data if data is not None else encode(out.value, plain=plain)
+        fut = await producer.send(out.topic, value, key=_key_bytes(out.key))
         self._pending.append(fut)
         metrics.RECORDS_OUT.labels(self.stage.name, out.topic).inc()
+
+    async def _kafka_producer(self) -> AIOKafkaProducer:
+        """The app's own aiokafka producer (faust's settings: acks, batching, linger, its
+        partitioner). Records go to it directly: faust's per-message wrapping around the same
+        call (pending and future message objects, sensors, a debug log line) cost more CPU than
+        the send itself (bench/README.md). faust flushes and stops this producer as before."""
+        producer = await self._app.maybe_start_producer()
+        return producer._ensure_producer()  # type: ignore[attr-defined]  # faust's aiokafka driver
 
     async def drain(self) -> None:
         pending, self._pending = self._pending, []
         if pending:
             await asyncio.gather(*pending)
+
+
+def _encoded(out: Out, plain: bool | None) -> bytes:
+    try:
+        data = encode(out.value, plain=plain)
+    except (UnicodeEncodeError, ValueError, TypeError) as exc:
+        raise RecordError("unencodable_output", f"{out.topic}: {type(exc).__name__}: {exc}"[:300]) from None
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise RecordError("output_too_large", f"{out.topic}: {len(data)} bytes > {MAX_MESSAGE_BYTES}")
+    return data
 
 
 def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *,
@@ -120,17 +160,24 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
     source = topic(app, stage.input, config)
     sinks = sinks or Sinks(app, config, stage)
 
-    async def process(event: faust.EventT) -> list[Out]:
+    async def process(event: faust.EventT) -> list[tuple[Out, bool | None, bytes | None]]:
+        """The record's outputs, each validated (with whether it is plain JSON, found out once
+        for the validator and the encoder alike), or its dead letter."""
         message = event.message
         raw = message.value if isinstance(message.value, bytes) else b""
         meta = Meta(message.key, message.partition, message.offset, raw)
         metrics.RECORDS_IN.labels(stage.name).inc()
         try:
             record = decode(raw, stage.input)
-            outs = list(await handler(record, meta))
-            for out in outs:
-                validate_for_topic(out.topic, out.value)
-            return outs
+            outs = [(out, is_plain_json(out.value)) for out in await handler(record, meta)]
+            encoded = []
+            for out, plain in outs:
+                validate_for_topic(out.topic, out.value, plain=plain)
+                # encoded here, inside the try: an output that cannot be written (a lone
+                # surrogate, over the topic's size) dead-letters its input instead of crashing
+                # the agent on send, which would stall the stage on the same record for ever
+                encoded.append((out, plain, _encoded(out, plain)))
+            return encoded
         except RecordError as exc:
             reason, error = exc.reason, exc.detail
         except Exception as exc:  # a bug must not lose the record: park it where an operator sees it
@@ -138,9 +185,9 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
                           meta.partition, meta.offset)
             reason, error = "internal_error", f"{type(exc).__name__}: {exc}"
         metrics.DEAD_LETTERS.labels(stage.dead, reason).inc()
-        return [Out(stage.dead, meta.key, dead_letter(
+        return [(Out(stage.dead, meta.key, dead_letter(
             stage=stage.name, source_topic=stage.input, raw=raw, reason=reason, error=error, key=meta.key,
-            partition=meta.partition, offset=meta.offset))]
+            partition=meta.partition, offset=meta.offset)), None, None)]
 
     @app.agent(source, name=f"{stage.name}-agent")
     async def agent(stream: faust.StreamT) -> None:
@@ -150,13 +197,26 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
             else:
                 results = [await process(e) for e in events]
             for outs in results:
-                for out in outs:
-                    await sinks.send(out)
+                for out, plain, data in outs:
+                    await sinks.send_validated(out, plain, data)  # process() validated it
             await sinks.drain()
             if after_drain:
                 after_drain()
 
     return sinks
+
+
+async def changelog_known(app: faust.App, table: Any) -> None:
+    """Return once the producer's metadata has `table`'s changelog topic.
+
+    A table written outside stream iteration (use_partitioner=True) gets its changelog partition
+    from faust's Producer.key_partition, which reads the producer's cached metadata and never
+    fetches it: on a fresh broker faust creates the changelog topic at start, the cache does not
+    have it, and the first write raised TypeError in after_drain, crashing the agent; the same
+    pending key crashed it again on every later batch and faust stopped feeding it, so the
+    stage stalled with its process alive. partitions_for() fetches until the topic is there and
+    keeps it among the producer's tracked topics."""
+    await app.producer._ensure_producer().partitions_for(table.changelog_topic.get_topic_name())
 
 
 class TopicFollower:

@@ -4,12 +4,13 @@ like the events, so a restarted or rebalanced replica picks up where the last on
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import faust
 
-from agents.base import Meta, Out, bind, make_app
+from agents.base import Meta, Out, bind, changelog_known, make_app
 from pipeline.config import Config
 from pipeline.snapshot import Emit, SessionState, apply_event
 from pipeline.topics import TOPICS, partitions_of
@@ -28,8 +29,15 @@ def build(config: Config, **app_overrides: object) -> faust.App:
     # State of records handled but whose snapshots are not yet on the broker: written to the
     # table only after the batch's outputs are acknowledged (see bind's after_drain).
     pending: dict[bytes, dict[str, Any]] = {}
+    table_writable = asyncio.Event()  # see changelog_known
+
+    @app.task
+    async def learn_changelog() -> None:
+        await changelog_known(app, table)
+        table_writable.set()
 
     async def handle(record: dict[str, Any], meta: Meta) -> list[Out]:
+        await table_writable.wait()
         key = meta.key or f"{record['host']}:{record['session_id']}".encode()
         state = pending.get(key) if key in pending else table.get(key)
         new_state, actions = apply_event(state, record, max_messages=config.max_messages,

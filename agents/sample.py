@@ -8,13 +8,14 @@ Repeated snapshot ids (a second idle for the same state) are decided once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
 
 import faust
 
-from agents.base import Meta, Out, TopicFollower, bind, make_app
+from agents.base import Meta, Out, TopicFollower, bind, changelog_known, make_app
 from pipeline import metrics
 from pipeline.config import Config
 from pipeline.errors import RecordError
@@ -58,8 +59,16 @@ def build(config: Config, **app_overrides: object) -> faust.App:
     async def follow() -> None:
         await follower.run()
 
+    table_writable = asyncio.Event()  # see changelog_known
+
+    @app.task
+    async def learn_changelog() -> None:
+        await changelog_known(app, decided)
+        table_writable.set()
+
     async def handle(snapshot: dict[str, Any], meta: Meta) -> list[Out]:
         await follower.ready.wait()
+        await table_writable.wait()
         key = meta.key or f"{snapshot['host']}:{snapshot['session_id']}".encode()
         seen = pending[key] if key in pending else list(decided.get(key) or [])
         if snapshot["snapshot_id"] in seen:

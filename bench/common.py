@@ -266,7 +266,9 @@ class Progress:
     started: float  # when the process was started (monotonic)
     first_at: float | None = None  # first poll that saw output
     first_n: int = 0  # outputs already there at that poll
+    first_cpu: float | None = None  # CPU seconds the process had used by then
     crossed: list[tuple[float, int]] = field(default_factory=list)  # (when, count) per mark reached
+    crossed_cpu: list[float | None] = field(default_factory=list)
 
     @property
     def done_at(self) -> float | None:
@@ -284,6 +286,17 @@ class Progress:
             prev = (when, n)
         return out
 
+    def cpu_us(self) -> list[float | None]:
+        """CPU time (user + system) of the writing process per record written, per phase: what
+        the rate would be bounded by on an idle core, whatever the neighbours were doing."""
+        out: list[float | None] = []
+        prev = (self.first_cpu, self.first_n)
+        for (_, n), cpu in zip(self.crossed, self.crossed_cpu, strict=True):
+            c0, n0 = prev
+            out.append((cpu - c0) / (n - n0) * 1e6 if cpu is not None and c0 is not None and n > n0 else None)
+            prev = (cpu, n)
+        return out
+
     def seconds(self) -> list[float]:
         times = [self.first_at or 0.0] + [t for t, _ in self.crossed]
         return [b - a for a, b in itertools.pairwise(times)]
@@ -297,9 +310,22 @@ class Progress:
         return None if self.first_at is None else self.first_at - self.started
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used (Linux /proc), None when unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def watch(bootstrap: str, topic: str, base: int, marks: int | list[int], started: float, timeout_s: float,
-                alive: Callable[[], bool] = lambda: True, interval_s: float = 0.05) -> Progress:
-    """Poll `topic`'s end offsets until the last mark of records were added past `base`."""
+                alive: Callable[[], bool] = lambda: True, interval_s: float = 0.05,
+                pid: int | None = None) -> Progress:
+    """Poll `topic`'s end offsets until the last mark of records were added past `base`
+    (and the CPU time of `pid`, the process writing them, at the same polls)."""
     progress = Progress(marks=[marks] if isinstance(marks, int) else list(marks), started=started)
     async with EndOffsets(bootstrap) as ends:
         deadline = time.monotonic() + timeout_s
@@ -307,9 +333,10 @@ async def watch(bootstrap: str, topic: str, base: int, marks: int | list[int], s
             n = await ends.count(topic) - base
             now = time.monotonic()
             if n > 0 and progress.first_at is None:
-                progress.first_at, progress.first_n = now, n
+                progress.first_at, progress.first_n, progress.first_cpu = now, n, cpu_seconds(pid)
             while len(progress.crossed) < len(progress.marks) and n >= progress.marks[len(progress.crossed)]:
                 progress.crossed.append((now, n))
+                progress.crossed_cpu.append(cpu_seconds(pid))
             if progress.done_at is not None:
                 return progress
             if not alive():
@@ -373,6 +400,7 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None
 @dataclass
 class Measured:
     rates: list[float]  # records/s per phase (one phase unless marks were given)
+    cpu_us: list[float | None]  # CPU microseconds per record of the pass-through process, per phase
     startup_s: float
     n: int
     load: str
@@ -396,11 +424,12 @@ async def measure_ceiling(bootstrap: str, src: str, n: int, tag: str, logdir: Pa
     proc = start_raw_passthrough(bootstrap, src, dst, f"bench-ceiling-{tag}", n, logdir / f"ceiling-{tag}.log")
     try:
         progress = await watch(bootstrap, dst, base, marks or [n], started, timeout_s,
-                               alive=lambda: proc.poll() is None)
+                               alive=lambda: proc.poll() is None, pid=proc.pid)
     finally:
         stop_process(proc)
     rates = progress.rates()
     if any(r is None for r in rates):
         raise RuntimeError(f"ceiling {tag}: too fast to measure with {n} records")
-    return Measured(rates=[r for r in rates if r is not None], startup_s=progress.startup_s or 0.0, n=n,
-                    load=f"{load_before} -> {loadavg()}", seconds=progress.seconds())
+    return Measured(rates=[r for r in rates if r is not None], cpu_us=progress.cpu_us(),
+                    startup_s=progress.startup_s or 0.0, n=n, load=f"{load_before} -> {loadavg()}",
+                    seconds=progress.seconds())

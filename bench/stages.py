@@ -93,6 +93,15 @@ class Row:
     startup_s: float
     load: str
     attempt: int = 1
+    stage_cpu_us: float | None = None  # worker CPU per input record
+    ceiling_cpu_us: float | None = None
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """Ceiling CPU / stage CPU per record: the ratio on idle cores."""
+        if not self.stage_cpu_us or not self.ceiling_cpu_us:
+            return None
+        return self.ceiling_cpu_us / self.stage_cpu_us
 
     @property
     def ratio(self) -> float:
@@ -142,7 +151,7 @@ async def copy_head(bootstrap: str, topic: str, n: int) -> None:
 
 
 async def run_stage(stack: Stack, bootstrap: str, stage: str, phases: list[Phase],
-                    timeout_s: float) -> tuple[list[float], list[float], float]:
+                    timeout_s: float) -> tuple[list[float], list[float], float, list[float | None]]:
     """Start the worker on its new input, time its output per phase, stop it once its offsets
     are committed. Returns (input records/s per phase, timed seconds per phase, start-up s)."""
     output, group, topic = OUTPUT[stage], STAGES[stage].app_id, STAGES[stage].input
@@ -153,7 +162,8 @@ async def run_stage(stack: Stack, bootstrap: str, stage: str, phases: list[Phase
     started = time.monotonic()
     proc = stack.start_stage(stage)
     try:
-        progress = await watch(bootstrap, output, base_out, marks, started, timeout_s, alive=proc.alive)
+        progress = await watch(bootstrap, output, base_out, marks, started, timeout_s, alive=proc.alive,
+                               pid=proc.proc.pid if proc.proc else None)
         deadline = time.monotonic() + 30
         total_in = sum(p.inputs for p in phases)
         while await committed_total(bootstrap, group, topic) < base_in + total_in and time.monotonic() < deadline:
@@ -167,7 +177,8 @@ async def run_stage(stack: Stack, bootstrap: str, stage: str, phases: list[Phase
     if any(r is None for r in rates):
         raise RuntimeError(f"{stage}: output of a phase appeared all at once; use more records")
     per_input = [float(r or 0.0) * p.inputs / p.outputs for r, p in zip(rates, phases, strict=True)]
-    return per_input, progress.seconds(), progress.startup_s or 0.0
+    cpu = [None if c is None else c * p.outputs / p.inputs for c, p in zip(progress.cpu_us(), phases, strict=True)]
+    return per_input, progress.seconds(), progress.startup_s or 0.0, cpu
 
 
 async def measure(stack: Stack, bootstrap: str, stage: str, phases: list[Phase], logdir: Path,
@@ -179,19 +190,22 @@ async def measure(stack: Stack, bootstrap: str, stage: str, phases: list[Phase],
     n = sum(p.inputs for p in phases)
     ceiling = await measure_ceiling(bootstrap, src, n, f"{stage}-{attempt}", logdir, timeout_s,
                                     marks=list(itertools.accumulate(p.inputs for p in phases)))
-    rates, seconds, startup = await run_stage(stack, bootstrap, stage, phases, timeout_s)
+    rates, seconds, startup, cpu = await run_stage(stack, bootstrap, stage, phases, timeout_s)
     load = f"{load_before} -> {loadavg()}"
     all_sizes = await sizes(bootstrap, src, n)
     rows = []
     first = 0
-    for phase, rate, ceil, secs in zip(phases, rates, ceiling.rates, seconds, strict=True):
+    for phase, rate, ceil, secs, cpu_us, ceil_cpu in zip(phases, rates, ceiling.rates, seconds, cpu, ceiling.cpu_us,
+                                                         strict=True):
         phase_sizes = all_sizes[first:first + phase.inputs] or all_sizes
         first += phase.inputs
         rows.append(Row(stage=stage, phase=phase.label, input_topic=src, records=phase.inputs,
                         input_bytes=int(statistics.median(phase_sizes)), stage_rate=rate, ceiling_rate=ceil,
-                        stage_s=secs, startup_s=startup, load=load, attempt=attempt))
+                        stage_s=secs, startup_s=startup, load=load, attempt=attempt, stage_cpu_us=cpu_us,
+                        ceiling_cpu_us=ceil_cpu))
         print(f"{stage} [{phase.label}] #{attempt}: stage {rate:,.0f}/s, ceiling {ceil:,.0f}/s, "
-              f"ratio {rate / ceil:.0%} (load {load})", file=sys.stderr)
+              f"ratio {rate / ceil:.0%}; CPU us/record stage {cpu_us or 0:,.0f}, ceiling {ceil_cpu or 0:,.0f} "
+              f"(load {load})", file=sys.stderr)
     return rows
 
 

@@ -167,6 +167,9 @@ SECTIONS: dict[str, dict[str, Field]] = {
         ("cache_dir", "", STR),
         ("version", "4.3.1", NONEMPTY),
         ("heap", "512m", NONEMPTY),
+        # faust's default 60 s session timeout stalls a stage for a minute after a kill -9
+        ("session_timeout_s", 10.0, _range(6.0, 90.0, (int, float), "seconds between 6 and 90")),
+        ("heartbeat_interval_s", 1.0, POS_FLOAT),
     ),
     "collector": _fields(
         ("drop_event_types", None, lambda v: None if v is None else _str_list(v)),

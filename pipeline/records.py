@@ -1,4 +1,16 @@
-"""Record encoding, schema validation and dead letters: the one helper stages and tests use."""
+"""Record encoding, schema validation and dead letters: the one helper stages and tests use.
+
+Two optional compiled libraries make the common case fast without changing any answer
+(bench/README.md has the measurements):
+- jsonschema-rs says "valid" ~100x faster than jsonschema; a record it refuses or cannot read
+  is decided and its error worded by jsonschema, as before, so what is valid and every dead
+  letter's text stay jsonschema's.
+- orjson parses and writes JSON ~3-10x faster; it is used only where it gives exactly what the
+  json module gives (no integer beyond 64 bits in the text it parses; only plain JSON values,
+  floats outside the exponent range excepted, in what it writes: see is_plain_json), and json
+  does everything else, errors included.
+Without them (`pip install jsonschema-rs orjson`) every record takes the json/jsonschema path.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +18,34 @@ import base64
 import functools
 import hashlib
 import json
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
+
+try:
+    import jsonschema_rs
+except ImportError:  # pragma: no cover - optional accelerator
+    jsonschema_rs = None
+try:
+    import orjson
+except ImportError:  # pragma: no cover - optional accelerator
+    orjson = None
 
 from pipeline.errors import RecordError, SchemaError
 from pipeline.topics import TOPICS
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 MAX_RECORD_BYTES = 8 * 1024 * 1024
+# orjson reads an integer beyond 64 bits as a float (json: exactly); 19 digits in a row anywhere
+# in the text (in a string too: a false alarm only costs speed) leave it to json. (translate +
+# find: ~20 us for 20 KB, where a regex takes ~500 us)
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_DIGIT_RUN = b"0" * 19
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 
 
 @functools.cache
@@ -27,8 +56,89 @@ def validator(schema: str) -> Draft202012Validator:
     return Draft202012Validator(doc)
 
 
-def validate(schema: str, record: Any) -> None:
-    """Raise SchemaError with the first violation's path and message."""
+@functools.cache
+def _fast_validator(schema: str) -> tuple[Callable[[Any], bool], Callable[[Any], bool]] | None:
+    """(is_valid of the compiled validator, its tuple guard), or None without jsonschema-rs."""
+    if jsonschema_rs is None:
+        return None
+    doc = json.loads((SCHEMA_DIR / f"{schema}.json").read_text(encoding="utf-8"))
+    # the draft from "$schema" (2020-12, as jsonschema's Draft202012Validator)
+    return jsonschema_rs.validator_for(doc).is_valid, _tuple_guard(doc) or _always
+
+
+def _always(value: Any) -> bool:
+    return True
+
+
+# Keywords the tuple guard understands; a schema using any other gets the whole-value walk.
+_GUARD_KEYWORDS = frozenset({
+    "$schema", "$id", "title", "description", "type", "properties", "items", "additionalProperties", "required",
+    "const", "enum", "pattern", "minLength", "maxLength", "minimum", "maximum", "contentEncoding",
+})
+
+
+def _tuple_guard(node: Any) -> Callable[[Any], bool] | None:
+    """jsonschema counts only a list as an array, the compiled validator a tuple as well: so a
+    tuple where a schema asks for an array is the one value the compiled validator accepts and
+    jsonschema refuses. This returns a check, walking only where `node` looks at arrays, that
+    no tuple is there (None: nowhere to look). Records from json.loads never hold tuples."""
+    if not isinstance(node, dict):
+        return None
+    if set(node) - _GUARD_KEYWORDS or any(isinstance(c, dict | list) for c in [node.get("const"),
+                                                                              *node.get("enum", [])]):
+        return _only_lists
+    checks: list[Callable[[Any], bool]] = []
+    kind = node.get("type")
+    if kind == "array" or (isinstance(kind, list) and "array" in kind):
+        checks.append(lambda v: not isinstance(v, tuple))
+    items = _tuple_guard(node.get("items"))
+    if items is not None:
+        checks.append(lambda v: not isinstance(v, list) or all(items(x) for x in v))
+    props = node.get("properties") or {}
+    guarded = {k: g for k, sub in props.items() if (g := _tuple_guard(sub)) is not None}
+    if guarded:
+        checks.append(lambda v: not isinstance(v, dict) or all(k not in v or g(v[k]) for k, g in guarded.items()))
+    extra = _tuple_guard(node.get("additionalProperties"))
+    if extra is not None:
+        checks.append(lambda v: not isinstance(v, dict) or all(extra(x) for k, x in v.items() if k not in props))
+    if not checks:
+        return None
+    return checks[0] if len(checks) == 1 else lambda v: all(check(v) for check in checks)
+
+
+def _only_lists(value: Any) -> bool:
+    """No tuple anywhere inside `value` (the fallback guard for schemas it cannot follow)."""
+    if isinstance(value, tuple):
+        return False
+    if isinstance(value, dict | list):
+        return all(_only_lists(v) for v in (value.values() if isinstance(value, dict) else value))
+    return True
+
+
+def _surely_valid(schema: str, record: Any, *, from_json: bool) -> bool:
+    """True when the compiled validator accepts the record (and, for a record neither from
+    json.loads nor known to be plain JSON, no tuple stands where an array is asked for).
+    Anything it rejects or cannot read goes to jsonschema, which decides and words the error,
+    so what is valid and every error message stay exactly jsonschema's."""
+    fast = _fast_validator(schema)
+    if fast is None:
+        return False
+    is_valid, no_tuples = fast
+    try:
+        return bool(is_valid(record)) and (from_json or no_tuples(record))
+    except Exception:  # a value it cannot convert (a lone surrogate, a non-str key, ...), or too deep
+        return False
+
+
+def validate(schema: str, record: Any, *, plain: bool = False) -> None:
+    """Raise SchemaError with the first violation's path and message. `plain`: the caller found
+    is_plain_json(record) true (so no tuple in it), which spares the compiled path a walk."""
+    _validate(schema, record, from_json=plain)
+
+
+def _validate(schema: str, record: Any, *, from_json: bool) -> None:
+    if _surely_valid(schema, record, from_json=from_json):
+        return
     errors = sorted(validator(schema).iter_errors(record), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
@@ -36,12 +146,84 @@ def validate(schema: str, record: Any) -> None:
         raise SchemaError(schema, f"at {where}: {err.message[:300]}")
 
 
-def validate_for_topic(topic: str, record: Any) -> None:
-    validate(TOPICS[topic].schema, record)
+def validate_for_topic(topic: str, record: Any, *, plain: bool = False) -> None:
+    validate(TOPICS[topic].schema, record, plain=plain)
 
 
-def encode(record: Any) -> bytes:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
+def is_plain_json(value: Any) -> bool:
+    """True when `value` holds nothing but dicts with str keys, lists, str, bool, None, ints
+    within 64 bits and floats that repr writes without an exponent (0 or 1e-4 <= |x| < 1e16; so
+    not NaN or infinite), all of exactly those types (no subclass, no tuple): what orjson
+    writes byte for byte as `json.dumps(..., ensure_ascii=False, separators=(",", ":"),
+    sort_keys=True)` does. Anything else (or nesting too deep to walk) is False."""
+    try:
+        return _plain(value)
+    except RecursionError:
+        return False
+
+
+def _plain(value: Any) -> bool:
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return False
+            t = type(item)
+            if not (t is str or t is bool or item is None or _plain(item)):
+                return False
+        return True
+    if kind is list:
+        for item in value:
+            t = type(item)
+            if not (t is str or t is bool or item is None or _plain(item)):
+                return False
+        return True
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return _INT_MIN <= value <= _UINT_MAX
+    if kind is float:
+        return value == 0.0 or 1e-4 <= abs(value) < 1e16
+    return False
+
+
+def encode(record: Any, *, plain: bool | None = None) -> bytes:
+    """Compact, sorted-key, non-ASCII-preserving JSON. `plain`: is_plain_json(record), when the
+    caller already knows it (None: found out here)."""
+    if orjson is not None and (is_plain_json(record) if plain is None else plain):
+        try:
+            return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # a lone surrogate, nesting deeper than orjson goes: json decides
+            pass
+    try:
+        text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except ValueError as exc:  # NaN / Infinity: not JSON, and the panel body could not be signed
+        raise RecordError("non_finite_number", str(exc)[:200]) from None
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (text cut mid-emoji): escaped, still valid JSON
+        return json.dumps(record, ensure_ascii=True, separators=(",", ":"), sort_keys=True).encode("ascii")
+
+
+def _loads(raw: bytes | str, text: str) -> Any:
+    """json.loads(text); `raw`: the same as valid UTF-8 bytes (orjson reads those directly)."""
+    if orjson is not None and isinstance(raw, bytes) and _DIGIT_RUN not in raw.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(raw)
+        except ValueError:  # NaN, 1e400, a lone surrogate escape, too deep, not JSON: json decides
+            pass
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN / Infinity: valid Python, refused by signing
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} overflows a float")
+    return value
 
 
 def decode(raw: bytes | str | None, topic: str) -> dict[str, Any]:
@@ -55,12 +237,12 @@ def decode(raw: bytes | str | None, topic: str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise RecordError("invalid_utf8", str(exc)) from None
     try:
-        record = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        record = _loads(raw, text)
+    except (ValueError, RecursionError) as exc:  # ValueError: also > 4300-digit integers, NaN
         raise RecordError("invalid_json", str(exc)[:200]) from None
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"top level is {type(record).__name__}")
-    validate_for_topic(topic, record)
+    _validate(TOPICS[topic].schema, record, from_json=True)
     return record
 
 

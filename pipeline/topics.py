@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 DAY_MS = 24 * 3600 * 1000
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024
+DEAD_LETTER_BYTES = MAX_MESSAGE_BYTES * 4 // 3 + 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,10 @@ class Topic:
     extra: dict[str, str] = field(default_factory=dict)
 
     def configs(self) -> dict[str, str]:
-        # A turn of 25 messages with tool output can pass Kafka's 1 MiB default record limit.
-        cfg = {"retention.ms": str(self.retention_ms), "max.message.bytes": str(MAX_MESSAGE_BYTES)}
+        # A turn of 25 messages with tool output can pass Kafka's 1 MiB default record limit; a
+        # dead letter holds a record of up to that size in base64 (4/3) plus its envelope.
+        limit = DEAD_LETTER_BYTES if self.schema == "dead-letter.v1" else MAX_MESSAGE_BYTES
+        cfg = {"retention.ms": str(self.retention_ms), "max.message.bytes": str(limit)}
         if self.compacted:
             cfg["cleanup.policy"] = "compact,delete"
         cfg.update(self.extra)

@@ -411,9 +411,13 @@ class OpencodeClient:
         raise OpencodeProtocolError(detail, status_code=status)
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN / Infinity could never be signed downstream
+
+
 def _decode_frame(data: str, invalid_utf8: bool) -> dict[str, Any] | MalformedFrame:
     try:
-        parsed = json.loads(data)
+        parsed = json.loads(data, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         return MalformedFrame("not-json", data, str(exc)[:200])
     if invalid_utf8:

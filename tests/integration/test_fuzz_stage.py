@@ -376,7 +376,7 @@ def test_ingest_worker_dead_letters_every_bad_record_and_snapshots_every_turn(
 # ---------------------------------------------------------------- pinned bugs (strict xfail)
 
 # Set to True once agents/base.py (and records.encode / dead_letter) are fixed; see the report.
-POISON_RECORDS_HANDLED = False
+POISON_RECORDS_HANDLED = True
 
 
 def poison_records(host: str) -> list[Produced]:

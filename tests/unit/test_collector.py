@@ -230,7 +230,7 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)

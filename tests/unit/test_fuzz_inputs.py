@@ -44,12 +44,14 @@ from tests.factory import messages as factory_messages
 
 # ---------------------------------------------------------------- known bugs (see module doc)
 
-LONE_SURROGATES_OK = False  # "\ud800" in a frame/record: records.encode, snapshot_id, trace_id raise
-NAN_REJECTED = False  # records.decode accepts NaN/Infinity, which signing later refuses
+LONE_SURROGATES_OK = True  # "\ud800" in a frame/record: records.encode, snapshot_id, trace_id raise
+# records.decode and the client's frame decoder now refuse NaN/Infinity (pinned below), so no
+# Python-side value the generators build from parsed JSON can hold one: they do not make them
+NAN_REJECTED = False
 DEEP_JSON_OK = True  # the client's frame decoder lets RecursionError out on deeply nested JSON
 EMPTY_CHUNK_OK = True  # SSEParser.feed(b"") between a CR and its LF splits one frame in two
 TRACE_SESSION_ID_BOUNDED = True  # info.sessionID > 512 chars makes an invalid traces.sampled record
-HUGE_INT_OK = False  # records.decode lets ValueError out on a > 4300-digit integer literal
+HUGE_INT_OK = True  # records.decode lets ValueError out on a > 4300-digit integer literal
 
 REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
 FUZZ = settings(max_examples=200, deadline=None,
@@ -245,7 +247,7 @@ def sse_streams(draw: st.DrawFn) -> bytes:
         eol = draw(EOLS)
         kind = draw(st.sampled_from(["frame", "frame", "frame", "comment", "fields", "junk"]))
         if kind == "comment":
-            out += b":" + draw(texts(20)).encode("utf-8") + eol
+            out += b":" + draw(texts(20)).encode("utf-8", "surrogatepass") + eol
         elif kind == "fields":
             name = draw(st.sampled_from([b"id", b"event", b"retry", b"unknown", b"data", b""]))
             value = draw(st.one_of(st.binary(max_size=12), st.sampled_from([b"12", b"x\x00y"])))
@@ -783,8 +785,6 @@ def test_bug_turn_ended_with_lone_surrogate_message_id() -> None:
     check_envelope(envelope)
 
 
-@pytest.mark.xfail(not NAN_REJECTED, strict=True,
-                   reason="bug: records.decode accepts NaN/Infinity; the sign stage's compact_json refuses them")
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e400"])
 def test_bug_decode_rejects_non_standard_json_numbers(literal: bytes) -> None:
     raw = records.encode(VALID_EVENT).replace(b'"properties":{', b'"properties":{"x":' + literal + b",", 1)
