@@ -14,10 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import admin
 from pipeline.kafka_local import free_port
+from pipeline.local_stack import PipelineProcess, wait_for
 from pipeline.records import encode
 from pipeline.topics import STAGES, TOPICS, partitions_of
 from tests.kafka_util import produce
-from tests.procs import PipelineProcess, wait_for
 from tests.unit.test_metrics_doc import README, parse_metrics_table
 
 pytestmark = pytest.mark.integration

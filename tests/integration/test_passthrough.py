@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from pipeline import admin
+from pipeline.local_stack import PipelineProcess, wait_for
 from pipeline.records import encode, original_bytes, validate
 from pipeline.topics import STAGES
 from tests.kafka_util import committed, end_offsets, produce, read_all, values
-from tests.procs import PipelineProcess, wait_for
 
 pytestmark = pytest.mark.integration
 HOST = "passthru"
@@ -33,7 +33,7 @@ def test_passthrough_stage_moves_records_and_commits(kafka, kafka_env, kafka_con
     bad = [(b"passthru:ses_x", b"{not json"), (b"passthru:ses_y", encode({"schema": "opencode.event/1"}))]
     asyncio.run(produce(bootstrap, "opencode.events", good[:15] + bad + good[15:]))
 
-    with PipelineProcess(["worker", "passthrough"], kafka_env, tmp_path) as worker:
+    with PipelineProcess(["worker", "passthrough"], kafka_env, tmp_path, "passthrough") as worker:
         out = asyncio.run(read_all(bootstrap, "passthrough.out", expect=30, timeout_s=90))
         dead = asyncio.run(read_all(bootstrap, "passthrough.dead", expect=2, timeout_s=30))
         dead = [m for m in dead if m.key in {k for k, _ in bad}]
