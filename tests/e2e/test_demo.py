@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+# slow: ~2-4 min of a whole demo; run with `./dev test tests/e2e/test_demo.py -m ""`
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
 
 def pipeline_processes() -> set[int]:

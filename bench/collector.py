@@ -1,0 +1,376 @@
+"""The collector with 1, 10 and 100 simulated opencode hosts, into a real Kafka sink.
+
+    python bench/collector.py [--hosts 1,10,100] [--rate 1500] [--seconds 20]
+
+One fresh local broker. A separate process serves N fake `opencode serve` daemons (aiohttp,
+one port each): `/global/event` streams SSE frames at a steady rate (`--rate` frames/s in
+total, split evenly between the hosts), and `/session`, `/session/status`, `/session/{id}`,
+`/session/{id}/message` answer as opencode 1.18 does. Per turn of a session a daemon sends 28
+frames, as a real turn does: busy status, the user message, 20 `message.part.delta` frames
+(dropped by the collector's filter, as in production), three assistant `message.updated`,
+`session.updated`, idle status and `session.idle`; the idle makes the collector fetch the
+session's 26-message listing (`messages(sid, turns=13)` shape, growing by one turn per idle)
+and produce a `pipeline.turn_ended`. Five sessions per host take turns. The collector state
+files are pre-written as if the turn before had been reported, so no backfill storm at start.
+
+The collector (`Collector` + `KafkaEventSink`, as `pipeline collect` runs them) is its own
+process: after a 5 s warm-up its counters are sampled over `--seconds`; events/s = frames read
+from the daemons, records/s = records the sink had acknowledged by Kafka. Peak RSS is the
+collector process's VmHWM, its CPU the process's user + system time over the window.
+Writes bench/results/collector.md and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    REPO,
+    cpu_seconds,
+    load_is_high,
+    loadavg,
+    local_broker,
+    machine,
+    md_table,
+    now_utc,
+    stop_process,
+    wait_for_calm,
+    write_result,
+)
+from pipeline.collector import completed_turns, state_file
+from pipeline.snapshot import snapshot_id
+from tests.factory import messages
+
+SESSIONS_PER_HOST = 5
+FIRST_TURNS = 12  # turns already reported when the run starts
+DELTAS_PER_TURN = 20
+FRAMES_PER_TURN = DELTAS_PER_TURN + 8
+MAX_MESSAGES = 25
+T0_MS = 1795236913836
+
+
+def host_name(h: int) -> str:
+    return f"bench-host-{h:03d}"
+
+
+def sid_of(h: int, s: int) -> str:
+    return f"ses_bh{h:03d}s{s}"
+
+
+def seed_of(h: int, s: int) -> int:
+    return h * SESSIONS_PER_HOST + s
+
+
+def listing(h: int, s: int, turns: int) -> list[dict[str, Any]]:
+    return messages(sid_of(h, s), turns=turns, seed=seed_of(h, s))
+
+
+# ---------------------------------------------------------------- the fake daemons (own process)
+
+
+class FakeHost:
+    """One fake `opencode serve`: its sessions, their turn counters, its event stream."""
+
+    def __init__(self, h: int, rate: float) -> None:
+        self.h, self.rate = h, rate
+        self.turns = {sid_of(h, s): FIRST_TURNS for s in range(SESSIONS_PER_HOST)}
+        self.ids = itertools.count()
+
+    def frame(self, kind: str, props: dict[str, Any]) -> bytes:
+        body = {"directory": "/home/dev/project", "project": "global",
+                "payload": {"id": f"evt_{self.h:03d}{next(self.ids):09d}", "type": kind, "properties": props}}
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    def turn_frames(self, s: int) -> list[bytes]:
+        """One turn's frames; the listing grows by the turn as its last frame is sent."""
+        sid = sid_of(self.h, s)
+        msgs = listing(self.h, s, self.turns[sid] + 1)
+        user, assistant = msgs[-2]["info"], msgs[-1]["info"]
+        started = {k: v for k, v in assistant.items() if k != "finish"} | {"time": {"created": 1}}
+        frames = [self.frame("session.status", {"sessionID": sid, "status": {"type": "busy"}}),
+                  self.frame("message.updated", {"info": user})]
+        frames += [self.frame("message.part.delta", {"sessionID": sid, "messageID": assistant["id"],
+                                                     "partID": "prt_x", "field": "text", "delta": "token "})
+                   for _ in range(DELTAS_PER_TURN)]
+        frames += [self.frame("message.updated", {"info": started}), self.frame("message.updated", {"info": started}),
+                   self.frame("message.updated", {"info": assistant}),
+                   self.frame("session.updated", {"info": self.session(sid)}),
+                   self.frame("session.status", {"sessionID": sid, "status": {"type": "idle"}}),
+                   self.frame("session.idle", {"sessionID": sid})]
+        return frames
+
+    def session(self, sid: str) -> dict[str, Any]:
+        return {"id": sid, "slug": "s", "projectID": "global", "directory": "/home/dev/project",
+                "title": f"bench {sid}", "version": "1.18.33",
+                "time": {"created": T0_MS, "updated": T0_MS + self.turns[sid]}}
+
+    async def events(self, request: Any) -> Any:
+        from aiohttp import web
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(self.frame("server.connected", {}))
+        loop = asyncio.get_running_loop()
+        start, sent = loop.time(), 0
+        order = itertools.cycle(range(SESSIONS_PER_HOST))
+        pending: list[bytes] = []
+        sid = ""
+        try:
+            while True:
+                due = int((loop.time() - start) * self.rate) - sent
+                chunk: list[bytes] = []
+                while len(chunk) < due:
+                    if not pending:
+                        s = next(order)
+                        pending = self.turn_frames(s)
+                        sid = sid_of(self.h, s)
+                    chunk.append(pending.pop(0))
+                    if not pending:
+                        self.turns[sid] += 1  # the idle is out: the listing has the new turn
+                if chunk:
+                    await response.write(b"".join(chunk))
+                    sent += len(chunk)
+                await asyncio.sleep(0.02)
+        except (ConnectionResetError, RuntimeError, asyncio.CancelledError):
+            pass
+        return response
+
+    def routes(self) -> Any:
+        from aiohttp import web
+
+        async def sessions(request: web.Request) -> web.Response:
+            return web.json_response([])  # nothing to reconcile: the state files say all is reported
+
+        async def status(request: web.Request) -> web.Response:
+            return web.json_response({})
+
+        async def session(request: web.Request) -> web.Response:
+            sid = request.match_info["id"]
+            if sid not in self.turns:
+                return web.json_response({"name": "NotFound"}, status=404)
+            return web.json_response(self.session(sid))
+
+        async def listing_route(request: web.Request) -> web.Response:
+            sid = request.match_info["id"]
+            if sid not in self.turns:
+                return web.json_response({"name": "NotFound"}, status=404)
+            limit = int(request.query.get("limit", "1000"))
+            s = int(sid[-1])
+            return web.json_response(listing(self.h, s, self.turns[sid])[-limit:])
+
+        app = web.Application()
+        app.router.add_get("/global/event", self.events)
+        app.router.add_get("/session", sessions)
+        app.router.add_get("/session/status", status)
+        app.router.add_get("/session/{id}", session)
+        app.router.add_get("/session/{id}/message", listing_route)
+        return app
+
+
+async def serve_daemons(hosts: int, rate: float, port_file: Path) -> None:
+    from aiohttp import web
+
+    ports = []
+    for h in range(hosts):
+        runner = web.AppRunner(FakeHost(h, rate / hosts).routes(), access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    port_file.write_text(json.dumps(ports))
+    await asyncio.Event().wait()
+
+
+# ---------------------------------------------------------------- the collector (own process)
+
+
+def write_states(state_dir: Path, hosts: int) -> None:
+    """State files as the collector would have left them after reporting turn FIRST_TURNS."""
+    from pipeline.collector import HostState
+
+    for h in range(hosts):
+        sessions = {}
+        for s in range(SESSIONS_PER_HOST):
+            got = listing(h, s, FIRST_TURNS)[-MAX_MESSAGES:]
+            end = completed_turns(got)[-1]
+            kept = got[:end][-MAX_MESSAGES:]
+            sessions[sid_of(h, s)] = {"snapshot_id": snapshot_id(host_name(h), sid_of(h, s), kept),
+                                      "last_message_id": kept[-1]["info"]["id"],
+                                      "session_updated": T0_MS + FIRST_TURNS, "reported_at": T0_MS}
+        HostState.save(state_file(state_dir, host_name(h)),
+                       {"version": 1, "host": host_name(h), "watermark_ms": T0_MS + FIRST_TURNS,
+                        "sessions": sessions})
+
+
+def rss_peak_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def run_collector(bootstrap: str, ports: list[int], state_dir: Path, warmup_s: float, seconds: float,
+                        sink_batch_bytes: int | None) -> None:
+    from pipeline.collector import Collector, CollectorSettings, KafkaEventSink
+    from pipeline.config import HostConfig
+
+    hosts = [HostConfig(name=host_name(h), base_url=f"http://127.0.0.1:{port}", password=None,
+                        site_key="pk_test_thirdparty", model=None, agent=None, allow_insecure_http=False)
+             for h, port in enumerate(ports)]
+    settings = CollectorSettings(poll_interval_s=0, state_dir=state_dir, settle_initial_s=0.05)
+    options = {"max_batch_size": sink_batch_bytes} if sink_batch_bytes else None
+    async with KafkaEventSink(bootstrap, producer_options=options) as sink:
+        collector = Collector(hosts, sink, settings=settings, rng=random.Random(1))
+        task = asyncio.create_task(collector.run())
+        await asyncio.sleep(warmup_s)
+        before, sent0, cpu0, t0 = collector.totals(), sink.sent, cpu_seconds(os.getpid()), time.monotonic()
+        await asyncio.sleep(seconds)
+        after, sent1, cpu1, t1 = collector.totals(), sink.sent, cpu_seconds(os.getpid()), time.monotonic()
+        buffered = sink.buffered
+        collector.stop()
+        await task
+    span = t1 - t0
+    rates = {k: (after.get(k, 0) - before.get(k, 0)) / span for k in after}
+    print(json.dumps({"rates": rates, "kafka_records_per_s": (sent1 - sent0) / span,
+                      "cpu_share": ((cpu1 or 0) - (cpu0 or 0)) / span, "rss_peak_mib": rss_peak_mib(),
+                      "connected": after.get("connected", 0), "reconnects": after.get("reconnects", 0),
+                      "buffered_at_end": buffered}))
+
+
+# ---------------------------------------------------------------- the harness
+
+
+def measure(bootstrap: str, hosts: int, rate: float, seconds: float, workdir: Path,
+            sink_batch_bytes: int | None = None) -> dict[str, Any]:
+    run_dir = workdir / f"hosts-{hosts}-{sink_batch_bytes or 'default'}"
+    state_dir = run_dir / "state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_states(state_dir, hosts)
+    port_file = run_dir / "ports.json"
+    me = str(Path(__file__).resolve())
+    with open(run_dir / "daemons.log", "ab") as log:
+        daemons = subprocess.Popen([sys.executable, me, "--serve-daemons", str(hosts), "--rate", str(rate),
+                                    "--port-file", str(port_file)], stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ports = json.loads(port_file.read_text())
+        wait_for_calm(10)
+        load_before = loadavg()
+        child = subprocess.run([sys.executable, me, "--run-collector", bootstrap, "--ports", json.dumps(ports),
+                                "--state-dir", str(state_dir), "--seconds", str(seconds),
+                                "--sink-batch-bytes", str(sink_batch_bytes or 0)],
+                               capture_output=True, text=True, timeout=seconds + 120, cwd=REPO)
+        if child.returncode != 0:
+            raise RuntimeError(f"collector with {hosts} hosts failed: {child.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
+    finally:
+        stop_process(daemons)
+    result.update(hosts=hosts, offered=rate, load=f"{load_before} -> {loadavg()}",
+                  sink="batches up to 1 MiB" if sink_batch_bytes else "as `pipeline collect` (16 KB batches)")
+    r = result["rates"]
+    print(f"{hosts} hosts: {r.get('events_in', 0):,.0f} events/s read, {result['kafka_records_per_s']:,.0f} "
+          f"records/s to Kafka, {r.get('turns_emitted', 0):,.1f} turns/s, peak RSS {result['rss_peak_mib']:.0f} MiB "
+          f"(load {result['load']})", file=sys.stderr)
+    return result
+
+
+def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        "# Collector: simulated opencode hosts into Kafka",
+        "",
+        f"- date: {now_utc()}",
+        f"- machine: {machine()}",
+        f"- command: `python bench/collector.py --hosts {args.hosts} --rate {args.rate:g} --seconds {args.seconds:g}`",
+        "- method: one fresh local broker; a separate process serves the fake `opencode serve` daemons (aiohttp, "
+        "one port per host: `/global/event` SSE at a steady rate, `/session`, `/session/status`, "
+        "`/session/{id}`, `/session/{id}/message`). Offered load: `--rate` frames/s in total, split evenly "
+        f"between the hosts; per turn {FRAMES_PER_TURN} frames ({DELTAS_PER_TURN} `message.part.delta`, dropped "
+        "by the collector's filter as in production; busy/idle status, user and assistant `message.updated`, "
+        "`session.updated`, `session.idle`), and each idle makes the collector fetch a 25-message listing and "
+        "produce a ~21 KB `pipeline.turn_ended`. The collector (`Collector` + `KafkaEventSink`, gzip, "
+        "acks=all, idempotent, as `pipeline collect` runs them) is its own process; after a 5 s warm-up its "
+        f"counters are sampled over {args.seconds:g} s. Peak RSS = the collector process's VmHWM; CPU = its user "
+        "+ system time over the window (1.0 = one core). \"Kafka records acked/s\" is what the collector sustains: "
+        "frames read beyond it only fill the sink's buffer (10,000 records), after which reading slows to it. "
+        "The last row(s) run the same with the sink's producer batching up to 1 MiB "
+        "(`producer_options={'max_batch_size': 1 MiB}`) instead of aiokafka's 16 KB default.",
+        "",
+    ]
+    lines += md_table(
+        ["hosts", "Kafka sink", "offered frames/s", "frames read/s", "events handed to the sink/s", "turn_ended/s",
+         "Kafka records acked/s", "sink backlog at end", "collector CPU (cores)", "peak RSS MiB", "reconnects",
+         "load avg before -> after"], "rlrrrrrrrrrl",
+        [[r["hosts"], r["sink"], f"{r['offered']:,.0f}", f"{r['rates'].get('events_in', 0):,.0f}",
+          f"{r['rates'].get('events_out', 0) + r['rates'].get('turns_emitted', 0):,.0f}",
+          f"{r['rates'].get('turns_emitted', 0):,.1f}", f"{r['kafka_records_per_s']:,.0f}",
+          f"{r['buffered_at_end']:,}", f"{r['cpu_share']:.2f}", f"{r['rss_peak_mib']:,.0f}",
+          r["reconnects"], r["load"]] for r in rows])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", default="1,10,100")
+    parser.add_argument("--rate", type=float, default=1500.0, help="frames/s offered, all hosts together")
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--serve-daemons", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port-file", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--run-collector", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ports", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--state-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sink-batch-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--also-big-batches", default="100",
+                        help="host counts also run with the sink's producer batching up to 1 MiB ('' for none)")
+    args = parser.parse_args(argv)
+    if args.serve_daemons is not None:
+        asyncio.run(serve_daemons(args.serve_daemons, args.rate, args.port_file))
+        return 0
+    if args.run_collector is not None:
+        asyncio.run(run_collector(args.run_collector, json.loads(args.ports), args.state_dir, 5.0, args.seconds,
+                                  args.sink_batch_bytes or None))
+        return 0
+    begun = time.monotonic()
+    print(f"load before: {loadavg()}", file=sys.stderr)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-collector-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        with local_broker(workdir) as broker:
+            from bench.common import create_topics
+
+            asyncio.run(create_topics(broker.bootstrap, ["opencode.events", "collector.dead"]))
+            for hosts in [int(h) for h in args.hosts.split(",") if h]:
+                row = measure(broker.bootstrap, hosts, args.rate, args.seconds, workdir)
+                if load_is_high():
+                    print(f"{hosts} hosts: load {loadavg()} is high; measuring again", file=sys.stderr)
+                    again = measure(broker.bootstrap, hosts, args.rate, args.seconds, workdir / "again")
+                    row = max(row, again, key=lambda r: r["rates"].get("events_in", 0))
+                rows.append(row)
+            for hosts in [int(h) for h in args.also_big_batches.split(",") if h]:
+                rows.append(measure(broker.bootstrap, hosts, args.rate, args.seconds, workdir, 1024 * 1024))
+    text = table(rows, args)
+    path = write_result("collector", text)
+    print(text)
+    print(f"wrote {path} in {time.monotonic() - begun:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
