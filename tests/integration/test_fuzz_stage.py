@@ -47,9 +47,7 @@ from pipeline.snapshot import Emit, SessionState, apply_event
 from pipeline.topics import MAX_MESSAGE_BYTES, STAGES
 from tests.factory import messages
 
-# slow: it shares the session broker with every other suite and failed once in a full run there
-# (passes alone); run with `./dev test tests/integration/test_fuzz_stage.py -m ""`
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 SEED = 20_261_121
 N_BAD = 200
