@@ -352,7 +352,9 @@ async def raw_passthrough(bootstrap: str, src: str, dst: str, group: str, expect
                           idle_exit_s: float = 5.0) -> None:
     """Consume `src` in a consumer group, produce every record to `dst`, wait for the broker's
     acks of a fetched batch, then commit its offsets: the at-least-once loop a stage runs,
-    without faust, decoding or validation. Exits after `expect` records (or when idle)."""
+    without faust, decoding or validation. Exits after `expect` records (or when idle); when it
+    has read the whole topic before that, it starts over from the beginning (so a short topic
+    can be timed over several passes)."""
     consumer = AIOKafkaConsumer(src, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                                 auto_offset_reset="earliest", max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
                                 fetch_max_bytes=4 * MAX_MESSAGE_BYTES)
@@ -360,6 +362,8 @@ async def raw_passthrough(bootstrap: str, src: str, dst: str, group: str, expect
     await prod.start()
     await consumer.start()
     done, idle_since = 0, time.monotonic()
+    ends: dict[TopicPartition, int] = {}
+    read: dict[TopicPartition, int] = {}
     try:
         while done < expect and time.monotonic() - idle_since < idle_exit_s:
             batch = await consumer.getmany(timeout_ms=200, max_records=1000)
@@ -370,6 +374,12 @@ async def raw_passthrough(bootstrap: str, src: str, dst: str, group: str, expect
             await asyncio.gather(*futures)
             await consumer.commit({tp: msgs[-1].offset + 1 for tp, msgs in batch.items()})
             done += len(futures)
+            read.update({tp: msgs[-1].offset + 1 for tp, msgs in batch.items()})
+            if not ends:
+                ends = await consumer.end_offsets(list(consumer.assignment()))
+            if done < expect and all(read.get(tp, 0) >= end for tp, end in ends.items()):
+                await consumer.seek_to_beginning()
+                read = {}
     finally:
         await consumer.stop()
         await prod.stop()
@@ -412,9 +422,11 @@ class Measured:
 
 
 async def measure_ceiling(bootstrap: str, src: str, n: int, tag: str, logdir: Path,
-                          timeout_s: float = 120.0, marks: list[int] | None = None) -> Measured:
-    """Run the raw pass-through over the first `n` records of `src` into a fresh topic; its
-    rate (per phase, when `marks` splits the records into phases)."""
+                          timeout_s: float = 120.0, marks: list[int] | None = None, passes: int = 1) -> Measured:
+    """Run the raw pass-through over the `n` records of `src` (`passes` times over, from the
+    beginning each time; `n` must then be the whole topic) into a fresh topic; its rate (per
+    phase, when `marks` splits the records into phases)."""
+    n *= passes
     dst = f"bench.ceiling.{tag}"
     await create_topics(bootstrap, [dst])
     async with EndOffsets(bootstrap) as ends:

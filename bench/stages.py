@@ -45,6 +45,7 @@ from aiokafka import AIOKafkaConsumer
 from bench.common import (
     EndOffsets,
     committed_total,
+    create_topics,
     fill,
     keyed,
     load_is_high,
@@ -73,6 +74,12 @@ TARGET = {"ingest": 0.5, "sign": 0.5, "breaker": 0.5}
 # makes no output), and scrub and deliver are slow (the run stays within ~5 minutes)
 NO_REPEAT = {"ingest", "sample", "scrub", "deliver"}
 MIX_PER_TURN = 9  # 8 small events + the turn_ended
+CEILING_PASSES = 6
+
+
+async def topic_size(bootstrap: str, topic: str) -> int:
+    async with EndOffsets(bootstrap) as ends:
+        return await ends.count(topic)
 
 
 @dataclass(frozen=True)
@@ -184,21 +191,29 @@ async def run_stage(stack: Stack, bootstrap: str, stage: str, phases: list[Phase
 
 
 async def measure(stack: Stack, bootstrap: str, stage: str, phases: list[Phase], logdir: Path,
-                  attempt: int, timeout_s: float, phase_bytes: list[int] | None = None) -> list[Row]:
-    """Ceiling then stage, on the same input, under (nearly) the same load: one row per phase."""
+                  attempt: int, timeout_s: float, phase_bytes: list[int] | None = None,
+                  phase_topics: list[str] | None = None) -> list[Row]:
+    """Ceiling then stage, on the same input, under (nearly) the same load: one row per phase.
+    The ceiling reads the stage's input topic (or, for phases, topics holding each phase's
+    records alone) CEILING_PASSES times over, so it is timed over a second or more."""
     wait_for_calm(10)
     load_before = loadavg()
     src = STAGES[stage].input
-    n = sum(p.inputs for p in phases)
-    ceiling = await measure_ceiling(bootstrap, src, n, f"{stage}-{attempt}", logdir, timeout_s,
-                                    marks=list(itertools.accumulate(p.inputs for p in phases)))
+    ceiling_rates: list[float] = []
+    ceiling_cpu: list[float | None] = []
+    for i, (_phase, topic) in enumerate(zip(phases, phase_topics or [src], strict=True)):
+        whole = await topic_size(bootstrap, topic)
+        got = await measure_ceiling(bootstrap, topic, whole, f"{stage}-{attempt}-{i}", logdir, timeout_s,
+                                    passes=CEILING_PASSES)
+        ceiling_rates.append(got.rate)
+        ceiling_cpu.append(got.cpu_us[0])
     rates, seconds, startup, cpu = await run_stage(stack, bootstrap, stage, phases, timeout_s)
     load = f"{load_before} -> {loadavg()}"
     if phase_bytes is None:
         phase_bytes = [int(statistics.median(await sizes(bootstrap, src, 300)))] * len(phases)
     rows = []
-    for phase, size, rate, ceil, secs, cpu_us, ceil_cpu in zip(phases, phase_bytes, rates, ceiling.rates, seconds,
-                                                               cpu, ceiling.cpu_us, strict=True):
+    for phase, size, rate, ceil, secs, cpu_us, ceil_cpu in zip(phases, phase_bytes, rates, ceiling_rates, seconds,
+                                                               cpu, ceiling_cpu, strict=True):
         rows.append(Row(stage=stage, phase=phase.label, input_topic=src, records=phase.inputs,
                         input_bytes=size, stage_rate=rate, ceiling_rate=ceil,
                         stage_s=secs, startup_s=startup, load=load, attempt=attempt, stage_cpu_us=cpu_us,
@@ -227,17 +242,23 @@ async def run(stack: Stack, bootstrap: str, stages: list[str], records: int, mix
     mixed = keyed(e for i in range(records, records + mix_turns) for e in [*small_events(i), turn_ended_envelope(i)])
     await fill(bootstrap, "opencode.events", turned + mixed)
     event_bytes = [int(statistics.median(len(v) for _, v in part)) for part in (turned, mixed) if part]
+    # the ceiling's copies of each part of opencode.events, to time it on each part alone
+    event_topics = [name for name, part in (("bench.src.turn_ended", turned), ("bench.src.mix", mixed)) if part]
+    await create_topics(bootstrap, event_topics)
+    for name, part in zip(event_topics, [p for p in (turned, mixed) if p], strict=True):
+        await fill(bootstrap, name, part)
     print(f"opencode.events: {records} turn_ended + {mix_turns} turns of 9 events (load {loadavg()})",
           file=sys.stderr)
     rows: list[Row] = []
     for stage in stages:
         phases = phases_for(stage, records, mix_turns)
-        known = event_bytes if STAGES[stage].input == "opencode.events" else None
-        rows += await measure(stack, bootstrap, stage, phases, logdir, 1, timeout_s, known)
+        on_events = STAGES[stage].input == "opencode.events"
+        known, topics = (event_bytes, event_topics) if on_events else (None, None)
+        rows += await measure(stack, bootstrap, stage, phases, logdir, 1, timeout_s, known, topics)
         if repeat_busy and load_is_high() and stage not in NO_REPEAT:
             print(f"{stage}: load {loadavg()} is high; measuring again on a copy of its input", file=sys.stderr)
             await copy_head(bootstrap, STAGES[stage].input, sum(p.inputs for p in phases))
-            rows += await measure(stack, bootstrap, stage, phases, logdir, 2, timeout_s, known)
+            rows += await measure(stack, bootstrap, stage, phases, logdir, 2, timeout_s, known, topics)
     return rows
 
 
