@@ -101,6 +101,10 @@ def cmd_worker(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         await export_lag_forever(cfg.kafka.bootstrap, args.stage, interval_s=15.0)
     metrics.serve(args.metrics_port if args.metrics_port is not None else cfg.metrics.port, cfg.metrics.host)
     worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
+    # faust's terminal spinner, when on, sets the root logger to DEBUG so that it can spin on
+    # every record: each debug line of faust and aiokafka is then formatted (a third of a
+    # worker's CPU in bench/stages.py)
+    worker.spinner = None
     worker.execute_from_commandline()
     return 0
 

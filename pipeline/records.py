@@ -9,7 +9,7 @@ Two optional compiled libraries make the common case fast without changing any a
   json module gives (no integer beyond 64 bits in the text it parses; only plain JSON values,
   floats outside the exponent range excepted, in what it writes: see is_plain_json), and json
   does everything else, errors included.
-Without them (`pip install jsonschema-rs orjson`) every record takes the json/jsonschema path.
+Both are dependencies; without them (an install that left them out) every record takes the json/jsonschema path.
 """
 
 from __future__ import annotations

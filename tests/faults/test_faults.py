@@ -121,23 +121,45 @@ class Feeder:
             self.error = exc
 
     async def _run(self) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True, acks="all",
-                                    request_timeout_ms=10_000)
-        await producer.start()
+        producer: AIOKafkaProducer | None = None
         try:
             for i, (key, value) in enumerate(self.records):
                 if i == self.first:
                     await asyncio.to_thread(self._gate.wait)
                 while True:
                     try:
-                        await producer.send_and_wait("sessions.idle", value=value, key=key)
+                        if producer is None:
+                            producer = await self._producer()
+                        # bounded: an aiokafka producer whose broker went away mid-send can wait
+                        # forever for that batch, so a stuck send gets a new producer instead
+                        await asyncio.wait_for(
+                            producer.send_and_wait("sessions.idle", value=value, key=key), 15)
                         break
-                    except KafkaError:
+                    except (KafkaError, TimeoutError):
+                        if producer is not None:
+                            await self._close(producer)
+                            producer = None
                         await asyncio.sleep(0.5)
                 self.produced += 1
                 await asyncio.sleep(self.interval_s)
         finally:
-            await producer.stop()
+            if producer is not None:
+                await self._close(producer)
+
+    async def _producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True, acks="all",
+                                    request_timeout_ms=10_000)
+        try:
+            await asyncio.wait_for(producer.start(), 15)
+        except BaseException:
+            await self._close(producer)
+            raise
+        return producer
+
+    @staticmethod
+    async def _close(producer: AIOKafkaProducer) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.stop(), 10)
 
 
 # ---------------------------------------------------------------- reading what happened

@@ -386,17 +386,20 @@ async def test_restart_with_state_dir_neither_doubles_nor_loses(tmp_path: Path) 
         # Restarted: nothing new to report, so not even a message fetch.
         fetched = fake.message_requests
         second_sink = MemorySink()
-        second = collector([host("h", fake.url)], second_sink, state_dir=tmp_path)
+        # A lenient silence limit: a reconnect on a loaded machine would reconcile again and
+        # blur what this case counts.
+        second = collector([host("h", fake.url)], second_sink, state_dir=tmp_path,
+                           heartbeat_period_s=1.0)
         async with running(second):
-            await until(lambda: second.stats["h"].reconciles == 1)
+            await until(lambda: second.stats["h"].reconciles >= 1 and bool(fake.streams))
             await asyncio.sleep(0.1)
             assert second_sink.turns() == [] and fake.message_requests == fetched
-            # ...and what ended while it was down is reported once.
+            # ...and what ended next is reported once, though both idle frames ask for it.
             fake.put_session("ses_c", turn("ses_c", 1) + turn("ses_c", 2), updated=now_ms() + 5)
             fake.push(*idle_frames("ses_c"))
-            await until(lambda: len(second_sink.turns()) == 1)
-            await until(lambda: second.stats["h"].turns_unchanged == 1)
-        assert second_sink.turns()[0]["session_id"] == "ses_c"
+            await until(lambda: len(second_sink.turns()) >= 1)
+            await asyncio.sleep(0.3)
+        assert [t["session_id"] for t in second_sink.turns()] == ["ses_c"]
 
         # A fresh state dir has no memory: the control case, it re-emits every completed turn
         # in the listings (ses_c's two and ses_d's one); ingest dedupes them by snapshot id.
