@@ -448,7 +448,11 @@ class HostStats:
 class HostState:
     """What one host's collector has reported, persisted so a restart neither loses nor doubles.
 
-    `sessions[id]` = {snapshot_id, last_message_id, session_updated, reported_at}.
+    `sessions[id]` = {snapshot_id, last_message_id, last_message_digest, session_updated,
+    reported_at}: the last reported turn is known by its final message (id and digest), which
+    stays in later listings unchanged, not by `snapshot_id`, whose window moves once a session
+    outgrows `max_messages`. Files from before `last_message_digest` still load (see
+    `_already_reported`); `snapshot_id` stays for collectors that predate it.
     `watermark_ms` is the newest session `time.updated` handled; reconcile looks at sessions
     updated after it (minus a slack) and at none older, except on first start.
     """
@@ -574,6 +578,32 @@ def _settled_timeout(listing: Sequence[Mapping[str, Any]]) -> bool:
 
 def _has_assistant(listing: Sequence[Mapping[str, Any]]) -> bool:
     return any((m.get("info") or {}).get("role") == "assistant" for m in listing)
+
+
+def _message_id(message: Mapping[str, Any]) -> Any:
+    return (message.get("info") or {}).get("id")
+
+
+def _message_digest(host: str, session_id: str, message: Mapping[str, Any]) -> str:
+    """What a turn's final message holds (completion, error, parts), hashed as snapshots are."""
+    return snapshot_id(host, session_id, [message])
+
+
+def _already_reported(previous: Mapping[str, Any] | None, last_message: Mapping[str, Any],
+                      digest: str) -> bool:
+    """Whether the turn ending in `last_message` was reported as it is now.
+
+    Decided by that message alone: the window of messages sent with a turn is cut from the
+    listing, which starts later as the session grows, so its snapshot id changes although the
+    turn did not. A late update (an unsettled turn that settled) changes the final message.
+    """
+    message_id = _message_id(last_message)
+    if previous is None or message_id is None or previous.get("last_message_id") != message_id:
+        return False
+    recorded = previous.get("last_message_digest")
+    # A state file from before digests: the same final message is taken as that turn. A late
+    # update to it goes unreported, once, rather than every long session's turn being re-sent.
+    return recorded is None or recorded == digest
 
 
 def _updated_ms(session: Mapping[str, Any]) -> int | None:
@@ -816,7 +846,8 @@ class _HostRunner:
         for end in self._unreported(listing, ends, previous):
             kept = listing[:end][-self._s.max_messages:]
             snap = snapshot_id(self.host.name, session_id, kept)
-            if previous is not None and previous.get("snapshot_id") == snap:
+            digest = _message_digest(self.host.name, session_id, listing[end - 1])
+            if _already_reported(previous, listing[end - 1], digest):
                 self.stats.turns_unchanged += 1
             elif request.source != "sse" and not _has_assistant(kept):
                 pass  # nothing has answered yet, so no turn ended; remembered so polls skip it
@@ -829,17 +860,18 @@ class _HostRunner:
                 self.stats.turns_emitted += 1
                 if request.backfill:
                     self.stats.backfills += 1
-            self._remember(session_id, snap, kept, _updated_ms(session))
+            self._remember(session_id, snap, kept, digest, _updated_ms(session))
             previous = self.state.sessions.get(session_id)
 
     @staticmethod
     def _unreported(listing: Sequence[Mapping[str, Any]], ends: list[int],
                     previous: Mapping[str, Any] | None) -> list[int]:
         """The turn ends after the last one this collector reported (all of them if it never
-        reported this session, or if that message fell out of the listing window)."""
+        reported this session, or if that message fell out of the listing window), and the
+        reported one itself, which `_already_reported` tells apart from a late update."""
         last_id = previous.get("last_message_id") if previous else None
-        ids = [(m.get("info") or {}).get("id") for m in listing]
-        if last_id in ids:
+        ids = [_message_id(m) for m in listing]
+        if last_id is not None and last_id in ids:
             reported_end = ids.index(last_id) + 1
             newer = [e for e in ends if e > reported_end]
             # the reported turn itself may have changed since (a late update): re-check it
@@ -869,10 +901,10 @@ class _HostRunner:
             delay = min(delay * 2, self._s.settle_max_delay_s)
 
     def _remember(self, session_id: str, snap: str, kept: Sequence[Mapping[str, Any]],
-                  updated: int | None) -> None:
-        last_id = (kept[-1].get("info") or {}).get("id") if kept else None
+                  last_message_digest: str, updated: int | None) -> None:
         self.state.sessions[session_id] = {
-            "snapshot_id": snap, "last_message_id": last_id, "session_updated": updated or 0,
+            "snapshot_id": snap, "last_message_id": _message_id(kept[-1]) if kept else None,
+            "last_message_digest": last_message_digest, "session_updated": updated or 0,
             "reported_at": self._clock.now_ms(),
         }
         if len(self.state.sessions) > self._s.max_tracked_sessions:

@@ -33,6 +33,7 @@ from pipeline.collector import (
 )
 from pipeline.config import HostConfig
 from pipeline.envelope import EventFilter, normalise
+from pipeline.snapshot import snapshot_id
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -408,6 +409,79 @@ async def test_restart_with_state_dir_neither_doubles_nor_loses(tmp_path: Path) 
         async with running(third):
             await until(lambda: len(third_sink.turns()) >= 3)
         assert sorted(t["session_id"] for t in third_sink.turns()) == ["ses_c", "ses_c", "ses_d"]
+
+
+def turns_of(session_id: str, count: int) -> list[dict[str, Any]]:
+    """The listing of a session that has had `count` completed turns, oldest first."""
+    return [message for n in range(1, count + 1) for message in turn(session_id, n)]
+
+
+def last_message_ids(turns: list[dict[str, Any]]) -> list[str]:
+    return [t["properties"]["messages"][-1]["info"]["id"] for t in turns]
+
+
+async def end_turn(fake: FakeDaemon, sink: MemorySink, session_id: str, count: int) -> None:
+    """The session's `count`th turn ends: its listing grows and one idle frame says so."""
+    reported = len(sink.turns())
+    fake.put_session(session_id, turns_of(session_id, count))
+    fake.push(frame("session.idle", {"sessionID": session_id}))
+    await until(lambda: len(sink.turns()) > reported)
+
+
+@pytest.mark.asyncio
+async def test_turns_beyond_max_messages_are_each_reported_once_across_restarts(
+        tmp_path: Path) -> None:
+    # Two turns fill max_messages=4: from the third on, the listing (fetched with that limit)
+    # starts after the first message, so every earlier turn's window is cut shorter than it
+    # was when that turn was reported, and its windowed snapshot id is not the reported one.
+    settings: dict[str, Any] = dict(max_messages=4, state_dir=tmp_path, heartbeat_period_s=1.0)
+    async with daemon() as fake:
+        sink = MemorySink()
+        first = collector([host("h", fake.url)], sink, **settings)
+        async with running(first):
+            await until(lambda: first.stats["h"].reconciles >= 1 and bool(fake.streams))
+            for count in (1, 2, 3):
+                await end_turn(fake, sink, "ses_w", count)
+            await asyncio.sleep(0.3)  # room for a duplicate to show up
+        assert last_message_ids(sink.turns()) == ["msg_0001b", "msg_0002b", "msg_0003b"]
+        assert [len(t["properties"]["messages"]) for t in sink.turns()] == [2, 4, 4]
+
+        second_sink = MemorySink()
+        second = collector([host("h", fake.url)], second_sink, **settings)
+        async with running(second):
+            await until(lambda: second.stats["h"].reconciles >= 1 and bool(fake.streams))
+            # an idle with nothing new after the restart: the reported turn is recognised
+            fake.push(frame("session.idle", {"sessionID": "ses_w"}))
+            await until(lambda: second.stats["h"].turns_unchanged >= 1)
+            await end_turn(fake, second_sink, "ses_w", 4)
+            await asyncio.sleep(0.3)
+        assert last_message_ids(second_sink.turns()) == ["msg_0004b"]
+        [fourth] = second_sink.turns()
+        assert [m["info"]["id"] for m in fourth["properties"]["messages"]] == [
+            "msg_0003a", "msg_0003b", "msg_0004a", "msg_0004b"]
+
+
+@pytest.mark.asyncio
+async def test_a_state_file_from_before_turn_digests_does_not_resend_the_reported_turn(
+        tmp_path: Path) -> None:
+    # What an older collector saved after reporting turn 2 of a session: a snapshot id of the
+    # window it sent and the last message id, no digest of that message.
+    reported_window = turns_of("ses_v", 2)
+    legacy = {"version": 1, "host": "h", "watermark_ms": None, "sessions": {"ses_v": {
+        "snapshot_id": snapshot_id("h", "ses_v", reported_window), "last_message_id": "msg_0002b",
+        "session_updated": 0, "reported_at": 0}}}
+    state_file(tmp_path, "h").write_text(json.dumps(legacy))
+    sink = MemorySink()
+    async with daemon() as fake:
+        fake.put_session("ses_v", turns_of("ses_v", 3))
+        c = collector([host("h", fake.url)], sink, max_messages=4, state_dir=tmp_path)
+        async with running(c):
+            await until(lambda: len(sink.turns()) >= 1)  # the connect's reconcile finds turn 3
+            await asyncio.sleep(0.3)
+    [backfilled] = sink.turns()
+    assert last_message_ids([backfilled]) == ["msg_0003b"] and backfilled["backfill"]
+    saved = json.loads(state_file(tmp_path, "h").read_text())["sessions"]["ses_v"]
+    assert saved["last_message_id"] == "msg_0003b"
 
 
 @pytest.mark.asyncio
