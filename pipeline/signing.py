@@ -24,6 +24,11 @@ from typing import Any, Literal
 
 from pipeline import __version__
 
+try:
+    import orjson
+except ImportError:  # a dependency; without it bodies are written by json (same values)
+    orjson = None  # type: ignore[assignment]
+
 __all__ = [
     "ATTESTATION_TTL_S",
     "ENGINE_VERSION",
@@ -113,6 +118,16 @@ def canonical_body(
             "plugin_version": plugin_version,
         },
     }
+    if orjson is not None:
+        # The panel hashes and verifies the bytes it receives, whatever their spelling, so the
+        # body need only be a faithful JSON text of the record: orjson writes one in a sixth of
+        # json's time. Its one unfaithful case, NaN/Infinity written as null, cannot occur in a
+        # record that came through records.decode, which refuses both; a lone surrogate or an
+        # integer beyond 64 bits, which orjson refuses, takes compact_json's path.
+        try:
+            return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass
     return compact_json(body, sort_keys=True).encode("utf-8")
 
 
@@ -120,7 +135,7 @@ def sign(body: bytes, secret: str) -> str:
     """Lower-case hex HMAC-SHA256 of the raw body bytes (`X-Panel-Ingest-Sig`)."""
     if not secret:
         raise ValueError("refusing to sign with an empty secret")
-    return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+    return hmac.digest(secret.encode("utf-8"), body, "sha256").hex()
 
 
 # ---------------------------------------------------------------- attestation JWT
@@ -138,8 +153,11 @@ def _b64url_decode(part: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
+_HEADER_B64 = _b64url(compact_json(_HEADER).encode("utf-8"))
+
+
 def _hs256(signing_input: str, secret: str) -> bytes:
-    return hmac.new(secret.encode("utf-8"), signing_input.encode("ascii"), hashlib.sha256).digest()
+    return hmac.digest(secret.encode("utf-8"), signing_input.encode("ascii"), "sha256")
 
 
 def mint_attestation(
@@ -168,11 +186,7 @@ def mint_attestation(
         "mode": mode,
         "engine_version": engine_version,
     }
-    signing_input = (
-        _b64url(compact_json(_HEADER).encode("utf-8"))
-        + "."
-        + _b64url(compact_json(claims).encode("utf-8"))
-    )
+    signing_input = _HEADER_B64 + "." + _b64url(compact_json(claims).encode("utf-8"))
     return signing_input + "." + _b64url(_hs256(signing_input, secret))
 
 

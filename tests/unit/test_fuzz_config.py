@@ -169,6 +169,8 @@ def documents(draw: st.DrawFn, max_faults: int = 3) -> tuple[dict[str, Any], lis
             value = draw(wrong_values)
             table[key] = value
             faults.append(path)
+            if path in certain:  # a second fault in the same place replaces the first one's value
+                certain.remove(path)
             if spec is not None and key not in URL_KEYS and spec.check(value) is not None:
                 certain.append(path)
         elif kind == "unknown":

@@ -156,6 +156,32 @@ def test_canonical_body_is_deterministic_whatever_the_key_order() -> None:
     assert canonical_body(record, "opencode", "1") == canonical_body(shuffled, "opencode", "1")
 
 
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(alphabet=st.characters(), max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=12)
+
+
+@given(_JSON_VALUES)
+def test_canonical_body_says_what_the_record_holds_whichever_writer_wrote_it(content: Any) -> None:
+    # orjson writes the body when it can and json when it cannot (a lone surrogate, a huge int):
+    # the bytes may differ in spelling (1e-05 / 0.00001) but never in value, and they are
+    # always UTF-8 the panel can parse
+    record = scrubbed()
+    record["messages"][0]["content"] = content
+    body = canonical_body(record, "opencode", "1")
+    expected = json.loads(canonical_body(scrubbed(), "opencode", "1"))
+    expected["blob"]["messages"][0]["content"] = content
+    assert json.loads(body.decode("utf-8")) == expected
+
+
+def test_canonical_body_escapes_a_lone_surrogate_as_javascript_does() -> None:
+    record = scrubbed()
+    record["messages"][0]["content"] = "cut \ud83d"
+    assert b'"cut \\ud83d"' in canonical_body(record, "opencode", "1")
+
+
 def test_canonical_body_refuses_a_record_that_was_never_scrubbed() -> None:
     record = scrubbed(schema="trace.sampled/1")
     del record["scrub"]

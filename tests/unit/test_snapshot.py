@@ -6,8 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
+import pipeline.snapshot as snapshot_module
 from pipeline.envelope import MalformedEvent, normalise, turn_ended
 from pipeline.snapshot import (
     Emit,
@@ -286,3 +289,37 @@ def test_apply_event_is_pure_and_state_is_json() -> None:
                                max_messages=25, now_ms=NOW)
     assert from_dict == actions
     assert SessionState.from_dict(None) == SessionState()
+
+
+# ---------------------------------------------------------------- one id whichever writer hashes it
+
+_LEAF = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                  st.floats(allow_nan=False), st.text(alphabet=st.characters(), max_size=12),
+                  st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@example([("msg_1", "user", 1e-05, [("p", "text", None, float("inf"))])])  # json: 1e-05, Infinity
+@example([("msg_1", "user", 2**64, [("p", "text", "\ud800", 1)])])  # beyond orjson's ints; a lone surrogate
+@given(st.lists(st.tuples(_LEAF, _LEAF, _LEAF, st.lists(st.tuples(_LEAF, _LEAF, _LEAF, _LEAF), max_size=3)),
+                max_size=4))
+def test_snapshot_id_is_the_same_with_and_without_the_fast_writer(rows: list[Any]) -> None:
+    messages = [{"info": {"id": mid, "role": role, "time": {"completed": done}},
+                 "parts": [{"id": pid, "type": kind, "state": {"status": status}, "text": text}
+                           for pid, kind, status, text in parts]}
+                for mid, role, done, parts in rows]
+    fast = snapshot_id(HOST, "ses_x", messages)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(snapshot_module, "orjson", None)
+        assert snapshot_id(HOST, "ses_x", messages) == fast
+
+
+def test_snapshot_id_text_escapes_match_for_every_code_point() -> None:
+    # orjson writes the hashed text only because its escapes are json's: all of them, checked
+    text = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    messages = [{"info": {"id": "msg_1", "role": "user"},
+                 "parts": [{"id": "prt_1", "type": "text", "text": text}]}]
+    fast = snapshot_id(HOST, "ses_x", messages)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(snapshot_module, "orjson", None)
+        assert snapshot_id(HOST, "ses_x", messages) == fast
