@@ -21,6 +21,25 @@ log = logging.getLogger("pipeline")
 Command = Callable[[argparse.Namespace, config_mod.Config], int]
 COMMANDS: dict[str, Command] = {}
 
+# The failures a command reports in one line instead of a traceback: what the line says after
+# the program's name, and the exit code (2: the operator must fix the configuration). The
+# first entry the exception is an instance of wins, so subclasses come before their bases.
+FAILURE_EXITS: dict[type[Exception], tuple[str, int]] = {
+    ConfigError: ("config error: ", 2),
+    BrokerError: ("broker: ", 1),
+    PipelineError: ("", 1),
+    OpencodeError: ("opencode: ", 1),
+}
+
+
+def report_failure(prog: str, exc: Exception) -> int:
+    """Print `exc` as FAILURE_EXITS says, on stderr, and return its exit code."""
+    for kind, (label, code) in FAILURE_EXITS.items():
+        if isinstance(exc, kind):
+            print(f"{prog}: {label}{exc}", file=sys.stderr)
+            return code
+    raise exc
+
 
 def command(name: str) -> Callable[[Command], Command]:
     def register(fn: Command) -> Command:
@@ -287,18 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_mod.load(args.config)
         return COMMANDS[args.command](args, cfg)
-    except ConfigError as exc:
-        print(f"pipeline: config error: {exc}", file=sys.stderr)
-        return 2
-    except BrokerError as exc:
-        print(f"pipeline: broker: {exc}", file=sys.stderr)
-        return 1
-    except PipelineError as exc:
-        print(f"pipeline: {exc}", file=sys.stderr)
-        return 1
-    except OpencodeError as exc:
-        print(f"pipeline: opencode: {exc}", file=sys.stderr)
-        return 1
+    except tuple(FAILURE_EXITS) as exc:
+        return report_failure("pipeline", exc)
     except KeyboardInterrupt:
         return 130
 

@@ -112,6 +112,7 @@ def _console() -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m pipeline.lag_cli [--config F] [lag options]`: the same command without the rest of the CLI."""
     from pipeline import config as config_mod
+    from pipeline.cli import report_failure
     from pipeline.errors import BrokerError
 
     p = argparse.ArgumentParser(prog="python -m pipeline.lag_cli", description=__doc__,
@@ -121,12 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return run(args, config_mod.load(args.config))
-    except ConfigError as exc:
-        print(f"pipeline lag: config error: {exc}", file=sys.stderr)
-        return 2
-    except BrokerError as exc:
-        print(f"pipeline lag: broker: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, BrokerError) as exc:
+        return report_failure("pipeline lag", exc)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,17 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
+from pipeline.http_client import (
+    ClosingClient,
+    checked_base_url,
+    display_url,
+    no_answer_reason,
+    pooled_client,
+)
 from pipeline.retry import parse_retry_after
 
 __all__ = [
@@ -31,9 +36,6 @@ __all__ = [
     "PanelError",
     "PanelResponse",
     "PanelUnavailable",
-    "checked_base_url",
-    "display_url",
-    "require_explicit_timeout",
 ]
 
 INGEST_PATH = "/api/v1/traces"
@@ -74,35 +76,7 @@ class PanelResponse:
         return None
 
 
-def display_url(url: str) -> str:
-    """scheme://host[:port]/path without any user:password part, for reprs and errors."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
-def require_explicit_timeout(timeout: httpx.Timeout) -> httpx.Timeout:
-    """A client without a bound on every phase can hang a stage forever on one request."""
-    missing = [
-        name for name in ("connect", "read", "write", "pool") if getattr(timeout, name) is None
-    ]
-    if missing:
-        raise ValueError(
-            f"httpx.Timeout must set connect, read, write and pool; unset: {', '.join(missing)}"
-        )
-    return timeout
-
-
-def checked_base_url(url: str) -> str:
-    """`url` without its trailing slash; ValueError unless http(s) with a host."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base_url must be an http(s) URL with a host, got {display_url(url)!r}")
-    return url.rstrip("/")
-
-
-class PanelClient:
+class PanelClient(ClosingClient):
     """One pooled connection set to one panel endpoint; use as an async context manager."""
 
     def __init__(
@@ -116,15 +90,7 @@ class PanelClient:
     ) -> None:
         self.base_url = checked_base_url(base_url)
         self._clock = clock
-        # trust_env=False: proxies and netrc come from configuration, never silently from the
-        # environment of whichever host the stage runs on.
-        self._client = httpx.AsyncClient(
-            timeout=require_explicit_timeout(timeout),
-            transport=transport,
-            limits=limits or httpx.Limits(max_connections=20, max_keepalive_connections=10),
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self._client = pooled_client(timeout, transport, limits)
 
     def __repr__(self) -> str:
         return f"PanelClient({display_url(self.base_url)!r})"
@@ -146,13 +112,9 @@ class PanelClient:
             response = await self._client.post(
                 self.base_url + INGEST_PATH, content=body, headers=headers
             )
-        except httpx.TimeoutException as exc:
-            raise PanelUnavailable(
-                f"panel {self!r}: {type(exc).__name__}", reason="timeout"
-            ) from exc
         except httpx.HTTPError as exc:
             raise PanelUnavailable(
-                f"panel {self!r}: {type(exc).__name__}", reason="transport"
+                f"panel {self!r}: {type(exc).__name__}", reason=no_answer_reason(exc)
             ) from exc
         latency_ms = (time.perf_counter() - started) * 1000.0
         try:
@@ -168,14 +130,3 @@ class PanelClient:
                 response.headers.get("retry-after"), self._clock(), body_json
             ),
         )
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    async def __aenter__(self) -> PanelClient:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()

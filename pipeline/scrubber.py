@@ -27,12 +27,18 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from pipeline.panel import checked_base_url, display_url, require_explicit_timeout
+from pipeline.http_client import (
+    ClosingClient,
+    checked_base_url,
+    display_url,
+    no_answer_reason,
+    parse_json,
+    pooled_client,
+)
 from pipeline.retry import classify_http, parse_retry_after
 from pipeline.signing import AttestationError, compact_json, sha256_hex, verify_attestation
 
@@ -255,13 +261,9 @@ def _bad(detail: str) -> ScrubberBadAnswer:
     return ScrubberBadAnswer(f"scrubber answer rejected: {detail}", reason="bad_answer")
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _parse_answer(response: httpx.Response, sent: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     try:
-        answer = json.loads(response.content, parse_constant=_reject_constant)
+        answer = parse_json(response.content)
     except (ValueError, RecursionError):
         raise _bad("not JSON") from None
     if not isinstance(answer, dict):
@@ -313,7 +315,7 @@ def _check_status(response: httpx.Response, now: float, where: str) -> None:
 # ---------------------------------------------------------------- the client
 
 
-class ScrubberClient:
+class ScrubberClient(ClosingClient):
     """One pooled connection set to one scrubber; use as an async context manager."""
 
     def __init__(
@@ -340,13 +342,7 @@ class ScrubberClient:
         self._params = {"rules": ",".join(rules)} if rules else None
         self._tenant = tenant
         self._clock = clock
-        self._client = httpx.AsyncClient(
-            timeout=require_explicit_timeout(timeout),
-            transport=transport,
-            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self._client = pooled_client(timeout, transport)
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else "unset"
@@ -405,22 +401,8 @@ class ScrubberClient:
             return await self._client.post(
                 self.base_url + SCRUB_PATH, content=content, headers=headers, params=self._params
             )
-        except httpx.TimeoutException as exc:
-            raise ScrubberUnavailable(
-                f"scrubber {display_url(self.base_url)!r}: {type(exc).__name__}", reason="timeout"
-            ) from exc
         except httpx.HTTPError as exc:
             raise ScrubberUnavailable(
-                f"scrubber {display_url(self.base_url)!r}: {type(exc).__name__}", reason="transport"
+                f"scrubber {display_url(self.base_url)!r}: {type(exc).__name__}",
+                reason=no_answer_reason(exc),
             ) from exc
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    async def __aenter__(self) -> ScrubberClient:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()

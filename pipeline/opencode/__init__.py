@@ -1,38 +1,12 @@
 """Talking to ``opencode serve`` daemons: SSE parsing, the HTTP client, and the
-real-daemon and model-stub harnesses used by tests and demos."""
+real-daemon and model-stub harnesses used by tests and demos.
 
-from pipeline.opencode.client import (
-    DEFAULT_TIMEOUT,
-    InsecureHostError,
-    MalformedFrame,
-    OpencodeAuthError,
-    OpencodeClient,
-    OpencodeError,
-    OpencodeNotFound,
-    OpencodeProtocolError,
-    OpencodeUnavailable,
-    TaskResult,
-    reply_text,
-    split_model,
-    unwrap_event,
-)
-from pipeline.opencode.sse import SSEFrame, SSEFrameTooLarge, SSEParser
+The package exports what its client and SSE modules export, so each name is listed once, in
+the module that defines it.
+"""
 
-__all__ = [
-    "DEFAULT_TIMEOUT",
-    "InsecureHostError",
-    "MalformedFrame",
-    "OpencodeAuthError",
-    "OpencodeClient",
-    "OpencodeError",
-    "OpencodeNotFound",
-    "OpencodeProtocolError",
-    "OpencodeUnavailable",
-    "SSEFrame",
-    "SSEFrameTooLarge",
-    "SSEParser",
-    "TaskResult",
-    "reply_text",
-    "split_model",
-    "unwrap_event",
-]
+from pipeline.opencode import client, sse
+from pipeline.opencode.client import *  # noqa: F403
+from pipeline.opencode.sse import *  # noqa: F403
+
+__all__ = [*client.__all__, *sse.__all__]

@@ -18,16 +18,15 @@ ever echoes it back).
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, TypedDict
 from urllib.parse import quote, urlsplit
 
 import httpx
 
+from pipeline.http_client import ClosingClient, parse_json
 from pipeline.opencode.sse import DEFAULT_MAX_FRAME_BYTES, SSEFrameTooLarge, SSEParser
 
 __all__ = [
@@ -146,7 +145,7 @@ def unwrap_event(frame: Mapping[str, Any]) -> dict[str, Any]:
     return dict(body) if isinstance(body, Mapping) else {}
 
 
-class OpencodeClient:
+class OpencodeClient(ClosingClient):
     """One daemon. Use as ``async with OpencodeClient(...) as client:``."""
 
     def __init__(
@@ -183,7 +182,7 @@ class OpencodeClient:
         self._turn_timeout = turn_timeout
         self._max_frame_bytes = max_frame_bytes
         self._secret = password or None
-        self._http = httpx.AsyncClient(
+        self._client = httpx.AsyncClient(
             base_url=self.base_url,
             auth=httpx.BasicAuth(username, password) if password else None,
             timeout=timeout,
@@ -197,20 +196,6 @@ class OpencodeClient:
             f"OpencodeClient(base_url={self.base_url!r}, username={self.username!r}, "
             f"auth={'basic' if self._secret else 'none'}, directory={self.directory!r})"
         )
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def __aenter__(self) -> OpencodeClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- the API ---------------------------------------------------------
 
@@ -352,7 +337,7 @@ class OpencodeClient:
         scoped: bool = True,
     ) -> Any:
         with self._boundary(method, path):
-            response = await self._http.request(
+            response = await self._client.request(
                 method,
                 path,
                 params=self._params(params, scoped),
@@ -371,14 +356,14 @@ class OpencodeClient:
     @asynccontextmanager
     async def _stream(self, method: str, path: str, *, scoped: bool) -> AsyncIterator[httpx.Response]:
         with self._boundary(method, path):
-            request = self._http.build_request(
+            request = self._client.build_request(
                 method,
                 path,
                 params=self._params(None, scoped),
                 headers={"Accept": "text/event-stream"},
                 timeout=self._timeout,
             )
-            response = await self._http.send(request, stream=True)
+            response = await self._client.send(request, stream=True)
         try:
             with self._boundary(method, path):
                 if response.status_code >= 300:
@@ -411,13 +396,9 @@ class OpencodeClient:
         raise OpencodeProtocolError(detail, status_code=status)
 
 
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN / Infinity could never be signed downstream
-
-
 def _decode_frame(data: str, invalid_utf8: bool) -> dict[str, Any] | MalformedFrame:
     try:
-        parsed = json.loads(data, parse_constant=_not_json)
+        parsed = parse_json(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         return MalformedFrame("not-json", data, str(exc)[:200])
     if invalid_utf8:

@@ -14,11 +14,13 @@ adds test controls under `/_stub/`, so a test in another process can drive and i
 Three ways to run one: `async with StubPanel(...) as stub` (on a free loopback port, in the
 running loop); `with StubPanel(...).in_thread() as stub` (its own loop in a daemon thread, for
 sync code); `python -m pipeline.stubs.panel --port N` (its own process, see `main`).
-This module holds what both stubs share: lifecycle, fault knobs and the control routes.
+This module holds what both stubs share: lifecycle, config and clock, fault knobs, the control
+routes, and running as a process.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -28,19 +30,27 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 from aiohttp import web
 
-__all__ = ["FaultKnobs", "StubServer", "json_response", "serve_until_signalled"]
+__all__ = [
+    "FaultKnobs",
+    "StubServer",
+    "json_response",
+    "run_stub_process",
+    "serve_until_signalled",
+    "stub_arg_parser",
+]
 
 log = logging.getLogger(__name__)
 
 STUB_PREFIX = "/_stub/"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ConfigT = TypeVar("ConfigT")
 
 
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -104,13 +114,24 @@ class FaultKnobs:
         return state
 
 
-class StubServer:
-    """Lifecycle and fault handling shared by the stubs; subclasses add routes."""
+class StubServer(Generic[ConfigT]):
+    """Lifecycle and fault handling shared by the stubs; subclasses add routes and name the
+    type of their config, whose defaults are used when none is given."""
 
     name = "stub"
     max_body_bytes = 32 * 1024 * 1024
+    config_type: type[ConfigT]
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        config: ConfigT | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config if config is not None else self.config_type()
+        # Rate windows and attestation times read this, so a test can shift the stub in time.
+        self.clock = clock
         self.host = host
         self.port = port
         self.faults = FaultKnobs()
@@ -118,6 +139,7 @@ class StubServer:
         self.lock = threading.Lock()
         self.faulted = 0
         self._runner: web.AppRunner | None = None
+        self.reset_records()
 
     # ------------------------------------------------------------ for subclasses
 
@@ -277,7 +299,7 @@ class StubServer:
             thread.join(start_timeout_s)
 
 
-async def serve_until_signalled(server: StubServer) -> None:
+async def serve_until_signalled(server: StubServer[Any]) -> None:
     """Run until SIGTERM or SIGINT; prints the URL on stdout so a parent process can read it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -289,3 +311,33 @@ async def serve_until_signalled(server: StubServer) -> None:
         await stop.wait()
     finally:
         await server.stop()
+
+
+# ---------------------------------------------------------------- its own process
+
+
+def stub_arg_parser(prog: str, description: str, default_port: int) -> argparse.ArgumentParser:
+    """A parser with the options every stub process takes: --host, --port and --verbose."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=default_port, help="0 picks a free port (printed)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def run_stub_process(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    make_server: Callable[[argparse.Namespace], StubServer[Any]],
+) -> int:
+    """A stub's `main`: parse argv, set up logging, then serve until signalled.
+
+    `make_server` runs after logging is set up, so what it logs about its config is seen.
+    """
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve_until_signalled(make_server(args)))
+    return 0

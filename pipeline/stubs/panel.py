@@ -17,7 +17,6 @@ fault knobs as in pipeline.stubs.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import hmac
 import json
@@ -26,14 +25,14 @@ import math
 import os
 import re
 import sys
-import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from pipeline.http_client import parse_json
 from pipeline.signing import (
     AttestationError,
     compact_json,
@@ -41,7 +40,7 @@ from pipeline.signing import (
     sha256_hex,
     verify_attestation,
 )
-from pipeline.stubs import StubServer, json_response, serve_until_signalled
+from pipeline.stubs import StubServer, json_response, run_stub_process, stub_arg_parser
 
 __all__ = ["PanelStubConfig", "StubPanel", "main"]
 
@@ -97,10 +96,6 @@ class _Refusal(Exception):
             headers,
             extra,
         )
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # JSON.parse refuses NaN and Infinity too
 
 
 def _body_problem(body: Any) -> str | None:
@@ -161,20 +156,9 @@ def split_units(trace_id: str, blob: Mapping[str, Any]) -> tuple[list[str], int,
     return ids, len(units) - llm, llm, skipped
 
 
-class StubPanel(StubServer):
+class StubPanel(StubServer[PanelStubConfig]):
     name = "stub-panel"
-
-    def __init__(
-        self,
-        config: PanelStubConfig | None = None,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(host, port)
-        self.config = config or PanelStubConfig()
-        self.clock = clock
-        self.reset_records()
+    config_type = PanelStubConfig
 
     # ------------------------------------------------------------ records
 
@@ -275,7 +259,7 @@ class StubPanel(StubServer):
         if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected.encode("ascii")):
             raise _Refusal(401, "bad_signature")
         try:
-            body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            body = parse_json(raw.decode("utf-8"))
         except (ValueError, RecursionError):
             raise _Refusal(400, "bad_json") from None
         claims = None
@@ -378,14 +362,13 @@ class StubPanel(StubServer):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.stubs.panel",
-        description="Stub panel ingest. Secrets come from the environment, as the panel reads "
-        "them: PANEL_INGEST_SECRET_<SITE> for each --site-key, PANEL_INGEST_SECRET as the "
-        "fallback, SCRUBBER_JWT_SECRET to verify attestations.",
+    p = stub_arg_parser(
+        "python -m pipeline.stubs.panel",
+        "Stub panel ingest. Secrets come from the environment, as the panel reads them: "
+        "PANEL_INGEST_SECRET_<SITE> for each --site-key, PANEL_INGEST_SECRET as the fallback, "
+        "SCRUBBER_JWT_SECRET to verify attestations.",
+        DEFAULT_PORT,
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (printed)")
     p.add_argument(
         "--site-key",
         action="append",
@@ -412,16 +395,15 @@ def _parser() -> argparse.ArgumentParser:
         default=100 * 1024,
         help="answer 202 pending above this blob size (default 102400)",
     )
-    p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    return run_stub_process(_parser(), argv, _from_environment)
+
+
+def _from_environment(args: argparse.Namespace) -> StubPanel:
+    """The stub the options and the environment describe; warns when it would refuse all."""
     site_keys = args.site_keys or ["pk_test_thirdparty"]
     # The one place the stub reads the environment.
     site_secrets = {
@@ -448,8 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning(
             "--require-scrub without SCRUBBER_JWT_SECRET: attestations will be refused no_secret"
         )
-    asyncio.run(serve_until_signalled(StubPanel(config, args.host, args.port)))
-    return 0
+    return StubPanel(config, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -15,24 +15,22 @@ when tenants are configured. `GET /health`, `GET /metrics` (Prometheus text); fa
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hmac
-import json
 import logging
 import os
 import re
 import sys
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from pipeline.http_client import parse_json
 from pipeline.signing import compact_json, mint_attestation, sha256_hex, verify_attestation
-from pipeline.stubs import StubServer, json_response, serve_until_signalled
+from pipeline.stubs import StubServer, json_response, run_stub_process, stub_arg_parser
 
 __all__ = ["RULES", "Redactor", "Rule", "ScrubberStubConfig", "StubScrubber", "main"]
 
@@ -64,6 +62,12 @@ _LONG_TOKEN = _PLACEHOLDER_AHEAD + r"""(?:\\?["'])?(?P<v1>[A-Za-z0-9+/_.~=-]{16,
 _ASSIGN = r"""(?:\\?["'])?\s*[=:]\s*"""
 _VALUE_GROUPS = ("v1", "v2", "v3", "v4")
 
+
+def _assignment_rule(name: str, value: str) -> Rule:
+    """`name = value` (or `name: value`, quoted or not): the value is the secret."""
+    return Rule("SECRET", re.compile(name + _ASSIGN + value), groups=_VALUE_GROUPS)
+
+
 RULES: tuple[Rule, ...] = (
     Rule(
         "PRIVATE_KEY",
@@ -93,33 +97,20 @@ RULES: tuple[Rule, ...] = (
     Rule("GOOGLE_KEY", re.compile(r"(?<![A-Za-z0-9])AIza[0-9A-Za-z_-]{35}")),
     Rule("SECRET", re.compile(r"(?i)\bbearer\s+" + _LONG_TOKEN), groups=_VALUE_GROUPS),
     # NAME_KEY=value, SOMETHING_SECRET: value, PASSWORD=value: an upper-case name says "secret".
-    Rule(
-        "SECRET",
-        re.compile(
-            r"(?<![A-Za-z0-9_])[A-Z0-9_]*(?:KEY|SECRET|TOKEN|PASSWORD|PASSWD|PWD|PASS|CREDENTIALS?|AUTH)"
-            + _ASSIGN
-            + _VALUE
-        ),
-        groups=_VALUE_GROUPS,
+    _assignment_rule(
+        r"(?<![A-Za-z0-9_])[A-Z0-9_]*(?:KEY|SECRET|TOKEN|PASSWORD|PASSWD|PWD|PASS|CREDENTIALS?|AUTH)",
+        _VALUE,
     ),
     # password / secret under any spelling: any value.
-    Rule(
-        "SECRET",
-        re.compile(
-            r"(?i)(?<![A-Za-z0-9])[A-Za-z0-9_-]*(?:passw(?:or)?d|pwd|secret|credential)[A-Za-z0-9_-]*"
-            + _ASSIGN
-            + _VALUE
-        ),
-        groups=_VALUE_GROUPS,
+    _assignment_rule(
+        r"(?i)(?<![A-Za-z0-9])[A-Za-z0-9_-]*(?:passw(?:or)?d|pwd|secret|credential)[A-Za-z0-9_-]*",
+        _VALUE,
     ),
     # key / token under any spelling: only a long token-looking value, so `key: 3` survives.
-    Rule(
-        "SECRET",
-        re.compile(
-            r"(?i)(?<![A-Za-z0-9])[A-Za-z0-9_-]*(?:api[_-]?key|access[_-]?key|private[_-]?key|token|auth)"
-            r"[A-Za-z0-9_-]*" + _ASSIGN + _LONG_TOKEN
-        ),
-        groups=_VALUE_GROUPS,
+    _assignment_rule(
+        r"(?i)(?<![A-Za-z0-9])[A-Za-z0-9_-]*(?:api[_-]?key|access[_-]?key|private[_-]?key|token|auth)"
+        r"[A-Za-z0-9_-]*",
+        _LONG_TOKEN,
     ),
     Rule(
         "EMAIL",
@@ -173,10 +164,6 @@ class Redactor:
         )
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # as JSON.parse: no NaN, no Infinity
-
-
 def _node_utf8(text: str) -> bytes:
     # Node's Buffer.from(string) writes a lone surrogate as U+FFFD; Python would refuse it.
     return re.sub(r"[\ud800-\udfff]", "\ufffd", text).encode("utf-8")
@@ -190,20 +177,9 @@ class ScrubberStubConfig:
     tenants: frozenset[str] | None = None  # None: any x-tenant-id is accepted
 
 
-class StubScrubber(StubServer):
+class StubScrubber(StubServer[ScrubberStubConfig]):
     name = "stub-scrubber"
-
-    def __init__(
-        self,
-        config: ScrubberStubConfig | None = None,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(host, port)
-        self.config = config or ScrubberStubConfig()
-        self.clock = clock
-        self.reset_records()
+    config_type = ScrubberStubConfig
 
     def reset_records(self) -> None:
         self._requests: Counter[tuple[str, int]] = Counter()  # (mode or route, status)
@@ -282,7 +258,7 @@ class StubScrubber(StubServer):
                 "bad_rules", 400, {"error": f"unknown rule packs; known: {sorted(PACKS)}"}
             )
         try:
-            body = json.loads(await request.read(), parse_constant=_reject_constant)
+            body = parse_json(await request.read())
         except (ValueError, RecursionError):
             body = None
         if (
@@ -363,14 +339,13 @@ class StubScrubber(StubServer):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.stubs.scrubber",
-        description="Stub scrubber. From the environment, as the real one: SCRUBBER_API_KEY "
-        "(when set, x-scrubber-key is required) and SCRUBBER_JWT_SECRET (when set, "
-        "answers carry an attestation).",
+    p = stub_arg_parser(
+        "python -m pipeline.stubs.scrubber",
+        "Stub scrubber. From the environment, as the real one: SCRUBBER_API_KEY (when set, "
+        "x-scrubber-key is required) and SCRUBBER_JWT_SECRET (when set, answers carry an "
+        "attestation).",
+        DEFAULT_PORT,
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (printed)")
     p.add_argument("--engine-version", default=ENGINE_VERSION)
     p.add_argument(
         "--tenant",
@@ -379,16 +354,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="a known x-tenant-id (repeatable); without any, every tenant is accepted",
     )
-    p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    return run_stub_process(_parser(), argv, _from_environment)
+
+
+def _from_environment(args: argparse.Namespace) -> StubScrubber:
+    """The stub the options and the environment describe."""
     # The one place the stub reads the environment.
     config = ScrubberStubConfig(
         api_key=os.environ.get("SCRUBBER_API_KEY") or None,
@@ -401,8 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "on" if config.api_key else "off",
         "on" if config.jwt_secret else "off",
     )
-    asyncio.run(serve_until_signalled(StubScrubber(config, args.host, args.port)))
-    return 0
+    return StubScrubber(config, args.host, args.port)
 
 
 if __name__ == "__main__":

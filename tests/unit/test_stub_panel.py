@@ -10,11 +10,8 @@ import hmac
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,12 +21,12 @@ import pytest_asyncio
 from pipeline.panel import INGEST_PATH, PanelClient, PanelUnavailable
 from pipeline.signing import canonical_body, compact_json, mint_attestation, secret_env_name, sign
 from pipeline.stubs.panel import PanelStubConfig, StubPanel
+from tests.unit.stub_process import stub_process
 
 SITE = "pk_test_thirdparty"
 SITE_SECRET = "site-ingest-secret"
 JWT = "scrubber-jwt-secret-at-least-32-bytes!"
 TIMEOUT = httpx.Timeout(connect=2.0, read=5.0, write=5.0, pool=2.0)
-REPO = Path(__file__).resolve().parents[2]
 
 
 def body_for(trace_id: str = "tr_oc_00000001", content: str = "hello") -> bytes:
@@ -396,42 +393,19 @@ def test_in_thread_with_control_routes_over_http() -> None:
 def test_main_runs_as_its_own_process_with_secrets_from_the_environment() -> None:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("PANEL_", "SCRUBBER_"))},
-        "PYTHONPATH": str(REPO),
         secret_env_name("pk_cli"): "cli-secret",
         "SCRUBBER_JWT_SECRET": JWT,
     }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.stubs.panel",
-            "--port",
-            "0",
-            "--site-key",
-            "pk_cli",
-            "--require-scrub",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        url = re.search(r"listening on (http://\S+)", proc.stdout.readline())
-        assert url
+    with stub_process("panel", ["--site-key", "pk_cli", "--require-scrub"], env) as url:
         body = body_for()
         headers = {"x-panel-site-key": "pk_cli", "x-panel-ingest-sig": sign(body, "cli-secret")}
-        missing = httpx.post(url[1] + INGEST_PATH, content=body, headers=headers, timeout=5)
+        missing = httpx.post(url + INGEST_PATH, content=body, headers=headers, timeout=5)
         assert missing.json() == {"error": "scrubber_attestation_required"}
         headers["x-scrubber-attestation"] = attest(body)
         assert (
-            httpx.post(url[1] + INGEST_PATH, content=body, headers=headers, timeout=5).status_code
+            httpx.post(url + INGEST_PATH, content=body, headers=headers, timeout=5).status_code
             == 200
         )
         other = {"x-panel-site-key": SITE, "x-panel-ingest-sig": sign(body, "cli-secret")}
-        refused = httpx.post(url[1] + INGEST_PATH, content=body, headers=other, timeout=5)
+        refused = httpx.post(url + INGEST_PATH, content=body, headers=other, timeout=5)
         assert refused.json() == {"error": "ingest_not_configured"}
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0

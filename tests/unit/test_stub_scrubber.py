@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,10 +16,10 @@ from hypothesis import strategies as st
 
 from pipeline.signing import compact_json, sha256_hex, verify_attestation
 from pipeline.stubs.scrubber import ScrubberStubConfig, StubScrubber
+from tests.unit.stub_process import stub_process
 
 KEY = "scrubber-api-key"
 JWT = "scrubber-jwt-secret-at-least-32-bytes!"
-REPO = Path(__file__).resolve().parents[2]
 
 SEEDED = [
     ("mail alice.smith+tag@example.co.uk now", "alice.smith+tag@example.co.uk", "EMAIL"),
@@ -281,32 +278,13 @@ def test_generated_secrets_never_survive(
 
 
 def test_main_runs_as_its_own_process_with_secrets_from_the_environment() -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "SCRUBBER_API_KEY": KEY,
-        "SCRUBBER_JWT_SECRET": JWT,
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.stubs.scrubber", "--port", "0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        url = re.search(r"listening on (http://\S+)", line)
-        assert url, line
-        assert httpx.post(url[1] + "/v1/scrub", json={"text": "x"}, timeout=5).status_code == 401
+    env = {**os.environ, "SCRUBBER_API_KEY": KEY, "SCRUBBER_JWT_SECRET": JWT}
+    with stub_process("scrubber", [], env) as url:
+        assert httpx.post(url + "/v1/scrub", json={"text": "x"}, timeout=5).status_code == 401
         answer = httpx.post(
-            url[1] + "/v1/scrub",
+            url + "/v1/scrub",
             json={"text": "a@b.cd"},
             headers={"x-scrubber-key": KEY},
             timeout=5,
         ).json()
         assert answer["text"] == "<EMAIL_1>" and answer["attestation"]
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
