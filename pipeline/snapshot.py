@@ -155,7 +155,7 @@ def error_markers(messages: Sequence[Mapping[str, Any]],
             markers.append({"source": "message", "message_id": message_id, "part_id": None,
                             "name": name, "detail": detail})
         for part in message.get("parts") or []:
-            if not isinstance(part, Mapping) or part.get("type") != "tool":
+            if not _is_mapping(part) or part.get("type") != "tool":
                 continue
             state = part.get("state")
             if not isinstance(state, Mapping):
@@ -181,13 +181,18 @@ def error_markers(messages: Sequence[Mapping[str, Any]],
 # ---------------------------------------------------------------- snapshot
 
 
+def _is_mapping(value: Any) -> bool:
+    # decoded JSON is all dicts: `type(...) is dict` answers them without the ABC's ~1 us check
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def _check_listing(messages: Any) -> list[Mapping[str, Any]]:
     """The listing in the daemon's `[{info, parts}]` shape, or MalformedEvent saying where not."""
     if not isinstance(messages, list):
         raise MalformedEvent("bad_messages", f"messages is {type(messages).__name__}")
     for i, message in enumerate(messages):
-        info = message.get("info") if isinstance(message, Mapping) else None
-        if not isinstance(info, Mapping):
+        info = message.get("info") if _is_mapping(message) else None
+        if not _is_mapping(info):
             raise MalformedEvent("bad_messages", f"messages[{i}] has no info object")
         for key in ("id", "role"):
             value = info.get(key)
@@ -195,7 +200,7 @@ def _check_listing(messages: Any) -> list[Mapping[str, Any]]:
                 raise MalformedEvent("bad_messages", f"messages[{i}].info.{key} is {value!r:.80}")
         parts = message.get("parts")
         if not isinstance(parts, list) or not all(
-                isinstance(p, Mapping) and isinstance(p.get("type"), str) for p in parts):
+                _is_mapping(p) and isinstance(p.get("type"), str) for p in parts):
             raise MalformedEvent("bad_messages",
                                  f"messages[{i}].parts is not a list of typed parts")
     return messages
@@ -211,18 +216,23 @@ def snapshot_id(host: str, session_id: str, messages: Sequence[Mapping[str, Any]
     shape: list[Any] = []
     simple = True  # every leaf a str, None, bool or 64-bit int: see _shape_bytes
     for message in messages:
-        info = message.get("info") if isinstance(message, Mapping) else None
-        info = info if isinstance(info, Mapping) else {}
-        time = info.get("time") if isinstance(info.get("time"), Mapping) else {}
+        info = message.get("info") if _is_mapping(message) else None
+        info = info if _is_mapping(info) else {}
+        time = info.get("time")
+        time = time if _is_mapping(time) else {}
         error = info.get("error")
         parts = []
-        raw_parts = message.get("parts") if isinstance(message, Mapping) else None
+        raw_parts = message.get("parts") if _is_mapping(message) else None
         for part in raw_parts if isinstance(raw_parts, list) else []:
-            if not isinstance(part, Mapping):
+            if not _is_mapping(part):
                 continue
-            state = part.get("state") if isinstance(part.get("state"), Mapping) else {}
-            leaves = [part.get("id"), part.get("type"), state.get("status"), part.get("text")]
-            simple = simple and all(map(_simple_leaf, leaves))
+            state = part.get("state")
+            status = state.get("status") if _is_mapping(state) else None
+            part_id, kind, text = part.get("id"), part.get("type"), part.get("text")
+            leaves = [part_id, kind, status, text]
+            if simple and not (type(part_id) is str and type(kind) is str and (text is None or type(text) is str)
+                               and (status is None or type(status) is str)):
+                simple = all(map(_simple_leaf, leaves))
             parts.append(leaves)
         head = [info.get("id"), info.get("role"), time.get("completed"),
                 describe_error(error)[0] if error else None]
