@@ -37,7 +37,7 @@ from pipeline.records import encode
 from pipeline.topics import STAGES
 from pipeline.trace import trace_id
 from tests.factory import snapshot
-from tests.kafka_util import committed, produce
+from tests.kafka_util import committed, end_offsets, produce
 
 pytestmark = pytest.mark.integration
 
@@ -81,15 +81,11 @@ def unique_host(prefix: str) -> str:
 
 
 async def _commit_ends(bootstrap: str, group: str, topic: str) -> None:
-    consumer, tps = await _consumer(bootstrap, topic)
-    try:
-        ends = await consumer.end_offsets(tps)
-    finally:
-        await consumer.stop()
+    ends = {TopicPartition(topic, p): end for p, end in (await end_offsets(bootstrap, topic)).items()}
     committer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     await committer.start()
     try:
-        committer.assign(tps)
+        committer.assign(list(ends))
         await committer.commit({tp: OffsetAndMetadata(end, "") for tp, end in ends.items()})
     finally:
         await committer.stop()
@@ -217,19 +213,20 @@ def transitions(stack: Stack) -> list[tuple[str, str]]:
 
 
 async def _lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    consumer, tps = await _consumer(bootstrap, topic)
-    try:
-        ends = await consumer.end_offsets(tps)
-    finally:
-        await consumer.stop()
+    ends = await end_offsets(bootstrap, topic)
     done = await committed(bootstrap, group)
     # nothing committed yet: the group starts from the beginning (auto_offset_reset earliest)
-    return {tp.partition: ends[tp] - done.get((topic, tp.partition), 0) for tp in tps}
+    return {p: end - done.get((topic, p), 0) for p, end in ends.items()}
 
 
 def lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """Per partition: end offset minus the group's committed offset."""
     return asyncio.run(_lag(bootstrap, group, topic))
+
+
+def wait_committed(bootstrap: str, group: str, topic: str, what: str) -> None:
+    """Until `group` has committed everything on `topic` (no lag on any partition)."""
+    wait_for(lambda: not any(lag(bootstrap, group, topic).values()), WAIT_S, what=what)
 
 
 def accepted_ids(stack: Stack) -> set[str]:
@@ -270,6 +267,22 @@ def requests_while_open(all_outcomes: list[dict[str, Any]], times: list[float], 
     return [t for t in times if any(start <= t < end for start, end in windows)]
 
 
+def wait_transition(stack: Stack, change: tuple[str, str]) -> None:
+    """Until this stack's breaker made the (from, to) transition."""
+    wait_for(lambda: change in transitions(stack), WAIT_S, interval_s=0.5,
+             what=f"the breaker to go {change[0]} -> {change[1]}")
+
+
+def open_breaker(stack: Stack, first: Sequence[dict[str, Any]],
+                 then: Sequence[dict[str, Any]]) -> tuple[set[str], set[str]]:
+    """The panel fails from now on (503, until the test says otherwise); `first` is forwarded and
+    its failed deliveries open the breaker, then `then` is forwarded while it is open. Their ids."""
+    stack.panel_faults(fail_for_s=600, status=503)
+    first_ids = forward(stack, first)
+    wait_transition(stack, ("closed", "open"))
+    return first_ids, forward(stack, then)
+
+
 def extra_worker(stack: Stack, stage: str, name: str, env: dict[str, str] | None = None) -> PipelineProcess:
     """One more `pipeline worker STAGE` process, stopped with the stack (env: overrides)."""
     proc = PipelineProcess(["worker", stage], {**stack.env, **(env or {})}, stack.logs, name).start()
@@ -287,11 +300,7 @@ def test_hold_opens_holds_in_the_topic_and_delivers_everything_after_recovery(ka
     first, held = snapshots(host, range(0, 3)), snapshots(host, range(3, 7))
     with running(stack):
         # The panel fails until this test says otherwise, so the hold outlasts the refresh bound.
-        stack.panel_faults(fail_for_s=600, status=503)
-        first_ids = forward(stack, first)
-        wait_for(lambda: ("closed", "open") in transitions(stack), WAIT_S, interval_s=0.5,
-                 what="the breaker to open")
-        held_ids = forward(stack, held)
+        first_ids, held_ids = open_breaker(stack, first, then=held)
 
         def held_outcome() -> dict[str, Any] | None:
             return next((o for o in outcomes(stack) if o["status"] == "held" and o["trace_id"] in held_ids), None)
@@ -313,8 +322,7 @@ def test_hold_opens_holds_in_the_topic_and_delivers_everything_after_recovery(ka
 
         stack.panel_faults(fail_for_s=0)  # the panel recovers
         wait_accepted(stack, first_ids | held_ids)
-        wait_for(lambda: ("half_open", "closed") in transitions(stack), WAIT_S, interval_s=0.5,
-                 what="the breaker to close")
+        wait_transition(stack, ("half_open", "closed"))
         accepted = {t["trace_id"]: t for t in stack.panel_accepted()}
         all_outcomes = outcomes(stack)
         signed = {json.loads(m.value)["trace_id"]: json.loads(m.value)
@@ -356,11 +364,7 @@ def test_drop_mode_records_circuit_open_and_delivers_nothing_that_arrived_while_
     host = unique_host("drop")
     first, dropped, after = snapshots(host, range(0, 3)), snapshots(host, range(3, 6)), snapshots(host, range(6, 8))
     with running(stack):
-        stack.panel_faults(fail_for_s=600, status=503)
-        first_ids = forward(stack, first)
-        wait_for(lambda: ("closed", "open") in transitions(stack), WAIT_S, interval_s=0.5,
-                 what="the breaker to open")
-        dropped_ids = forward(stack, dropped)
+        first_ids, dropped_ids = open_breaker(stack, first, then=dropped)
 
         def circuit_open() -> set[str]:
             return {o["trace_id"] for o in outcomes(stack) if o["status"] == "circuit_open"}
@@ -368,13 +372,12 @@ def test_drop_mode_records_circuit_open_and_delivers_nothing_that_arrived_while_
         wait_for(lambda: dropped_ids <= circuit_open(), WAIT_S, interval_s=0.5,
                  what="circuit_open outcomes for the traces that arrived while open")
         stack.panel_faults(fail_for_s=0)
-        wait_for(lambda: ("half_open", "closed") in transitions(stack), WAIT_S, interval_s=0.5,
-                 what="the breaker to close")
+        wait_transition(stack, ("half_open", "closed"))
         after_ids = forward(stack, after)  # closed again: these pass
         wait_accepted(stack, first_ids | after_ids)
         # dropped, not held: the breaker group moves past them
-        wait_for(lambda: not any(lag(kafka.bootstrap, BREAKER_GROUP, "traces.signed").values()), WAIT_S,
-                 what="the breaker group to commit past the dropped traces")
+        wait_committed(kafka.bootstrap, BREAKER_GROUP, "traces.signed",
+                       what="the breaker group to commit past the dropped traces")
         outbox = {json.loads(m.value)["trace_id"] for m in read_topic(kafka.bootstrap, "traces.outbox")}
         all_outcomes = outcomes(stack)
         accepted = accepted_ids(stack)
@@ -436,18 +439,13 @@ def test_two_breaker_replicas_agree_and_lose_nothing(kafka: LocalBroker, tmp_pat
             return len(parts) == 2 and all(parts) and set().union(*parts) == set(range(partitions))
 
         wait_for(split_between_two, WAIT_S, interval_s=1, what="two breaker replicas sharing traces.signed")
-        stack.panel_faults(fail_for_s=600, status=503)
-        first_ids = forward(stack, first)
-        wait_for(lambda: ("closed", "open") in transitions(stack), WAIT_S, interval_s=0.5,
-                 what="the breaker to open")
-        held_ids = forward(stack, held)
+        first_ids, held_ids = open_breaker(stack, first, then=held)
         # every partition has a held trace, so each replica holds one of its own
         wait_for(lambda: all(re.search(r"open: holding trace", p.log()) for p in replicas), WAIT_S,
                  interval_s=0.5, what="both replicas to hold a trace")
         stack.panel_faults(fail_for_s=0)
         wait_accepted(stack, first_ids | held_ids)
-        wait_for(lambda: not any(lag(kafka.bootstrap, BREAKER_GROUP, "traces.signed").values()), WAIT_S,
-                 what="the breaker group to commit everything")
+        wait_committed(kafka.bootstrap, BREAKER_GROUP, "traces.signed", what="the breaker group to commit everything")
         all_outcomes = outcomes(stack)
         forwarded = sampled_ids(kafka.bootstrap, host)
         logs = [p.log() for p in replicas]

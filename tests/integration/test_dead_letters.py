@@ -38,12 +38,12 @@ from tests.integration.test_breaker import (
     fast_toml,
     forward,
     jwt_claims,
-    lag,
     read_values,
     running,
     snapshots,
     unique_host,
     wait_accepted,
+    wait_committed,
 )
 from tests.kafka_util import produce
 
@@ -76,8 +76,7 @@ def wait_dead(stack: Stack, ids: set[str]) -> dict[str, dict[str, Any]]:
 
 def drain_deliver(stack: Stack) -> None:
     # the deliver group committed everything it handled: a replacement starts after it
-    wait_for(lambda: not any(lag(stack.s.bootstrap, DELIVER_GROUP, "traces.outbox").values()), WAIT_S,
-             what="the deliver group to commit")
+    wait_committed(stack.s.bootstrap, DELIVER_GROUP, "traces.outbox", what="the deliver group to commit")
 
 
 def stale_copy(stack: Stack, signed: dict[str, Any]) -> dict[str, Any]:

@@ -260,6 +260,15 @@ def collector(hosts: list[HostConfig], sink: MemorySink, **overrides: Any) -> Co
     return Collector(hosts, sink, settings=CollectorSettings(**{**FAST, **overrides}))
 
 
+@contextlib.asynccontextmanager
+async def one_host(sink: MemorySink) -> AsyncIterator[tuple[FakeDaemon, Collector]]:
+    """A fake daemon as host "h" and a collector running on it, writing to `sink`."""
+    async with daemon() as fake:
+        c = collector([host("h", fake.url)], sink)
+        async with running(c):
+            yield fake, c
+
+
 def assert_valid(schema: str, record: dict[str, Any]) -> None:
     errors = list(SCHEMAS[schema].iter_errors(record))
     assert not errors, errors[0].message
@@ -328,16 +337,14 @@ async def test_silent_stream_is_reconnected_and_a_heartbeating_one_is_not() -> N
 @pytest.mark.asyncio
 async def test_turn_ended_waits_for_the_last_message_to_settle() -> None:
     sink = MemorySink()
-    async with daemon() as fake:
-        c = collector([host("h", fake.url)], sink)
-        async with running(c):
-            await until(lambda: c.stats["h"].reconciles == 1)
-            fake.put_session("ses_a", turn("ses_a", 1, completed=False))
-            fake.push(*idle_frames("ses_a"))
-            await until(lambda: fake.message_requests >= 3)
-            assert sink.turns() == []
-            fake.listings["ses_a"] = turn("ses_a", 1)
-            await until(lambda: c.stats["h"].turns_unchanged == 1)
+    async with one_host(sink) as (fake, c):
+        await until(lambda: c.stats["h"].reconciles == 1)
+        fake.put_session("ses_a", turn("ses_a", 1, completed=False))
+        fake.push(*idle_frames("ses_a"))
+        await until(lambda: fake.message_requests >= 3)
+        assert sink.turns() == []
+        fake.listings["ses_a"] = turn("ses_a", 1)
+        await until(lambda: c.stats["h"].turns_unchanged == 1)
     [ended] = sink.turns()
     assert ended["properties"]["messages"][-1]["info"]["time"]["completed"]
     assert c.stats["h"].unsettled_turns == 0
@@ -346,21 +353,19 @@ async def test_turn_ended_waits_for_the_last_message_to_settle() -> None:
 @pytest.mark.asyncio
 async def test_backfill_after_a_turn_that_ended_while_disconnected() -> None:
     sink = MemorySink()
-    async with daemon() as fake:
-        c = collector([host("h", fake.url)], sink)
-        async with running(c):
-            await until(lambda: c.stats["h"].reconciles == 1)
-            fake.put_session("ses_b", turn("ses_b", 1))
-            fake.push(*idle_frames("ses_b"))
-            await until(lambda: len(sink.turns()) == 1 and c.stats["h"].turns_unchanged == 1)
+    async with one_host(sink) as (fake, c):
+        await until(lambda: c.stats["h"].reconciles == 1)
+        fake.put_session("ses_b", turn("ses_b", 1))
+        fake.push(*idle_frames("ses_b"))
+        await until(lambda: len(sink.turns()) == 1 and c.stats["h"].turns_unchanged == 1)
 
-            fake.accepting = False
-            fake.drop()
-            await until(lambda: not c.stats["h"].connected)
-            fake.put_session("ses_b", turn("ses_b", 1) + turn("ses_b", 2), updated=now_ms() + 5)
-            fake.accepting = True
-            await until(lambda: len(sink.turns()) == 2)
-            await until(lambda: c.stats["h"].reconciles >= 2)
+        fake.accepting = False
+        fake.drop()
+        await until(lambda: not c.stats["h"].connected)
+        fake.put_session("ses_b", turn("ses_b", 1) + turn("ses_b", 2), updated=now_ms() + 5)
+        fake.accepting = True
+        await until(lambda: len(sink.turns()) == 2)
+        await until(lambda: c.stats["h"].reconciles >= 2)
     live, backfilled = sink.turns()
     assert (live["backfill"], live["source"]) == (False, "sse")
     assert (backfilled["backfill"], backfilled["source"]) == (True, "reconcile")
@@ -508,15 +513,13 @@ async def test_poll_fallback_when_the_stream_only_sends_heartbeats() -> None:
 @pytest.mark.asyncio
 async def test_malformed_frames_are_dead_lettered_and_the_stream_goes_on() -> None:
     sink = MemorySink()
-    async with daemon() as fake:
-        c = collector([host("h", fake.url)], sink)
-        async with running(c):
-            await until(lambda: c.stats["h"].connected)
-            good = frame("session.updated", {"sessionID": "ses_g", "info": {"id": "ses_g"}})
-            wrong = {"payload": {"id": "evt_x", "type": "session.idle",
-                                 "properties": {"sessionID": 7}}}
-            fake.push(b"data: {not json\n\n", wrong, b"data: [1, 2]\n\n", good)
-            await until(lambda: len(sink.events("session.updated")) == 1)
+    async with one_host(sink) as (fake, c):
+        await until(lambda: c.stats["h"].connected)
+        good = frame("session.updated", {"sessionID": "ses_g", "info": {"id": "ses_g"}})
+        wrong = {"payload": {"id": "evt_x", "type": "session.idle",
+                             "properties": {"sessionID": 7}}}
+        fake.push(b"data: {not json\n\n", wrong, b"data: [1, 2]\n\n", good)
+        await until(lambda: len(sink.events("session.updated")) == 1)
     dead = sink.dead()
     assert [d["reason"] for d in dead] == ["not_json", "bad_session_id", "not_an_object"]
     for record in dead:
@@ -531,19 +534,17 @@ async def test_malformed_frames_are_dead_lettered_and_the_stream_goes_on() -> No
 async def test_a_blocked_sink_pauses_reading_without_loss_or_reconnect() -> None:
     sink = MemorySink()
     sink.gate.clear()
-    async with daemon() as fake:
-        c = collector([host("h", fake.url)], sink)
-        async with running(c):
-            await until(lambda: c.stats["h"].connected)
-            frames = [frame("session.updated", {"sessionID": "ses_q", "info": {"id": "ses_q"}})
-                      for _ in range(50)]
-            fake.push(*frames)
-            await until(lambda: sink.waiting == 1)
-            await asyncio.sleep(0.4)  # twice the 0.2 s silence bound
-            assert sink.records == [] and sink.waiting == 1
-            assert c.stats["h"].events_out == 0 and fake.connections == 1
-            sink.gate.set()
-            await until(lambda: len(sink.records) == 50)
+    async with one_host(sink) as (fake, c):
+        await until(lambda: c.stats["h"].connected)
+        frames = [frame("session.updated", {"sessionID": "ses_q", "info": {"id": "ses_q"}})
+                  for _ in range(50)]
+        fake.push(*frames)
+        await until(lambda: sink.waiting == 1)
+        await asyncio.sleep(0.4)  # twice the 0.2 s silence bound
+        assert sink.records == [] and sink.waiting == 1
+        assert c.stats["h"].events_out == 0 and fake.connections == 1
+        sink.gate.set()
+        await until(lambda: len(sink.records) == 50)
     assert [r["event_id"] for r in sink.events()] == [f["payload"]["id"] for f in frames]
     assert fake.connections == 1
 

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -119,6 +119,17 @@ def client_for(url: str, **kwargs: Any) -> ScrubberClient:
     return ScrubberClient(url, **kwargs)
 
 
+E = TypeVar("E", bound=ScrubberError)
+
+
+async def scrub_fails(client: ScrubberClient, kind: type[E]) -> E:
+    """Scrubbing sampled() with `client` (closed afterwards) must raise `kind`: the error it raised."""
+    async with client:
+        with pytest.raises(kind) as info:
+            await client.scrub_trace(sampled())
+    return info.value
+
+
 # ---------------------------------------------------------------- against the real stub
 
 
@@ -186,11 +197,9 @@ async def test_unknown_message_keys_are_dropped_not_passed_on_raw(stub: StubScru
 @pytest.mark.asyncio
 async def test_wrong_or_missing_api_key_is_rejected(stub: StubScrubber) -> None:
     for key in ("wrong", None):
-        async with client_for(stub.url, api_key=key) as client:
-            with pytest.raises(ScrubberRejected) as info:
-                await client.scrub_trace(sampled())
-        assert info.value.status_code == 401 and not info.value.retriable
-        assert KEY not in str(info.value)
+        error = await scrub_fails(client_for(stub.url, api_key=key), ScrubberRejected)
+        assert error.status_code == 401 and not error.retriable
+        assert KEY not in str(error)
 
 
 @pytest.mark.asyncio
@@ -207,57 +216,48 @@ async def test_server_errors_are_retriable(stub: StubScrubber, status: int) -> N
 @pytest.mark.asyncio
 async def test_429_carries_retry_after(stub: StubScrubber) -> None:
     stub.set_faults(fail_next=1, status=429, retry_after_s=5)
-    async with client_for(stub.url) as client:
-        with pytest.raises(ScrubberUnavailable) as info:
-            await client.scrub_trace(sampled())
-    assert info.value.reason == "rate_limited" and info.value.retry_after == 5
+    error = await scrub_fails(client_for(stub.url), ScrubberUnavailable)
+    assert error.reason == "rate_limited" and error.retry_after == 5
 
 
 @pytest.mark.asyncio
 async def test_slow_scrubber_times_out_closed(stub: StubScrubber) -> None:
     stub.set_faults(latency_ms=500)
     short = httpx.Timeout(connect=1.0, read=0.1, write=1.0, pool=1.0)
-    async with client_for(stub.url, timeout=short) as client:
-        with pytest.raises(ScrubberUnavailable) as info:
-            await client.scrub_trace(sampled())
-    assert info.value.reason == "timeout"
+    error = await scrub_fails(client_for(stub.url, timeout=short), ScrubberUnavailable)
+    assert error.reason == "timeout"
 
 
 @pytest.mark.asyncio
 async def test_scrubber_down_is_unavailable() -> None:
     async with StubScrubber() as server:
         url = server.url
-    async with client_for(url) as client:
-        with pytest.raises(ScrubberUnavailable) as info:
-            await client.scrub_trace(sampled())
-    assert info.value.reason == "transport"
+    error = await scrub_fails(client_for(url), ScrubberUnavailable)
+    assert error.reason == "transport"
 
 
 @pytest.mark.asyncio
 async def test_unknown_tenant_is_rejected() -> None:
     config = ScrubberStubConfig(tenants=frozenset({"acme"}))
-    async with StubScrubber(config) as server, client_for(server.url, tenant="other") as client:
-        with pytest.raises(ScrubberRejected) as info:
-            await client.scrub_trace(sampled())
-    assert info.value.status_code == 404
+    async with StubScrubber(config) as server:
+        error = await scrub_fails(client_for(server.url, tenant="other"), ScrubberRejected)
+    assert error.status_code == 404
 
 
 @pytest.mark.asyncio
 async def test_attestation_signed_with_another_secret_fails(stub: StubScrubber) -> None:
-    async with client_for(stub.url, jwt_secret="another-secret-of-32-bytes-or-more!!") as client:
-        with pytest.raises(ScrubberAttestationError) as info:
-            await client.scrub_trace(sampled())
-    assert info.value.why == "bad_signature" and not info.value.retriable
+    client = client_for(stub.url, jwt_secret="another-secret-of-32-bytes-or-more!!")
+    error = await scrub_fails(client, ScrubberAttestationError)
+    assert error.why == "bad_signature" and not error.retriable
 
 
 @pytest.mark.asyncio
 async def test_expired_attestation_fails() -> None:
     config = ScrubberStubConfig(jwt_secret=JWT)
     server = StubScrubber(config, clock=lambda: time.time() - 400)
-    async with server, client_for(server.url) as client:
-        with pytest.raises(ScrubberAttestationError) as info:
-            await client.scrub_trace(sampled())
-    assert info.value.why == "expired"
+    async with server:
+        error = await scrub_fails(client_for(server.url), ScrubberAttestationError)
+    assert error.why == "expired"
 
 
 @pytest.mark.asyncio
@@ -265,10 +265,8 @@ async def test_missing_attestation_only_fails_when_required() -> None:
     async with StubScrubber() as server:
         async with client_for(server.url) as client:
             assert (await client.scrub_trace(sampled()))["scrub"]["jti"] is None
-        async with client_for(server.url, require_attestation=True) as client:
-            with pytest.raises(ScrubberAttestationError) as info:
-                await client.scrub_trace(sampled())
-    assert info.value.why == "missing"
+        error = await scrub_fails(client_for(server.url, require_attestation=True), ScrubberAttestationError)
+    assert error.why == "missing"
 
 
 @pytest.mark.asyncio
@@ -437,10 +435,8 @@ MALFORMED = {
 @pytest.mark.asyncio
 @pytest.mark.parametrize("mutate", MALFORMED.values(), ids=MALFORMED.keys())
 async def test_malformed_answers_fail_closed(mutate: Callable[[dict[str, Any]], Any]) -> None:
-    async with mock_client(scrubbing_handler(mutate)) as client:
-        with pytest.raises(ScrubberBadAnswer) as info:
-            await client.scrub_trace(sampled())
-    assert info.value.retriable and "alice" not in str(info.value)
+    error = await scrub_fails(mock_client(scrubbing_handler(mutate)), ScrubberBadAnswer)
+    assert error.retriable and "alice" not in str(error)
 
 
 @pytest.mark.asyncio
@@ -460,10 +456,8 @@ async def test_status_codes_map_onto_the_tree(
     status: int, kind: type[ScrubberError], retriable: bool
 ) -> None:
     answer = httpx.Response(status, json={"error": "body must include {text} or {trace:[]}"})
-    async with mock_client(lambda request: answer) as client:
-        with pytest.raises(kind) as info:
-            await client.scrub_trace(sampled())
-    assert info.value.retriable is retriable and info.value.status_code == status
+    error = await scrub_fails(mock_client(lambda request: answer), kind)
+    assert error.retriable is retriable and error.status_code == status
 
 
 def _request_errors(
@@ -481,11 +475,9 @@ async def test_every_httpx_request_error_is_translated(error: type[httpx.Request
     def handler(request: httpx.Request) -> httpx.Response:
         raise error("boom", request=request)
 
-    async with mock_client(handler) as client:
-        with pytest.raises(ScrubberUnavailable) as info:
-            await client.scrub_trace(sampled())
+    raised = await scrub_fails(mock_client(handler), ScrubberUnavailable)
     expected = "timeout" if issubclass(error, httpx.TimeoutException) else "transport"
-    assert info.value.reason == expected
+    assert raised.reason == expected
 
 
 def _valid_token(sent: list[Any], clean: list[Any]) -> str:
@@ -514,10 +506,8 @@ ATTESTATIONS = {
 async def test_attestations_that_do_not_verify_fail_closed(
     why: str, attest: Callable[[list[Any], list[Any]], str]
 ) -> None:
-    async with mock_client(scrubbing_handler(attest=attest), jwt_secret=JWT) as client:
-        with pytest.raises(ScrubberAttestationError) as info:
-            await client.scrub_trace(sampled())
-    assert info.value.why == why
+    error = await scrub_fails(mock_client(scrubbing_handler(attest=attest), jwt_secret=JWT), ScrubberAttestationError)
+    assert error.why == why
 
 
 @pytest.mark.asyncio
