@@ -25,10 +25,17 @@ from pipeline.admin import topic_partitions
 from pipeline.config import Config
 from pipeline.errors import RecordError
 from pipeline.records import dead_letter, decode, encode, is_plain_json, validate_for_topic
-from pipeline.topics import DEAD_LETTER_BYTES, MAX_MESSAGE_BYTES, STAGES, TOPICS, Stage, partitions_of
+from pipeline.topics import (
+    DEAD_LETTER_BYTES,
+    MAX_MESSAGE_BYTES,
+    PRODUCER_BATCH_BYTES,
+    STAGES,
+    TOPICS,
+    Stage,
+    partitions_of,
+)
 
 log = logging.getLogger(__name__)
-PRODUCER_BATCH_BYTES = 1024 * 1024
 PRODUCER_LINGER_S = 0.005
 
 
