@@ -222,8 +222,7 @@ def rss_peak_mib() -> float:
     return 0.0
 
 
-async def run_collector(bootstrap: str, ports: list[int], state_dir: Path, warmup_s: float, seconds: float,
-                        sink_batch_bytes: int | None) -> None:
+async def run_collector(bootstrap: str, ports: list[int], state_dir: Path, warmup_s: float, seconds: float) -> None:
     from pipeline.collector import Collector, CollectorSettings, KafkaEventSink
     from pipeline.config import HostConfig
 
@@ -231,8 +230,7 @@ async def run_collector(bootstrap: str, ports: list[int], state_dir: Path, warmu
                         site_key="pk_test_thirdparty", model=None, agent=None, allow_insecure_http=False)
              for h, port in enumerate(ports)]
     settings = CollectorSettings(poll_interval_s=0, state_dir=state_dir, settle_initial_s=0.05)
-    options = {"max_batch_size": sink_batch_bytes} if sink_batch_bytes else None
-    async with KafkaEventSink(bootstrap, producer_options=options) as sink:
+    async with KafkaEventSink(bootstrap) as sink:
         collector = Collector(hosts, sink, settings=settings, rng=random.Random(1))
         task = asyncio.create_task(collector.run())
         await asyncio.sleep(warmup_s)
@@ -253,9 +251,8 @@ async def run_collector(bootstrap: str, ports: list[int], state_dir: Path, warmu
 # ---------------------------------------------------------------- the harness
 
 
-def measure(bootstrap: str, hosts: int, rate: float, seconds: float, workdir: Path,
-            sink_batch_bytes: int | None = None) -> dict[str, Any]:
-    run_dir = workdir / f"hosts-{hosts}-{sink_batch_bytes or 'default'}"
+def measure(bootstrap: str, hosts: int, rate: float, seconds: float, workdir: Path) -> dict[str, Any]:
+    run_dir = workdir / f"hosts-{hosts}"
     state_dir = run_dir / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
     write_states(state_dir, hosts)
@@ -273,16 +270,14 @@ def measure(bootstrap: str, hosts: int, rate: float, seconds: float, workdir: Pa
         wait_for_calm(10)
         load_before = loadavg()
         child = subprocess.run([sys.executable, me, "--run-collector", bootstrap, "--ports", json.dumps(ports),
-                                "--state-dir", str(state_dir), "--seconds", str(seconds),
-                                "--sink-batch-bytes", str(sink_batch_bytes or 0)],
+                                "--state-dir", str(state_dir), "--seconds", str(seconds)],
                                capture_output=True, text=True, timeout=seconds + 120, cwd=REPO)
         if child.returncode != 0:
             raise RuntimeError(f"collector with {hosts} hosts failed: {child.stderr[-2000:]}")
         result: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
     finally:
         stop_process(daemons)
-    result.update(hosts=hosts, offered=rate, load=f"{load_before} -> {loadavg()}",
-                  sink="batches up to 1 MiB" if sink_batch_bytes else "as `pipeline collect` (16 KB batches)")
+    result.update(hosts=hosts, offered=rate, load=f"{load_before} -> {loadavg()}")
     r = result["rates"]
     print(f"{hosts} hosts: {r.get('events_in', 0):,.0f} events/s read, {result['kafka_records_per_s']:,.0f} "
           f"records/s to Kafka, {r.get('turns_emitted', 0):,.1f} turns/s, peak RSS {result['rss_peak_mib']:.0f} MiB "
@@ -303,20 +298,19 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"between the hosts; per turn {FRAMES_PER_TURN} frames ({DELTAS_PER_TURN} `message.part.delta`, dropped "
         "by the collector's filter as in production; busy/idle status, user and assistant `message.updated`, "
         "`session.updated`, `session.idle`), and each idle makes the collector fetch a 25-message listing and "
-        "produce a ~21 KB `pipeline.turn_ended`. The collector (`Collector` + `KafkaEventSink`, gzip, "
-        "acks=all, idempotent, as `pipeline collect` runs them) is its own process; after a 5 s warm-up its "
+        "produce a ~21 KB `pipeline.turn_ended`. The collector (`Collector` + `KafkaEventSink`: zstd, "
+        "batches up to 1 MiB, acks=all, idempotent, as `pipeline collect` runs them) is its own process; "
+        "after a 5 s warm-up its "
         f"counters are sampled over {args.seconds:g} s. Peak RSS = the collector process's VmHWM; CPU = its user "
         "+ system time over the window (1.0 = one core). \"Kafka records acked/s\" is what the collector sustains: "
-        "frames read beyond it only fill the sink's buffer (10,000 records), after which reading slows to it. "
-        "The last row(s) run the same with the sink's producer batching up to 1 MiB "
-        "(`producer_options={'max_batch_size': 1 MiB}`) instead of aiokafka's 16 KB default.",
+        "frames read beyond it only fill the sink's buffer (10,000 records), after which reading slows to it.",
         "",
     ]
     lines += md_table(
-        ["hosts", "Kafka sink", "offered frames/s", "frames read/s", "events handed to the sink/s", "turn_ended/s",
+        ["hosts", "offered frames/s", "frames read/s", "events handed to the sink/s", "turn_ended/s",
          "Kafka records acked/s", "sink backlog at end", "collector CPU (cores)", "peak RSS MiB", "reconnects",
-         "load avg before -> after"], "rlrrrrrrrrrl",
-        [[r["hosts"], r["sink"], f"{r['offered']:,.0f}", f"{r['rates'].get('events_in', 0):,.0f}",
+         "load avg before -> after"], "rrrrrrrrrrl",
+        [[r["hosts"], f"{r['offered']:,.0f}", f"{r['rates'].get('events_in', 0):,.0f}",
           f"{r['rates'].get('events_out', 0) + r['rates'].get('turns_emitted', 0):,.0f}",
           f"{r['rates'].get('turns_emitted', 0):,.1f}", f"{r['kafka_records_per_s']:,.0f}",
           f"{r['buffered_at_end']:,}", f"{r['cpu_share']:.2f}", f"{r['rss_peak_mib']:,.0f}",
@@ -335,16 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-collector", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ports", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--state-dir", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--sink-batch-bytes", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--also-big-batches", default="100",
-                        help="host counts also run with the sink's producer batching up to 1 MiB ('' for none)")
     args = parser.parse_args(argv)
     if args.serve_daemons is not None:
         asyncio.run(serve_daemons(args.serve_daemons, args.rate, args.port_file))
         return 0
     if args.run_collector is not None:
-        asyncio.run(run_collector(args.run_collector, json.loads(args.ports), args.state_dir, 5.0, args.seconds,
-                                  args.sink_batch_bytes or None))
+        asyncio.run(run_collector(args.run_collector, json.loads(args.ports), args.state_dir, 5.0, args.seconds))
         return 0
     begun = time.monotonic()
     print(f"load before: {loadavg()}", file=sys.stderr)
@@ -363,8 +353,6 @@ def main(argv: list[str] | None = None) -> int:
                     again = measure(broker.bootstrap, hosts, args.rate, args.seconds, workdir / "again")
                     row = max(row, again, key=lambda r: r["rates"].get("events_in", 0))
                 rows.append(row)
-            for hosts in [int(h) for h in args.also_big_batches.split(",") if h]:
-                rows.append(measure(broker.bootstrap, hosts, args.rate, args.seconds, workdir, 1024 * 1024))
     text = table(rows, args)
     path = write_result("collector", text)
     print(text)
