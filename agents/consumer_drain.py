@@ -1,0 +1,87 @@
+"""faust's consumer hands records to the streams one fetched batch at a time, not one at a time.
+
+faust 0.15.3's `Consumer._drain_messages` delivers every fetched record through
+`wait_first(callback(message), suspend_flow.wait())`: four tasks and an `asyncio.wait` per
+record (~70 us of CPU), so that a rebalance (which sets `suspend_flow`) can interrupt a delivery
+blocked on a full stream buffer. `drain_messages` below is the same loop with that race run once
+per fetched batch: the batch's records are delivered in order by one task, raced against
+`suspend_flow` and the consumer stopping or crashing, exactly as each record was before. When a
+rebalance interrupts it, the rest of that batch is not delivered and, unlike before, its read
+offsets are not advanced, so nothing is skipped that the reassigned consumer would not fetch again
+from the committed offsets (faust seeks there after every rebalance).
+
+`install()` replaces the method on faust's Consumer class; `tests/unit/test_consumer_drain.py`
+pins the upstream source it was written against, so a faust upgrade is a deliberate review.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+from faust.transport import consumer as faust_consumer
+from mode import Service
+
+UPSTREAM = faust_consumer.Consumer._drain_messages
+YIELD_EVERY = 100  # records between yields to the loop, as upstream
+
+
+async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - runs in workers
+    callback = self.callback
+    getmany = self.getmany
+    consumer_should_stop = cast(Service, self)._stopped.is_set
+    fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
+    get_read_offset = self._read_offset.__getitem__
+    set_read_offset = self._read_offset.__setitem__
+    set_flag = self.diag.set_flag
+    unset_flag = self.diag.unset_flag
+    commit_every = self._commit_every
+    acks_enabled_for = self.app.topics.acks_enabled_for
+
+    async def deliver(batch: AsyncIterator[Any]) -> None:
+        since_yield = 0
+        async for tp, message in batch:
+            since_yield += 1
+            if since_yield > YIELD_EVERY:
+                await asyncio.sleep(0)
+                since_yield = 0
+            offset = message.offset
+            r_offset = get_read_offset(tp)
+            if r_offset is None or offset >= r_offset:
+                gap = offset - (r_offset or 0)
+                if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                    await self._add_gap(tp, r_offset + 1, offset)
+                if commit_every is not None and self._n_acked >= commit_every:
+                    self._n_acked = 0
+                    await self.commit()
+                await callback(message)
+                set_read_offset(tp, offset)
+
+    try:
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            set_flag(faust_consumer.CONSUMER_FETCHING)
+            batch = cast(AsyncIterator[Any], getmany(timeout=1.0))
+            await self.sleep(0)  # upstream: getmany may not release the loop on its own
+            if not self.should_stop:
+                await self.wait_first(deliver(batch), self.suspend_flow.wait())
+            unset_flag(faust_consumer.CONSUMER_FETCHING)
+    except self.consumer_stopped_errors:
+        if self.transport.app.should_stop:
+            self.log.info("Broker stopped consumer, shutting down...")
+            return
+        raise
+    except asyncio.CancelledError:
+        if self.transport.app.should_stop:
+            self.log.info("Consumer shutting down for user cancel.")
+            return
+        raise
+    except Exception as exc:
+        self.log.exception("Drain messages raised: %r", exc)
+        raise
+    finally:
+        unset_flag(faust_consumer.CONSUMER_FETCHING)
+
+
+def install() -> None:
+    faust_consumer.Consumer._drain_messages = drain_messages  # type: ignore[method-assign]
