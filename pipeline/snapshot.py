@@ -182,8 +182,9 @@ def error_markers(messages: Sequence[Mapping[str, Any]],
 
 
 def _is_mapping(value: Any) -> bool:
-    # decoded JSON is all dicts: `type(...) is dict` answers them without the ABC's ~1 us check
-    return type(value) is dict or isinstance(value, Mapping)
+    # decoded JSON is all dicts, and absent fields None: both answered without the ABC's
+    # ~1 us isinstance check
+    return type(value) is dict or (value is not None and isinstance(value, Mapping))
 
 
 def _check_listing(messages: Any) -> list[Mapping[str, Any]]:
