@@ -318,8 +318,8 @@ def table(rows: list[Row], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=1500, help="turn_ended envelopes")
-    parser.add_argument("--mix-turns", type=int, default=300, help="turns as 9 events each (0: none)")
+    parser.add_argument("--records", type=int, default=3000, help="turn_ended envelopes")
+    parser.add_argument("--mix-turns", type=int, default=600, help="turns as 9 events each (0: none)")
     parser.add_argument("--stages", default=",".join(ORDER))
     parser.add_argument("--timeout", type=float, default=180.0, help="per stage")
     parser.add_argument("--no-repeat", action="store_true", help="never measure a stage twice")
