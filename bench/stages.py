@@ -117,29 +117,8 @@ class Row:
         return self.stage_rate / self.ceiling_rate
 
 
-async def sizes(bootstrap: str, topic: str, n: int) -> list[int]:
-    """Value sizes of the first `n` records of each partition of a topic."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                                enable_auto_commit=False, max_partition_fetch_bytes=16 * 1024 * 1024)
-    await consumer.start()
-    try:
-        async with EndOffsets(bootstrap) as ends:
-            parts = await ends.parts(topic)
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        out: list[int] = []
-        while len(out) < n:
-            batch = await consumer.getmany(timeout_ms=1000, max_records=500)
-            if not batch:
-                break
-            out += [len(m.value or b"") for msgs in batch.values() for m in msgs]
-        return out
-    finally:
-        await consumer.stop()
-
-
-async def copy_head(bootstrap: str, topic: str, n: int) -> None:
-    """Append the first `n` records of `topic` again (same keys, so same partitions and order)."""
+async def head(bootstrap: str, topic: str, n: int) -> list[tuple[bytes | None, bytes]]:
+    """(key, value) of about the first `n` records of `topic`, partition by partition."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
                                 enable_auto_commit=False, max_partition_fetch_bytes=16 * 1024 * 1024)
     await consumer.start()
@@ -154,9 +133,19 @@ async def copy_head(bootstrap: str, topic: str, n: int) -> None:
             if not batch:
                 break
             records += [(m.key, m.value or b"") for msgs in batch.values() for m in msgs]
+        return records
     finally:
         await consumer.stop()
-    await fill(bootstrap, topic, records[:n])
+
+
+async def sizes(bootstrap: str, topic: str, n: int) -> list[int]:
+    """Value sizes of the first `n` records of a topic."""
+    return [len(value) for _, value in await head(bootstrap, topic, n)]
+
+
+async def copy_head(bootstrap: str, topic: str, n: int) -> None:
+    """Append the first `n` records of `topic` again (same keys, so same partitions and order)."""
+    await fill(bootstrap, topic, (await head(bootstrap, topic, n))[:n])
 
 
 async def run_stage(stack: Stack, bootstrap: str, stage: str, phases: list[Phase],

@@ -8,11 +8,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from pipeline import config as config_mod
 from pipeline.kafka_local import LocalBroker, free_port
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property tests explore new examples on every developer run; CI (`.ci/run` sets
+# HYPOTHESIS_PROFILE=ci) replays a fixed derivation, so a red CI run is the code's doing and
+# reproduces, and never waits on a slow shared machine's timing.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
