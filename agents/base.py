@@ -215,6 +215,28 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
     return sinks
 
 
+def state_table(app: faust.App, name: str, config: Config, stage: Stage | str) -> tuple[Any, asyncio.Event]:
+    """A stage's changelog-backed table, keyed like its input records (raw bytes, JSON values),
+    and an event set once the table may be written (see changelog_known).
+
+    Tables here are written after a batch's outputs are on the broker (bind's after_drain),
+    outside stream iteration, so the key picks the changelog partition with the same
+    partitioner as the producers (use_partitioner)."""
+    stage = STAGES[stage] if isinstance(stage, str) else stage
+    table = app.Table(name, default=None, key_type=bytes,
+                      schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+                      use_partitioner=True,
+                      partitions=partitions_of(TOPICS[stage.input], config.kafka.partitions))
+    writable = asyncio.Event()
+
+    @app.task
+    async def learn_changelog() -> None:
+        await changelog_known(app, table)
+        writable.set()
+
+    return table, writable
+
+
 async def changelog_known(app: faust.App, table: Any) -> None:
     """Return once the producer's metadata has `table`'s changelog topic.
 

@@ -4,37 +4,24 @@ like the events, so a restarted or rebalanced replica picks up where the last on
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 import faust
 
-from agents.base import Meta, Out, bind, changelog_known, make_app
+from agents.base import Meta, Out, bind, make_app, state_table
 from pipeline.config import Config
 from pipeline.snapshot import Emit, SessionState, apply_event
-from pipeline.topics import TOPICS, partitions_of
 
 STAGE = "ingest"
 
 
 def build(config: Config, **app_overrides: object) -> faust.App:
     app = make_app(STAGE, config, **app_overrides)
-    table = app.Table("session-state", default=None, key_type=bytes,
-                      schema=faust.Schema(key_serializer="raw", value_serializer="json"),
-                      # written after the batch is on the broker, outside stream iteration: the
-                      # key picks the changelog partition (same partitioner as the producers)
-                      use_partitioner=True,
-                      partitions=partitions_of(TOPICS["opencode.events"], config.kafka.partitions))
+    table, table_writable = state_table(app, "session-state", config, STAGE)
     # State of records handled but whose snapshots are not yet on the broker: written to the
     # table only after the batch's outputs are acknowledged (see bind's after_drain).
     pending: dict[bytes, dict[str, Any]] = {}
-    table_writable = asyncio.Event()  # see changelog_known
-
-    @app.task
-    async def learn_changelog() -> None:
-        await changelog_known(app, table)
-        table_writable.set()
 
     async def handle(record: dict[str, Any], meta: Meta) -> list[Out]:
         await table_writable.wait()

@@ -8,21 +8,19 @@ Repeated snapshot ids (a second idle for the same state) are decided once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
 
 import faust
 
-from agents.base import Meta, Out, TopicFollower, bind, changelog_known, make_app
+from agents.base import Meta, Out, TopicFollower, bind, make_app, state_table
 from pipeline import metrics
 from pipeline.config import Config
 from pipeline.errors import RecordError
 from pipeline.records import decode
 from pipeline.sampling import NoveltyWindows, reference_sampler
 from pipeline.sampling.novelty import NoveltyPolicy
-from pipeline.topics import TOPICS, partitions_of
 from pipeline.trace import sampled_trace
 
 STAGE = "sample"
@@ -39,12 +37,7 @@ def build(config: Config, **app_overrides: object) -> faust.App:
                                 max_messages=config.max_messages,
                                 token_messages=config.sampler.novelty_window_tokens_messages)
     novelty = next(p for p in sampler.policies if isinstance(p, NoveltyPolicy))
-    decided = app.Table("decided-snapshots", default=None, key_type=bytes,
-                        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
-                      # written after the batch is on the broker, outside stream iteration: the
-                      # key picks the changelog partition (same partitioner as the producers)
-                      use_partitioner=True,
-                        partitions=partitions_of(TOPICS["sessions.idle"], config.kafka.partitions))
+    decided, table_writable = state_table(app, "decided-snapshots", config, STAGE)
     pending: dict[bytes, list[str]] = {}
 
     async def apply_shipped(raw: bytes) -> None:
@@ -58,13 +51,6 @@ def build(config: Config, **app_overrides: object) -> faust.App:
     @app.task
     async def follow() -> None:
         await follower.run()
-
-    table_writable = asyncio.Event()  # see changelog_known
-
-    @app.task
-    async def learn_changelog() -> None:
-        await changelog_known(app, decided)
-        table_writable.set()
 
     async def handle(snapshot: dict[str, Any], meta: Meta) -> list[Out]:
         await follower.ready.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -25,8 +26,11 @@ async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, 
         await producer.stop()
 
 
-async def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 60.0) -> list[Any]:
-    """Read `topic` from the beginning until `expect` records arrived or the timeout."""
+async def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 60.0,
+                   keep: Callable[[Any], bool] | None = None) -> list[Any]:
+    """Read `topic` from the beginning until `expect` records arrived or the timeout. `keep`:
+    count and return only the records it accepts (the session broker is shared: other tests'
+    records are on the same topics)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                 enable_auto_commit=False, group_id=None)
     await consumer.start()
@@ -43,7 +47,7 @@ async def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 6
         while len(out) < expect and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=500)
             for msgs in batch.values():
-                out.extend(msgs)
+                out.extend(m for m in msgs if keep is None or keep(m))
         return out
     finally:
         await consumer.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,12 @@ async def drive(daemons: dict[str, OpencodeDaemon], workload: list[tuple[str, li
     return turns
 
 
-def snapshots(bootstrap: str, expect: int, timeout_s: float) -> list[dict[str, Any]]:
-    return [json.loads(m.value) for m in asyncio.run(read_all(bootstrap, "sessions.idle", expect, timeout_s))]
+def snapshots(bootstrap: str, sessions: Iterable[str], expect: int, timeout_s: float) -> list[dict[str, Any]]:
+    """This test's snapshots (of `sessions`) on sessions.idle, once `expect` of them are there."""
+    wanted = set(sessions)
+    mine = asyncio.run(read_all(bootstrap, "sessions.idle", expect, timeout_s,
+                                keep=lambda m: json.loads(m.value)["session_id"] in wanted))
+    return [json.loads(m.value) for m in mine]
 
 
 def check_exactly_one_per_turn(snaps: list[dict[str, Any]], turns: dict[str, int]) -> None:
@@ -102,7 +107,7 @@ def test_every_turn_one_snapshot_across_restarts(kafka, tmp_path: Path) -> None:
                 stack.procs["collector"].wait_for_log("collecting from 2 hosts", 60)
                 turns = asyncio.run(drive(daemons, WORKLOAD_1))
                 expected = sum(turns.values())
-                snaps = snapshots(kafka.bootstrap, expected, 120)
+                snaps = snapshots(kafka.bootstrap, turns, expected, 120)
                 check_exactly_one_per_turn(snaps, turns)
                 for s in snaps:
                     validate("snapshot.v1", s)
@@ -132,9 +137,9 @@ def test_every_turn_one_snapshot_across_restarts(kafka, tmp_path: Path) -> None:
                 wait_for(lambda: daemons["a"].running, 30, what="daemon a back")
                 turns.update(asyncio.run(drive(daemons, WORKLOAD_3)))
                 expected = sum(turns.values())
-                snaps = snapshots(kafka.bootstrap, expected, 180)
+                snaps = snapshots(kafka.bootstrap, turns, expected, 180)
                 # give a late duplicate the chance to show up before asserting there is none
-                snaps = snapshots(kafka.bootstrap, expected + 1, 10)
+                snaps = snapshots(kafka.bootstrap, turns, expected + 1, 10)
                 check_exactly_one_per_turn(snaps, turns)
                 backfilled = [s for s in snaps if s["backfill"]]
                 assert backfilled, "turns that ended while the collector was down were not reconciled"
