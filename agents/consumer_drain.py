@@ -4,11 +4,14 @@ faust 0.15.3's `Consumer._drain_messages` delivers every fetched record through
 `wait_first(callback(message), suspend_flow.wait())`: four tasks and an `asyncio.wait` per
 record (~70 us of CPU), so that a rebalance (which sets `suspend_flow`) can interrupt a delivery
 blocked on a full stream buffer. `drain_messages` below is the same loop with that race run once
-per fetched batch: the batch's records are delivered in order by one task, raced against
-`suspend_flow` and the consumer stopping or crashing, exactly as each record was before. When a
-rebalance interrupts it, the rest of that batch is not delivered and, unlike before, its read
-offsets are not advanced, so nothing is skipped that the reassigned consumer would not fetch again
-from the committed offsets (faust seeks there after every rebalance).
+per fetched batch. The fetch itself (`getmany`) runs in the drain loop exactly as upstream, never
+inside the race: when the flow stops while records are being fetched, faust's getmany seeks back
+to the committed offsets, and cancelling it there would lose the fetched records for good (the
+first version of this module did, and a stage stalled). The fetched batch is then delivered in
+order by one task, raced against `suspend_flow` and the consumer stopping or crashing, exactly as
+each record was before. When a rebalance interrupts it, the rest of the batch is not delivered
+and, unlike upstream, its read offsets are not advanced; faust seeks to the committed offsets
+after every rebalance, so those records come again.
 
 `install()` replaces the method on faust's Consumer class; `tests/unit/test_consumer_drain.py`
 pins the upstream source it was written against, so a faust upgrade is a deliberate review.
@@ -39,9 +42,13 @@ async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover -
     commit_every = self._commit_every
     acks_enabled_for = self.app.topics.acks_enabled_for
 
-    async def deliver(batch: AsyncIterator[Any]) -> None:
+    suspended = self.suspend_flow.is_set
+
+    async def deliver(batch: list[tuple[Any, Any]]) -> None:
         since_yield = 0
-        async for tp, message in batch:
+        for tp, message in batch:
+            if suspended():  # a rebalance began: hand nothing more over (the race stops a blocked one)
+                return
             since_yield += 1
             if since_yield > YIELD_EVERY:
                 await asyncio.sleep(0)
@@ -61,10 +68,13 @@ async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover -
     try:
         while not (consumer_should_stop() or fetcher_should_stop()):
             set_flag(faust_consumer.CONSUMER_FETCHING)
-            batch = cast(AsyncIterator[Any], getmany(timeout=1.0))
+            fetched = cast(AsyncIterator[Any], getmany(timeout=1.0))
             await self.sleep(0)  # upstream: getmany may not release the loop on its own
             if not self.should_stop:
-                await self.wait_first(deliver(batch), self.suspend_flow.wait())
+                # the fetch (and its seek back when the flow stopped) as upstream, outside the race
+                batch = [item async for item in fetched]
+                if batch:
+                    await self.wait_first(deliver(batch), self.suspend_flow.wait())
             unset_flag(faust_consumer.CONSUMER_FETCHING)
     except self.consumer_stopped_errors:
         if self.transport.app.should_stop:

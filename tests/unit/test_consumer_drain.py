@@ -51,6 +51,7 @@ class FakeConsumer(Service):
         self.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True))
         self.transport = SimpleNamespace(app=SimpleNamespace(should_stop=True))
         self.gaps: list[tuple[int, int]] = []
+        self.fetches_completed = 0
 
     async def callback(self, message: Msg) -> None:
         await self.on_record(self, message)
@@ -61,8 +62,14 @@ class FakeConsumer(Service):
         if not self.batches:
             self._stopped.set()
             return
-        for message in self.batches.pop(0):
+        batch = self.batches.pop(0)
+        await self.fetching(self)
+        for message in batch:
             yield "t", message
+        self.fetches_completed += 1
+
+    async def fetching(self, consumer: FakeConsumer) -> None:
+        await asyncio.sleep(0)
 
     async def commit(self) -> None:
         self.commits += 1
@@ -119,3 +126,20 @@ async def test_an_error_in_delivery_reaches_the_consumer_as_upstream() -> None:
     consumer = FakeConsumer([[Msg("t", 0)]], fails)
     with pytest.raises(ValueError, match="decode failed"):
         await run(consumer)
+
+
+@pytest.mark.asyncio
+async def test_a_rebalance_during_the_fetch_does_not_cancel_the_fetch() -> None:
+    # faust's getmany seeks back to the committed offsets when the flow stopped while it
+    # fetched; cancelling it there (as the first version of drain_messages did) lost the batch
+    consumer = FakeConsumer([[Msg("t", 0), Msg("t", 1)]], passes)
+
+    async def rebalance_midway(c: FakeConsumer) -> None:
+        c.suspend_flow.set()
+        await asyncio.sleep(0.01)
+
+    consumer.fetching = rebalance_midway  # type: ignore[method-assign]
+    await run(consumer)
+    assert consumer.fetches_completed == 1
+    assert consumer.delivered == []  # the flow is suspended: nothing handed over
+    assert consumer._read_offset["t"] is None  # so nothing is skipped when it is fetched again
