@@ -217,8 +217,13 @@ async def _metadata_ok(bootstrap: str, timeout_s: float) -> bool:
 
 
 def _cluster_id() -> str:
-    # Kafka's cluster id format: a UUID as unpadded base64url (what `StorageTool random-uuid` prints)
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+    # Kafka's cluster id format: a UUID as unpadded base64url (what `StorageTool random-uuid`
+    # prints). Like Kafka's Uuid.randomUuid, never one starting with "-": `format -t -x...`
+    # reads it as an option and fails (one start in 64 did, in the fault tests).
+    while True:
+        cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        if not cluster.startswith("-"):
+            return cluster
 
 
 def _alive(pid: int) -> bool:
