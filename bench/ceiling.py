@@ -37,10 +37,9 @@ from bench.common import (
     load_is_high,
     loadavg,
     local_broker,
-    machine,
     md_table,
     measure_ceiling,
-    now_utc,
+    result_header,
     small_events,
     snapshot_record,
     turn_ended_envelope,
@@ -89,12 +88,9 @@ async def run(bootstrap: str, records: int, small_records: int, repeats: int,
 
 def table(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
     lines = [
-        "# Ceiling: raw aiokafka pass-through",
-        "",
-        f"- date: {now_utc()}",
-        f"- machine: {machine()}",
-        f"- command: `python bench/ceiling.py --records {args.records} --small-records {args.small_records} "
-        f"--repeats {args.repeats}`",
+        *result_header("Ceiling: raw aiokafka pass-through",
+                       f"python bench/ceiling.py --records {args.records} --small-records {args.small_records} "
+                       f"--repeats {args.repeats}"),
         "- method: a fresh local broker; one input topic per record kind (4 partitions), filled before the "
         "run. The pass-through runs in its own process: consumer group, `getmany` (up to 1000 records), "
         "`send` each record to an output topic, await every ack of the batch (acks=all), commit the "

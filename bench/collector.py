@@ -43,9 +43,8 @@ from bench.common import (
     load_is_high,
     loadavg,
     local_broker,
-    machine,
     md_table,
-    now_utc,
+    result_header,
     stop_process,
     wait_for_calm,
     write_result,
@@ -287,11 +286,9 @@ def measure(bootstrap: str, hosts: int, rate: float, seconds: float, workdir: Pa
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        "# Collector: simulated opencode hosts into Kafka",
-        "",
-        f"- date: {now_utc()}",
-        f"- machine: {machine()}",
-        f"- command: `python bench/collector.py --hosts {args.hosts} --rate {args.rate:g} --seconds {args.seconds:g}`",
+        *result_header("Collector: simulated opencode hosts into Kafka",
+                       f"python bench/collector.py --hosts {args.hosts} --rate {args.rate:g} "
+                       f"--seconds {args.seconds:g}"),
         "- method: one fresh local broker; a separate process serves the fake `opencode serve` daemons (aiohttp, "
         "one port per host: `/global/event` SSE at a steady rate, `/session`, `/session/status`, "
         "`/session/{id}`, `/session/{id}/message`). Offered load: `--rate` frames/s in total, split evenly "

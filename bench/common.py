@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from pipeline import config  # noqa: E402
 from pipeline.config import DEFAULT_CACHE_DIR  # noqa: E402
 from pipeline.envelope import turn_ended  # noqa: E402
 from pipeline.kafka_local import LocalBroker, free_port  # noqa: E402
@@ -77,13 +79,20 @@ def wait_for_calm(max_wait_s: float = 20.0) -> None:
 
 def machine() -> str:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    kafka = config.load(None).kafka.version
     return (f"{CORES} cores, {mem_gib:.0f} GiB, {platform.machine()}, Python {platform.python_version()}, "
-            "Kafka 4.3.1 (local KRaft broker, one node), aiokafka 0.14.0, faust-streaming 0.15.3; "
-            "shared with other engineers' test runs (load averages 1/5/15 min in the tables)")
+            f"Kafka {kafka} (local KRaft broker, one node), aiokafka {metadata.version('aiokafka')}, "
+            f"faust-streaming {metadata.version('faust-streaming')}; "
+            "load averages 1/5/15 min in the tables")
 
 
 def now_utc() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def result_header(title: str, command: str) -> list[str]:
+    """The head every bench/results/<name>.md starts with: title, date, machine, command."""
+    return [f"# {title}", "", f"- date: {now_utc()}", f"- machine: {machine()}", f"- command: `{command}`"]
 
 
 def md_table(header: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -> list[str]:

@@ -40,10 +40,9 @@ from bench.common import (
     load_is_high,
     loadavg,
     local_broker,
-    machine,
     md_table,
-    now_utc,
     producer,
+    result_header,
     snapshot_record,
     wait_for_calm,
     write_result,
@@ -169,12 +168,9 @@ def table(capacity: float, capacity_n: int, capacity_load: str, probe: float, le
           args: argparse.Namespace) -> str:
     halves = [lv for lv in levels if abs(lv.share - 0.5) < 1e-9]
     lines = [
-        "# End to end: idle to delivered",
-        "",
-        f"- date: {now_utc()}",
-        f"- machine: {machine()}",
-        f"- command: `python bench/end_to_end.py --burst {args.burst} --duration {args.duration:g} "
-        f"--levels {args.levels}`",
+        *result_header("End to end: idle to delivered",
+                       f"python bench/end_to_end.py --burst {args.burst} --duration {args.duration:g} "
+                       f"--levels {args.levels}"),
         "- method: one fresh local broker (4 partitions), sample, scrub, sign, breaker and deliver as real "
         "worker processes (Stack from pipeline/local_stack.py), the stub scrubber and stub panel with zero "
         "added latency, sampling rate 1.0, so every snapshot is scrubbed, signed and delivered. Each "

@@ -51,10 +51,9 @@ from bench.common import (
     load_is_high,
     loadavg,
     local_broker,
-    machine,
     md_table,
     measure_ceiling,
-    now_utc,
+    result_header,
     small_events,
     turn_ended_envelope,
     wait_for_calm,
@@ -269,11 +268,8 @@ def table(rows: list[Row], args: argparse.Namespace) -> str:
     for row in rows:
         best.setdefault((row.stage, row.phase), []).append(row)
     lines = [
-        "# Stages alone vs the raw pass-through",
-        "",
-        f"- date: {now_utc()}",
-        f"- machine: {machine()}",
-        f"- command: `python bench/stages.py --records {args.records} --mix-turns {args.mix_turns}`",
+        *result_header("Stages alone vs the raw pass-through",
+                       f"python bench/stages.py --records {args.records} --mix-turns {args.mix_turns}"),
         "- method: one fresh local broker (4 partitions per topic), the stub scrubber and panel with zero "
         "added latency, sampling rate 1.0. `opencode.events` holds the collector's turn_ended envelopes "
         "(26-message sessions), then turns as the collector produces them (8 small events + the turn_ended "
