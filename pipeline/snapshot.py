@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.envelope import TURN_ENDED, MalformedEvent
+from pipeline.records import is_plain_json
 
 try:
     import orjson
@@ -215,7 +216,6 @@ def snapshot_id(host: str, session_id: str, messages: Sequence[Mapping[str, Any]
     so the same turn read twice gets the same id, and any later turn a different one.
     """
     shape: list[Any] = []
-    simple = True  # every leaf a str, None, bool or 64-bit int: see _shape_bytes
     for message in messages:
         info = message.get("info") if _is_mapping(message) else None
         info = info if _is_mapping(info) else {}
@@ -229,37 +229,21 @@ def snapshot_id(host: str, session_id: str, messages: Sequence[Mapping[str, Any]
                 continue
             state = part.get("state")
             status = state.get("status") if _is_mapping(state) else None
-            part_id, kind, text = part.get("id"), part.get("type"), part.get("text")
-            leaves = [part_id, kind, status, text]
-            if simple and not (type(part_id) is str and type(kind) is str and (text is None or type(text) is str)
-                               and (status is None or type(status) is str)):
-                simple = all(map(_simple_leaf, leaves))
-            parts.append(leaves)
-        head = [info.get("id"), info.get("role"), time.get("completed"),
-                describe_error(error)[0] if error else None]
-        simple = simple and all(map(_simple_leaf, head))
-        shape.append([*head, parts])
-    material = _shape_bytes([host, session_id, shape], simple)
+            parts.append([part.get("id"), part.get("type"), status, part.get("text")])
+        shape.append([info.get("id"), info.get("role"), time.get("completed"),
+                      describe_error(error)[0] if error else None, parts])
+    material = _shape_bytes([host, session_id, shape])
     return "snp_" + hashlib.sha256(material).hexdigest()[:32]
 
 
-_INT64 = (-(2**63), 2**64 - 1)
-
-
-def _simple_leaf(value: Any) -> bool:
-    kind = type(value)
-    return (kind is str or value is None or kind is bool
-            or (kind is int and _INT64[0] <= value <= _INT64[1]))
-
-
-def _shape_bytes(shape: list[Any], simple: bool) -> bytes:
-    """The hashed text. For lists of simple leaves orjson writes exactly what json.dumps does
-    (checked for every code point outside the surrogates, tests/unit/test_snapshot.py) in a
-    tenth of the time; anything else, and a lone surrogate orjson refuses, goes through json:
-    ids must not change with the path taken."""
-    if simple and orjson is not None:
+def _shape_bytes(shape: list[Any]) -> bytes:
+    """The hashed text. For plain JSON (records.is_plain_json) orjson writes exactly what
+    json.dumps does (tests/unit/test_snapshot.py checks every code point outside the surrogates)
+    in a fraction of the time; anything else, and a lone surrogate orjson refuses, goes through
+    json: ids must not change with the path taken."""
+    if orjson is not None and is_plain_json(shape):
         try:
-            return orjson.dumps(shape)
+            return orjson.dumps(shape, option=orjson.OPT_SORT_KEYS)
         except orjson.JSONEncodeError:
             pass
     text = json.dumps(shape, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
