@@ -115,15 +115,17 @@ class Sinks:
     async def send(self, out: Out) -> None:
         plain = is_plain_json(out.value)
         validate_for_topic(out.topic, out.value, plain=plain)
-        await self.send_encoded(out, encode(out.value, plain=plain))
+        await self.send_validated(out, plain)
 
-    async def send_encoded(self, out: Out, data: bytes) -> None:
-        """`send` for a record the caller has validated and written as `data` already (the agent
-        loop does both where it can still turn a failure into a dead letter)."""
+    async def send_validated(self, out: Out, plain: bool | None = None, data: bytes | None = None) -> None:
+        """`send` for a record the caller has just validated (the agent loop validates every
+        output where it can still turn a failure into a dead letter): validated once, not twice.
+        `plain`: what is_plain_json said of it, when the caller asked (the encoder then need not)."""
         if out.topic not in self._topics:
             raise KeyError(f"{out.topic} is not an output of stage {self.stage.name}")
         producer = await self._kafka_producer()
-        fut = await producer.send(out.topic, data, key=_key_bytes(out.key))
+        value = data if data is not None else encode(out.value, plain=plain)
+        fut = await producer.send(out.topic, value, key=_key_bytes(out.key))
         self._pending.append(fut)
         metrics.RECORDS_OUT.labels(self.stage.name, out.topic).inc()
 
@@ -165,9 +167,9 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
     source = topic(app, stage.input, config)
     sinks = sinks or Sinks(app, config, stage)
 
-    async def process(event: faust.EventT) -> list[tuple[Out, bytes]]:
-        """The record's outputs, each validated and written (whether it is plain JSON found out
-        once for the validator and the encoder alike), or its dead letter."""
+    async def process(event: faust.EventT) -> list[tuple[Out, bool | None, bytes | None]]:
+        """The record's outputs, each validated (with whether it is plain JSON, found out once
+        for the validator and the encoder alike), or its dead letter."""
         message = event.message
         raw = message.value if isinstance(message.value, bytes) else b""
         meta = Meta(message.key, message.partition, message.offset, raw)
@@ -181,7 +183,7 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
                 # encoded here, inside the try: an output that cannot be written (a lone
                 # surrogate, over the topic's size) dead-letters its input instead of crashing
                 # the agent on send, which would stall the stage on the same record for ever
-                encoded.append((out, _encoded(out, plain)))
+                encoded.append((out, plain, _encoded(out, plain)))
             return encoded
         except RecordError as exc:
             reason, error = exc.reason, exc.detail
@@ -190,10 +192,9 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
                           meta.partition, meta.offset)
             reason, error = "internal_error", f"{type(exc).__name__}: {exc}"
         metrics.DEAD_LETTERS.labels(stage.dead, reason).inc()
-        letter = Out(stage.dead, meta.key, dead_letter(
+        return [(Out(stage.dead, meta.key, dead_letter(
             stage=stage.name, source_topic=stage.input, raw=raw, reason=reason, error=error, key=meta.key,
-            partition=meta.partition, offset=meta.offset))
-        return [(letter, encode(letter.value))]
+            partition=meta.partition, offset=meta.offset)), None, None)]
 
     @app.agent(source, name=f"{stage.name}-agent")
     async def agent(stream: faust.StreamT) -> None:
@@ -203,8 +204,8 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
             else:
                 results = [await process(e) for e in events]
             for outs in results:
-                for out, data in outs:
-                    await sinks.send_encoded(out, data)  # process() validated and wrote it
+                for out, plain, data in outs:
+                    await sinks.send_validated(out, plain, data)  # process() validated it
             await sinks.drain()
             if after_drain:
                 after_drain()
