@@ -20,6 +20,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from agents import consumer_drain
 from pipeline import metrics
 from pipeline.admin import topic_partitions
 from pipeline.config import Config
@@ -61,6 +62,7 @@ Handler = Callable[[dict[str, Any], Meta], Awaitable[Sequence[Out]]]
 
 def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
     """One faust App per stage; its id is the stage's consumer group."""
+    consumer_drain.install()  # records reach the stream a fetched batch at a time
     stage = STAGES[stage] if isinstance(stage, str) else stage
     settings: dict[str, Any] = {
         "broker": f"kafka://{config.kafka.bootstrap}",

@@ -11,7 +11,9 @@ import pytest
 
 from pipeline.local_stack import Stack, StackSettings, wait_for
 from pipeline.records import encode
+from pipeline.topics import STAGES
 from tests.factory import SEEDED_ASSIGNMENT, SEEDED_SECRETS, snapshot
+from tests.integration.test_breaker import running
 from tests.kafka_util import produce, read_all, values
 
 pytestmark = pytest.mark.integration
@@ -34,7 +36,9 @@ def test_happy_path_delivers_scrubbed_signed_traces(kafka, tmp_path: Path) -> No
     stack = Stack(StackSettings(bootstrap=kafka.bootstrap, workdir=tmp_path, sampling_rate=1.0))
     snaps = [snapshot(i, host=HOST, with_secrets=True, tool_error=(i % 3 == 0), api_error=(i == 4))
              for i in range(8)]
-    with stack.start():
+    # past what earlier tests left in the shared stage groups: a trace signed for a stub panel
+    # that is gone would be retried at the head of its partition and hold these back
+    with running(stack, extra_groups=[(STAGES["ingest"].app_id, STAGES["ingest"].input)]):
         asyncio.run(produce(kafka.bootstrap, "sessions.idle",
                             [(f"{HOST}:{s['session_id']}".encode(), encode(s)) for s in snaps]))
         try:

@@ -1,0 +1,107 @@
+"""faust's consumer hands records to the streams one fetched batch at a time, not one at a time.
+
+faust 0.15.3's `Consumer._drain_messages` delivers every fetched record through
+`wait_first(callback(message), suspend_flow.wait())`: four tasks and an `asyncio.wait` per
+record (~70 us of CPU), so that a rebalance (which sets `suspend_flow`) can interrupt a delivery
+blocked on a full stream buffer. `drain_messages` below is the same loop with that race run once
+per fetched batch. The fetch itself (`getmany`) runs in the drain loop exactly as upstream, never
+inside the race: when the flow stops while records are being fetched, faust's getmany seeks back
+to the committed offsets, and cancelling it there would lose the fetched records for good (the
+first version of this module did, and a stage stalled). The fetched batch is then delivered in
+order by one task, raced against `suspend_flow` and the consumer stopping or crashing, exactly as
+each record was before. When a rebalance interrupts it, the rest of the batch is not delivered
+and, unlike upstream, its read offsets are not advanced; faust seeks to the committed offsets
+after every rebalance, so those records come again.
+
+`install()` replaces the method on faust's Consumer class; `tests/unit/test_consumer_drain.py`
+pins the upstream source it was written against, so a faust upgrade is a deliberate review.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+from faust.transport import consumer as faust_consumer
+from mode import Service
+
+UPSTREAM = faust_consumer.Consumer._drain_messages
+YIELD_EVERY = 100  # records between yields to the loop, as upstream
+
+
+async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - runs in workers
+    callback = self.callback
+    getmany = self.getmany
+    consumer_should_stop = cast(Service, self)._stopped.is_set
+    fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
+    get_read_offset = self._read_offset.__getitem__
+    set_read_offset = self._read_offset.__setitem__
+    set_flag = self.diag.set_flag
+    unset_flag = self.diag.unset_flag
+    commit_every = self._commit_every
+    acks_enabled_for = self.app.topics.acks_enabled_for
+
+    suspended = self.suspend_flow.is_set
+
+    async def deliver(batch: list[tuple[Any, Any]], cursor: list[int]) -> None:
+        """Hand batch[cursor[0]:] over in order, advancing the cursor past each record handed
+        over; return early when a rebalance began or a commit is due (committed by the caller,
+        outside the race, as upstream: a commit must not be cancelled half-way)."""
+        since_yield = 0
+        while cursor[0] < len(batch):
+            if suspended():  # a rebalance began: hand nothing more over (the race stops a blocked one)
+                return
+            if commit_every is not None and self._n_acked >= commit_every:
+                return
+            tp, message = batch[cursor[0]]
+            since_yield += 1
+            if since_yield > YIELD_EVERY:
+                await asyncio.sleep(0)
+                since_yield = 0
+            offset = message.offset
+            r_offset = get_read_offset(tp)
+            if r_offset is None or offset >= r_offset:
+                gap = offset - (r_offset or 0)
+                if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                    await self._add_gap(tp, r_offset + 1, offset)
+                await callback(message)
+                set_read_offset(tp, offset)
+            cursor[0] += 1
+
+    try:
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            set_flag(faust_consumer.CONSUMER_FETCHING)
+            fetched = cast(AsyncIterator[Any], getmany(timeout=1.0))
+            await self.sleep(0)  # upstream: getmany may not release the loop on its own
+            if not self.should_stop:
+                # the fetch (and its seek back when the flow stopped) as upstream, outside the race
+                batch = [item async for item in fetched]
+                cursor = [0]
+                while cursor[0] < len(batch) and not suspended():
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    waited = await self.wait_first(deliver(batch, cursor), self.suspend_flow.wait())
+                    if waited.stopped:  # the consumer is stopping or crashed
+                        break
+            unset_flag(faust_consumer.CONSUMER_FETCHING)
+    except self.consumer_stopped_errors:
+        if self.transport.app.should_stop:
+            self.log.info("Broker stopped consumer, shutting down...")
+            return
+        raise
+    except asyncio.CancelledError:
+        if self.transport.app.should_stop:
+            self.log.info("Consumer shutting down for user cancel.")
+            return
+        raise
+    except Exception as exc:
+        self.log.exception("Drain messages raised: %r", exc)
+        raise
+    finally:
+        unset_flag(faust_consumer.CONSUMER_FETCHING)
+
+
+def install() -> None:
+    faust_consumer.Consumer._drain_messages = drain_messages  # type: ignore[method-assign]
