@@ -112,6 +112,8 @@ class Sinks:
         self.stage = stage
         self._app = app
         self._topics = {name: topic(app, name, config) for name in {*stage.outputs, stage.dead}}
+        # each counter child looked up once: labels() takes a lock and builds a key per call
+        self._counted = {name: metrics.RECORDS_OUT.labels(stage.name, name) for name in self._topics}
         self._pending: list[Awaitable[Any]] = []
 
     async def send(self, out: Out) -> None:
@@ -123,13 +125,14 @@ class Sinks:
         """`send` for a record the caller has just validated (the agent loop validates every
         output where it can still turn a failure into a dead letter): validated once, not twice.
         `plain`: what is_plain_json said of it, when the caller asked (the encoder then need not)."""
-        if out.topic not in self._topics:
+        counted = self._counted.get(out.topic)
+        if counted is None:
             raise KeyError(f"{out.topic} is not an output of stage {self.stage.name}")
         producer = await self._kafka_producer()
         value = data if data is not None else encode(out.value, plain=plain)
         fut = await producer.send(out.topic, value, key=_key_bytes(out.key))
         self._pending.append(fut)
-        metrics.RECORDS_OUT.labels(self.stage.name, out.topic).inc()
+        counted.inc()
 
     async def _kafka_producer(self) -> AIOKafkaProducer:
         """The app's own aiokafka producer (faust's settings: acks, batching, linger, its
@@ -168,6 +171,7 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
     stage = STAGES[stage] if isinstance(stage, str) else stage
     source = topic(app, stage.input, config)
     sinks = sinks or Sinks(app, config, stage)
+    records_in = metrics.RECORDS_IN.labels(stage.name)
 
     async def process(event: faust.EventT) -> list[tuple[Out, bool | None, bytes | None]]:
         """The record's outputs, each validated (with whether it is plain JSON, found out once
@@ -175,7 +179,7 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
         message = event.message
         raw = message.value if isinstance(message.value, bytes) else b""
         meta = Meta(message.key, message.partition, message.offset, raw)
-        metrics.RECORDS_IN.labels(stage.name).inc()
+        records_in.inc()
         try:
             record = decode(raw, stage.input)
             outs = [(out, is_plain_json(out.value)) for out in await handler(record, meta)]

@@ -19,10 +19,13 @@ def build(config: Config, **app_overrides: object) -> faust.App:
     # Fail at start, naming the variable, rather than dead-letter every trace later.
     config.panel_secret(config.site_key)
     jwt = config.scrubber_jwt_secret
+    panel_secrets: dict[str, str] = {}  # per site key: the environment as loaded at start
     app = make_app(STAGE, config, **app_overrides)
 
     async def handle(record: dict, meta: Meta) -> list[Out]:
-        _, secret = config.panel_secret(record["site_key"])
+        site_key = record["site_key"]
+        if site_key not in panel_secrets:
+            panel_secrets[site_key] = config.panel_secret(site_key)[1].reveal()
         body = canonical_body(record, config.source_agent, pipeline.__version__)
         now = time.time()
         attestation = mint_attestation(body, jwt.reveal(), now) if jwt else None
@@ -35,7 +38,7 @@ def build(config: Config, **app_overrides: object) -> faust.App:
             "session_id": record["session_id"],
             "endpoint": config.panel_url,
             "body": body.decode("utf-8"),
-            "signature": sign(body, secret.reveal()),
+            "signature": sign(body, panel_secrets[site_key]),
             "attestation": attestation,
             "attestation_iat": int(now) if attestation else None,
             "reason": record["decision"]["reason"],
