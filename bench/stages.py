@@ -144,9 +144,17 @@ async def sizes(bootstrap: str, topic: str, n: int) -> list[int]:
     return [len(value) for _, value in await head(bootstrap, topic, n)]
 
 
-async def copy_head(bootstrap: str, topic: str, n: int) -> None:
-    """Append the first `n` records of `topic` again (same keys, so same partitions and order)."""
-    await fill(bootstrap, topic, (await head(bootstrap, topic, n))[:n])
+async def copy_head(bootstrap: str, topic: str, n: int, attempt: int) -> str:
+    """Append the first `n` records of `topic` again (same keys, so same partitions and order),
+    for the stage's next attempt, and put the same records alone in a new topic for that
+    attempt's ceiling (whose name is returned): the ceiling reads a whole topic, and timed over
+    the grown input it would move more records than the stage does in its attempt."""
+    records = (await head(bootstrap, topic, n))[:n]
+    await fill(bootstrap, topic, records)
+    alone = f"bench.src.{topic}.{attempt}"
+    await create_topics(bootstrap, [alone])
+    await fill(bootstrap, alone, records)
+    return alone
 
 
 async def run_stage(stack: Stack, bootstrap: str, stage: str, phases: list[Phase],
@@ -263,8 +271,9 @@ async def run(stack: Stack, bootstrap: str, stages: list[str], records: int, mix
         extra = attempts - 1 if stage in TARGET else int(repeat_busy and load_is_high() and stage not in NO_REPEAT)
         for attempt in range(2, 2 + extra):
             print(f"{stage}: attempt {attempt} on a copy of its input (load {loadavg()})", file=sys.stderr)
-            await copy_head(bootstrap, STAGES[stage].input, sum(p.inputs for p in phases))
-            rows += await measure(stack, bootstrap, stage, phases, logdir, attempt, timeout_s, known, topics)
+            alone = await copy_head(bootstrap, STAGES[stage].input, sum(p.inputs for p in phases), attempt)
+            rows += await measure(stack, bootstrap, stage, phases, logdir, attempt, timeout_s, known,
+                                  topics or [alone])
     for stage in later:  # only ingest: new sessions each time, as it drops repeated event ids
         phases = phases_for(stage, records, mix_turns)
         for attempt in range(2, attempts + 1):
