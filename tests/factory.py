@@ -66,12 +66,19 @@ def messages(session_id: str, turns: int = 2, *, seed: int = 0, tool_error: bool
     return out
 
 
-def snapshot(i: int, *, host: str = "h1", site_key: str = "pk_test_thirdparty", **kw: Any) -> dict[str, Any]:
+def turn_ended_envelope(i: int, *, host: str = "h1", site_key: str = "pk_test_thirdparty",
+                        **kw: Any) -> dict[str, Any]:
+    """The collector's `pipeline.turn_ended` envelope for session i (what ingest reads)."""
     sid = f"ses_test{i:06d}"
     msgs = messages(sid, seed=i, **kw)
     session = {"id": sid, "projectID": "global", "directory": "/home/dev/project", "title": f"session {i}"}
-    env = turn_ended(host=host, site_key=site_key, session=session, messages=msgs, trigger="session.idle",
-                     received_at_ms=1795236913836 + i)
+    return turn_ended(host=host, site_key=site_key, session=session, messages=msgs, trigger="session.idle",
+                      received_at_ms=1795236913836 + i)
+
+
+def snapshot(i: int, *, host: str = "h1", site_key: str = "pk_test_thirdparty", **kw: Any) -> dict[str, Any]:
+    """The snapshot ingest makes of turn_ended_envelope(i, ...)."""
+    env = turn_ended_envelope(i, host=host, site_key=site_key, **kw)
     return build_snapshot(env, SessionState(), max_messages=25, now_ms=1795236913836 + i)
 
 

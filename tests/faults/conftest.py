@@ -95,7 +95,9 @@ def faults_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBro
 
 @pytest.fixture(scope="module")
 def faults_stack(faults_broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = fault_stack(faults_broker.bootstrap, tmp_path_factory.mktemp("faults-stack"))
+    # ingest too, for its kill -9 case (fed collector envelopes); the other cases feed sessions.idle
+    stack = fault_stack(faults_broker.bootstrap, tmp_path_factory.mktemp("faults-stack"),
+                        stages=("ingest", *DELIVERY_STAGES))
     with stack.start():
         started = time.monotonic()
         warm_up(stack, faults_broker.bootstrap)

@@ -14,8 +14,9 @@ Per case the numbers (expected, delivered, duplicates = sum of upserts - 1, lost
 recover) are printed and appended as a markdown row to tests/faults/results.md.
 
 The workload: factory snapshots with seeded secrets produced to sessions.idle with
-samplingRate 1.0, so every one is forwarded and its trace id is known in advance (except the
-collector case, where real opencode daemons produce the turns). Waits are polls with bounds
+samplingRate 1.0, so every one is forwarded and its trace id is known in advance (for ingest's
+kill -9, the collector envelopes those snapshots are made of, produced to opencode.events; for
+the collector case, real opencode daemons produce the turns). Waits are polls with bounds
 (pipeline.local_stack.wait_for); the only timed waits are the fault's own duration.
 """
 
@@ -45,7 +46,7 @@ from pipeline.records import encode
 from pipeline.sampling.base import Decision
 from pipeline.topics import PIPELINE_STAGES
 from pipeline.trace import sampled_trace
-from tests.factory import SEEDED_ASSIGNMENT, SEEDED_SECRETS, snapshot
+from tests.factory import SEEDED_ASSIGNMENT, SEEDED_SECRETS, snapshot, turn_ended_envelope
 from tests.faults.conftest import FAST_TOML, fault_stack, own_broker, warm_up
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
@@ -68,9 +69,10 @@ FLOWING_BOUND_S = 90.0
 _CASES = itertools.count(1)
 
 
-def workload(host: str, n: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
-    """n snapshots of `host` (seeded secrets, some failing tools) as sessions.idle records, and
-    the trace ids the sampler derives for them (by the sampler's own code), in order.
+def workload(host: str, n: int, *, as_events: bool = False) -> tuple[list[tuple[bytes, bytes]], list[str]]:
+    """n snapshots of `host` (seeded secrets, some failing tools) as sessions.idle records (or,
+    `as_events`, the collector's turn_ended envelopes they are made from, for opencode.events),
+    and the trace ids the sampler derives for them (by the sampler's own code), in order.
 
     Session ids are the case's own too (factory index ranges that no other case uses), so a
     trace the panel holds for one of them can only be this case's."""
@@ -79,21 +81,23 @@ def workload(host: str, n: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
     records, ids = [], []
     for i in range(base, base + n):
         snap = snapshot(i, host=host, with_secrets=True, tool_error=(i % 4 == 0))
-        records.append((f"{host}:{snap['session_id']}".encode(), encode(snap)))
+        value = turn_ended_envelope(i, host=host, with_secrets=True, tool_error=(i % 4 == 0)) if as_events else snap
+        records.append((f"{host}:{snap['session_id']}".encode(), encode(value)))
         ids.append(sampled_trace(snap, decision, 25, 0)["trace_id"])
     return records, ids
 
 
 class Feeder:
-    """Produces records to sessions.idle from a thread of its own, one at a time: the first
+    """Produces records to `topic` (sessions.idle) from a thread of its own, one at a time: the first
     `first` at `interval_s`, then, once released, the rest. A case thereby has records arriving
     before its fault, while the pipeline is flowing, and after it; and the feeder (the test's
     client, not the system under test) retries a send until the broker has it, so what a case
     counts as produced is on the broker (the idempotent producer makes a retry no duplicate)."""
 
     def __init__(self, bootstrap: str, records: list[tuple[bytes, bytes]], *, first: int,
-                 interval_s: float = 0.1) -> None:
+                 interval_s: float = 0.1, topic: str = "sessions.idle") -> None:
         self.bootstrap, self.records, self.first, self.interval_s = bootstrap, records, first, interval_s
+        self.topic = topic
         self.produced = 0
         self.error: BaseException | None = None
         self._gate = threading.Event()
@@ -133,7 +137,7 @@ class Feeder:
                         # bounded: an aiokafka producer whose broker went away mid-send can wait
                         # forever for that batch, so a stuck send gets a new producer instead
                         await asyncio.wait_for(
-                            producer.send_and_wait("sessions.idle", value=value, key=key), 15)
+                            producer.send_and_wait(self.topic, value=value, key=key), 15)
                         break
                     except (KafkaError, TimeoutError):
                         if producer is not None:
@@ -367,18 +371,21 @@ def breaker_transitions(stack: Stack) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- 1. kill -9 of each stage
 
 
-@pytest.mark.parametrize("stage", ["sample", "scrub", "sign", "breaker", "deliver"])
+@pytest.mark.parametrize("stage", ["ingest", "sample", "scrub", "sign", "breaker", "deliver"])
 def test_kill9_stage_mid_stream(stage: str, stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     started = time.monotonic()
     host = unique_host(f"kill-{stage}")
-    records, order = workload(host, 24)
+    # ingest's case starts where the collector writes; every other case where ingest writes
+    on_events = stage == "ingest"
+    records, order = workload(host, 24, as_events=on_events)
     ids = set(order)
     # Latency on both services keeps requests in flight at the moment of the kill, so the
     # scrub and deliver kills lose work half done (the panel may have a trace whose offset
     # was never committed: a redelivery, which must be an upsert).
     stack.panel_faults(latency_ms=150)
     stack.scrubber_faults(latency_ms=150)
-    feeder = Feeder(stack.s.bootstrap, records, first=12).start()
+    feeder = Feeder(stack.s.bootstrap, records, first=12,
+                    topic="opencode.events" if on_events else "sessions.idle").start()
     flowing(stack, ids, at_least=3)
     at_kill = len(ids & set(accepted_by_id(stack)))
     stack.restart(stage)  # kill -9 of the worker's process group, then a fresh worker
