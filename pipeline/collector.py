@@ -512,6 +512,16 @@ def state_file(state_dir: Path, host: str) -> Path:
 ClientFactory = Callable[[HostConfig, "str | None"], OpencodeClient]
 
 
+def reserialised(frame: Any) -> bytes:
+    """The bytes a rejected frame's dead letter holds: the client parsed the wire bytes, so the
+    frame is written back as JSON. A lone surrogate (a `\\ud800` escape on the wire, legal JSON)
+    cannot be UTF-8: that frame is written with its non-ASCII escaped, as the wire had it."""
+    try:
+        return json.dumps(frame, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(frame, ensure_ascii=True, default=str).encode("ascii")
+
+
 def default_client_factory(host: HostConfig, directory: str | None) -> OpencodeClient:
     password = host.password.reveal() if host.password is not None else None
     return OpencodeClient(host.base_url, password, directory=directory,
@@ -736,9 +746,7 @@ class _HostRunner:
             envelope = normalise(item, host=self.host.name, site_key=self.host.site_key,
                                  received_at_ms=now)
         except MalformedEvent as exc:
-            # The client has parsed the bytes; the dead letter holds them re-serialised.
-            raw = json.dumps(item, ensure_ascii=False, default=str).encode("utf-8")
-            await self._dead(exc.reason, exc.detail, raw, now)
+            await self._dead(exc.reason, exc.detail, reserialised(item), now)
             return
         if envelope is None:
             self.stats.events_filtered += 1

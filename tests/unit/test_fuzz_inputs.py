@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from pipeline import records
+from pipeline.collector import reserialised
 from pipeline.envelope import REQUIRED_TYPES, TURN_ENDED, MalformedEvent, normalise, turn_ended
 from pipeline.errors import RecordError
 from pipeline.opencode.client import MalformedFrame, _decode_frame
@@ -347,7 +348,7 @@ def frame_to_envelope(frame: Any, out: Outcome) -> None:
     except MalformedEvent as exc:
         assert exc.reason in NORMALISE_REASONS, exc.reason
         # The collector dead-letters the frame re-serialised (collector.py, `_handle`).
-        _dead(exc.reason, exc.detail, json.dumps(frame, ensure_ascii=False, default=str).encode("utf-8"))
+        _dead(exc.reason, exc.detail, reserialised(frame))
         out.rejected.append(exc.reason)
         return
     if envelope is None:
@@ -380,6 +381,16 @@ def parser_state(parser: SSEParser) -> tuple[Any, ...]:
 
 
 # ---------------------------------------------------------------- 1. SSE bytes -> envelopes
+
+
+def test_a_rejected_frame_holding_a_lone_surrogate_is_dead_lettered_not_a_crash() -> None:
+    # `"\ud800"` on the wire is legal JSON but no UTF-8: re-serialising the rejected frame for
+    # its dead letter raised UnicodeEncodeError in the collector (found by the fuzzer below)
+    out = Outcome()
+    frame_to_envelope({"payload": "\ud800"}, out)  # not an event: rejected
+    assert out.rejected == ["bad_payload"]
+    assert reserialised({"payload": "\ud800"}) == b'{"payload": "\\ud800"}'
+    assert json.loads(reserialised({"payload": "\ud800", "ok": "é"})) == {"payload": "\ud800", "ok": "é"}
 
 
 @FUZZ
