@@ -187,14 +187,25 @@ def _plain(value: Any) -> bool:
     return False
 
 
+def plain_json_bytes(value: Any, *, sort_keys: bool, plain: bool | None = None) -> bytes | None:
+    """orjson's compact text of `value` when that is byte for byte what
+    `json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)` writes
+    (plain JSON: is_plain_json, known to the caller as `plain` or found out here); None when the
+    caller must ask json (not plain, a lone surrogate, nesting deeper than orjson goes)."""
+    if orjson is None or not (is_plain_json(value) if plain is None else plain):
+        return None
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
+    except orjson.JSONEncodeError:
+        return None
+
+
 def encode(record: Any, *, plain: bool | None = None) -> bytes:
     """Compact, sorted-key, non-ASCII-preserving JSON. `plain`: is_plain_json(record), when the
     caller already knows it (None: found out here)."""
-    if orjson is not None and (is_plain_json(record) if plain is None else plain):
-        try:
-            return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-        except orjson.JSONEncodeError:  # a lone surrogate, nesting deeper than orjson goes: json decides
-            pass
+    fast = plain_json_bytes(record, sort_keys=True, plain=plain)
+    if fast is not None:
+        return fast
     try:
         text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False)
     except ValueError as exc:  # NaN / Infinity: not JSON, and the panel body could not be signed

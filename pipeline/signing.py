@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from pipeline import __version__
-from pipeline.records import is_plain_json
+from pipeline.records import plain_json_bytes
 
 try:
     import orjson
@@ -75,13 +75,9 @@ def compact_json(value: Any, *, sort_keys: bool = False) -> str:
     they differ on lone surrogates, which JS escapes as `\\udXXX` and Python would leave raw
     (unencodable as UTF-8). Hashes the scrubber computes in Node must match ours.
     """
-    if orjson is not None and is_plain_json(value):
-        # byte for byte what json writes below for plain JSON (is_plain_json), in a fraction of
-        # the time; a lone surrogate, which orjson refuses, takes json's path and its escape
-        try:
-            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0).decode("utf-8")
-        except orjson.JSONEncodeError:
-            pass
+    fast = plain_json_bytes(value, sort_keys=sort_keys)  # json's bytes, a fraction of its time
+    if fast is not None:
+        return fast.decode("utf-8")
     text = json.dumps(
         value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys, allow_nan=False
     )

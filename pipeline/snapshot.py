@@ -21,12 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.envelope import TURN_ENDED, MalformedEvent
-from pipeline.records import is_plain_json
-
-try:
-    import orjson
-except ImportError:  # a dependency; without it every id is hashed from json's text, the same bytes
-    orjson = None  # type: ignore[assignment]
+from pipeline.records import plain_json_bytes
 
 __all__ = [
     "DEFAULT_MAX_SEEN_EVENTS",
@@ -241,11 +236,9 @@ def _shape_bytes(shape: list[Any]) -> bytes:
     json.dumps does (tests/unit/test_snapshot.py checks every code point outside the surrogates)
     in a fraction of the time; anything else, and a lone surrogate orjson refuses, goes through
     json: ids must not change with the path taken."""
-    if orjson is not None and is_plain_json(shape):
-        try:
-            return orjson.dumps(shape, option=orjson.OPT_SORT_KEYS)
-        except orjson.JSONEncodeError:
-            pass
+    fast = plain_json_bytes(shape, sort_keys=True)
+    if fast is not None:
+        return fast
     text = json.dumps(shape, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return text.encode("utf-8", "surrogatepass")
 

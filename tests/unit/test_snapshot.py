@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-import pipeline.snapshot as snapshot_module
+import pipeline.records as records_module  # where the fast writer lives (plain_json_bytes)
 from pipeline.envelope import MalformedEvent, normalise, turn_ended
 from pipeline.snapshot import (
     Emit,
@@ -310,7 +310,7 @@ def test_snapshot_id_is_the_same_with_and_without_the_fast_writer(rows: list[Any
                 for mid, role, done, parts in rows]
     fast = snapshot_id(HOST, "ses_x", messages)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(snapshot_module, "orjson", None)
+        patch.setattr(records_module, "orjson", None)
         assert snapshot_id(HOST, "ses_x", messages) == fast
 
 
@@ -321,5 +321,5 @@ def test_snapshot_id_text_escapes_match_for_every_code_point() -> None:
                  "parts": [{"id": "prt_1", "type": "text", "text": text}]}]
     fast = snapshot_id(HOST, "ses_x", messages)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(snapshot_module, "orjson", None)
+        patch.setattr(records_module, "orjson", None)
         assert snapshot_id(HOST, "ses_x", messages) == fast
