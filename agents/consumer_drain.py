@@ -15,6 +15,15 @@ When a rebalance interrupts a batch, the rest of it is not handed over and, unli
 read offsets are not advanced; faust seeks to the committed offsets after every rebalance, so
 those records come again.
 
+One thing differs on purpose: a stream record fetched while the app is rebalancing is held until
+the rebalance is over. A stage with a table resumes the flow early, to read its changelog, and
+its stream partitions are resumed and seeked (`Recovery.on_recovery_completed`) before
+`app.flow_control.resume()`, which empties every stream queue. A record fetched in that window
+went into a queue that was then emptied, while the fetch position had moved past it: the
+restarted sampler of a fault-suite run stalled on 14 such records (lag never fell, nothing was
+committed past them). Upstream's loop hands records over in the same window (read, not
+measured). Changelog records are handed over at once: the recovery waits for them.
+
 `install()` replaces the method on faust's Consumer class; `tests/unit/test_consumer_drain.py`
 pins the upstream source it was written against, so a faust upgrade is a deliberate review.
 """
@@ -30,6 +39,7 @@ from mode import Service
 
 UPSTREAM = faust_consumer.Consumer._drain_messages
 YIELD_EVERY = 100  # records between yields to the loop, as upstream
+REBALANCE_POLL_S = 0.01  # faust has no event for a rebalance's end, only app.rebalancing
 
 
 async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - runs in workers
@@ -45,6 +55,14 @@ async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover -
     acks_enabled_for = self.app.topics.acks_enabled_for
 
     suspended = self.suspend_flow.is_set
+    app = self.app
+
+    async def rebalance_over() -> None:
+        """Return once the app's rebalance has ended (faust has emptied its stream queues by then);
+        a new rebalance beginning (the flow suspended) ends the wait too, and the caller stops."""
+        self.log.info("holding fetched stream records until the rebalance is over")
+        while app.rebalancing and not suspended():
+            await asyncio.sleep(REBALANCE_POLL_S)
 
     async def deliver(batch: list[tuple[Any, Any]], cursor: list[int]) -> None:
         """Hand batch[cursor[0]:] over in order, advancing the cursor past each record handed
@@ -61,6 +79,10 @@ async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover -
             if since_yield > YIELD_EVERY:
                 await asyncio.sleep(0)
                 since_yield = 0
+            if app.rebalancing and message.topic not in app.tables.changelog_topics:
+                await rebalance_over()
+                if suspended():
+                    return
             offset = message.offset
             r_offset = get_read_offset(tp)
             if r_offset is None or offset >= r_offset:

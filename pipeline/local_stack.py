@@ -112,6 +112,7 @@ class StackSettings:
     novelty_threshold: float = 0.7
     stages: tuple[str, ...] = PIPELINE_STAGES
     metrics: bool = False  # serve /metrics from every stage and the collector
+    worker_loglevel: str = "warn"  # `pipeline worker --loglevel`: the fault suites read info lines on failure
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -184,7 +185,7 @@ state_dir = "{s.workdir / 'collector-state'}"
             "listening on", 30)
 
     def start_stage(self, stage: str) -> PipelineProcess:
-        args = ["worker", stage]
+        args = ["worker", stage, "--loglevel", self.s.worker_loglevel]
         if self.s.metrics:
             args += ["--metrics-port", str(self.metrics_port(stage))]
         return self._start(stage, args)

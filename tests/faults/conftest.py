@@ -73,7 +73,8 @@ def own_broker(data_dir: Path) -> Iterator[LocalBroker]:
 def fault_stack(bootstrap: str, workdir: Path, *, stages: tuple[str, ...] = DELIVERY_STAGES,
                 extra_toml: str = FAST_TOML, hosts_toml: str = "") -> Stack:
     return Stack(StackSettings(bootstrap=bootstrap, workdir=workdir, stages=stages, sampling_rate=1.0,
-                               extra_toml=extra_toml, hosts_toml=hosts_toml, extra_env=dict(FAST_GROUP_ENV)))
+                               extra_toml=extra_toml, hosts_toml=hosts_toml, extra_env=dict(FAST_GROUP_ENV),
+                               worker_loglevel="info"))
 
 
 def warm_up(stack: Stack, bootstrap: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -43,12 +44,14 @@ class FakeConsumer(Service):
         self.on_record = on_record
         self.delivered: list[Msg] = []
         self.commits = 0
-        self._read_offset: dict[str, int | None] = {"t": None}
+        self._read_offset: defaultdict[str, int | None] = defaultdict(lambda: None)
         self._commit_every = 2
         self._n_acked = 0
         self.suspend_flow = asyncio.Event()
         self.diag = SimpleNamespace(set_flag=lambda flag: None, unset_flag=lambda flag: None)
-        self.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True))
+        self.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True), rebalancing=False,
+                                   tables=SimpleNamespace(changelog_topics={"t-changelog"}))
+        self.rebalancing_at_delivery: list[bool] = []
         self.transport = SimpleNamespace(app=SimpleNamespace(should_stop=True))
         self.gaps: list[tuple[int, int]] = []
         self.fetches_completed = 0
@@ -56,6 +59,7 @@ class FakeConsumer(Service):
     async def callback(self, message: Msg) -> None:
         await self.on_record(self, message)
         self.delivered.append(message)
+        self.rebalancing_at_delivery.append(self.app.rebalancing)
         self._n_acked += 1
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[str, Msg]]:
@@ -65,7 +69,7 @@ class FakeConsumer(Service):
         batch = self.batches.pop(0)
         await self.fetching(self)
         for message in batch:
-            yield "t", message
+            yield message.topic, message  # the topic stands for the partition
         self.fetches_completed += 1
 
     async def fetching(self, consumer: FakeConsumer) -> None:
@@ -163,3 +167,41 @@ async def test_a_rebalance_during_a_commit_does_not_cancel_the_commit() -> None:
     assert finished == [0]  # it ran to the end, once, after two records were acked
     assert [m.offset for m in consumer.delivered] == [0, 1]  # then nothing more was handed over
     assert consumer._read_offset["t"] == 1
+
+
+@pytest.mark.asyncio
+async def test_a_stream_record_fetched_while_rebalancing_is_handed_over_once_the_rebalance_is_over() -> None:
+    # A stage with a table reads its changelog with the flow resumed; its stream partitions are
+    # resumed and seeked before faust empties the stream queues (flow_control.resume) and ends
+    # the rebalance. A stream record handed over in that window was emptied away with the fetch
+    # position already past it: the restarted sampler stalled on 14 of them.
+    consumer = FakeConsumer([[Msg("t-changelog", 0), Msg("t", 5), Msg("t-changelog", 1)]], passes)
+    consumer.app.rebalancing = True
+
+    async def finish_rebalance() -> None:
+        await asyncio.sleep(0.05)
+        consumer.app.rebalancing = False
+
+    ending = asyncio.create_task(finish_rebalance())
+    await run(consumer)
+    await ending
+    assert [(m.topic, m.offset) for m in consumer.delivered] == [("t-changelog", 0), ("t", 5), ("t-changelog", 1)]
+    # the changelog record at once (the recovery waits for it), the stream record only after
+    assert consumer.rebalancing_at_delivery == [True, False, False]
+    assert consumer._read_offset["t"] == 5
+
+
+@pytest.mark.asyncio
+async def test_a_new_rebalance_while_a_record_is_held_hands_nothing_more_over() -> None:
+    consumer = FakeConsumer([[Msg("t", 5), Msg("t", 6)]], passes)
+    consumer.app.rebalancing = True
+
+    async def rebalance_again() -> None:
+        await asyncio.sleep(0.05)
+        consumer.suspend_flow.set()
+
+    again = asyncio.create_task(rebalance_again())
+    await run(consumer)
+    await again
+    assert consumer.delivered == []
+    assert consumer._read_offset["t"] is None  # fetched again after the reassignment, from the committed offset
