@@ -14,6 +14,7 @@ from pipeline.sampling import (
     MinHasher,
     NoveltyWindow,
     default_lsh_params,
+    novelty,
     shipped_record,
 )
 
@@ -68,7 +69,7 @@ def exact_novelty(queries: list[frozenset[str]], window: list[frozenset[str]]) -
 def fill(window: NoveltyWindow, sets: list[frozenset[str]]) -> list[dict]:
     records = [shipped_record(site_key=window.site_key, snapshot_id=f"snp_{i:032x}",
                               trace_id=f"tr_oc_{i:032x}", hashvalues=window.hasher.hashvalues(s),
-                              at=i) for i, s in enumerate(sets)]
+                              num_perm=window.num_perm, seed=window.seed, at=i) for i, s in enumerate(sets)]
     for record in records:
         window.apply_shipped(record)
     return records
@@ -204,3 +205,28 @@ def test_candidate_lookup_is_minhashlsh_query(params: tuple[int, int]) -> None:
         assert window.candidates(hv) == expected
         found += len(expected)
     assert found > len(queries)
+
+
+@pytest.mark.parametrize("num_perm, params", [(128, (59, 2)), (20, (10, 2))])  # 20: rows padded to 24 bytes
+def test_scoring_many_candidates_is_the_full_comparison(num_perm: int, params: tuple[int, int]) -> None:
+    # Above PREFILTER_MIN_CANDIDATES the window compares low bytes first and full values only
+    # for the rows that can still be best; the answer (best match, ties to the newest entry)
+    # must be the one comparing every candidate in full gives.
+    corpus = Corpus(11)
+    bases = [corpus.session() for _ in range(6)]
+    sets = [corpus.near_duplicate(bases[i % 6]) for i in range(1500)] + bases + bases  # exact twins too
+    window = NoveltyWindow("site", size=len(sets), num_perm=num_perm, lsh_params=params)  # r=2: many candidates
+    fill(window, sets)
+    queries = [corpus.near_duplicate(b) for b in bases] + bases + [corpus.session() for _ in range(10)]
+    pruned = 0
+    for q in queries:
+        hv = window.hasher.hashvalues(q)
+        rows = np.array(sorted(window.candidates(hv)))
+        matches = (window._sig[rows] == hv).sum(axis=1)
+        best = int(matches.max())
+        tied = rows[matches == best]
+        newest = int(tied[np.argmax(window._seq[tied])])
+        assert window.score_hashvalues(hv) == ((window.num_perm - best) / window.num_perm, window._keys[newest])
+        if len(rows) > novelty.PREFILTER_MIN_CANDIDATES:
+            pruned += len(window._bounded(rows, hv)) < len(rows)
+    assert pruned >= len(bases)  # the bounded path ran, and did leave rows out
