@@ -25,6 +25,7 @@ from pipeline import metrics
 from pipeline.admin import topic_partitions
 from pipeline.config import Config
 from pipeline.errors import RecordError
+from pipeline.partitioner import key_partitioner
 from pipeline.records import dead_letter, decode, encode, is_plain_json, validate_for_topic
 from pipeline.topics import (
     DEAD_LETTER_BYTES,
@@ -87,6 +88,7 @@ def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
         "producer_max_batch_size": PRODUCER_BATCH_BYTES,
         "producer_linger": PRODUCER_LINGER_S,
         "consumer_max_fetch_size": MAX_MESSAGE_BYTES,
+        "producer_partitioner": key_partitioner,  # Kafka's default, faster (pipeline/partitioner.py)
         "datadir": str(config.cache_dir / "faust" / stage.app_id),
     }
     settings.update(overrides)
@@ -122,17 +124,25 @@ class Sinks:
         await self.send_validated(out, plain)
 
     async def send_validated(self, out: Out, plain: bool | None = None, data: bytes | None = None) -> None:
-        """`send` for a record the caller has just validated (the agent loop validates every
-        output where it can still turn a failure into a dead letter): validated once, not twice.
+        """`send` for a record the caller has just validated: validated once, not twice.
         `plain`: what is_plain_json said of it, when the caller asked (the encoder then need not)."""
-        counted = self._counted.get(out.topic)
-        if counted is None:
-            raise KeyError(f"{out.topic} is not an output of stage {self.stage.name}")
+        await self.send_all([(out, plain, data)])
+
+    async def send_all(self, outs: Sequence[tuple[Out, bool | None, bytes | None]]) -> None:
+        """send_validated for a batch of records (the agent loop validates and encodes every
+        output where it can still turn a failure into a dead letter): each as (out, plain,
+        its encoded bytes or None), with one producer lookup and one count per topic."""
+        for out, _, _ in outs:
+            if out.topic not in self._counted:
+                raise KeyError(f"{out.topic} is not an output of stage {self.stage.name}")
         producer = await self._kafka_producer()
-        value = data if data is not None else encode(out.value, plain=plain)
-        fut = await producer.send(out.topic, value, key=_key_bytes(out.key))
-        self._pending.append(fut)
-        counted.inc()
+        sent: dict[str, int] = {}
+        for out, plain, data in outs:
+            value = data if data is not None else encode(out.value, plain=plain)
+            self._pending.append(await producer.send(out.topic, value, key=_key_bytes(out.key)))
+            sent[out.topic] = sent.get(out.topic, 0) + 1
+        for name, count in sent.items():
+            self._counted[name].inc(count)
 
     async def _kafka_producer(self) -> AIOKafkaProducer:
         """The app's own aiokafka producer (faust's settings: acks, batching, linger, its
@@ -179,7 +189,6 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
         message = event.message
         raw = message.value if isinstance(message.value, bytes) else b""
         meta = Meta(message.key, message.partition, message.offset, raw)
-        records_in.inc()
         try:
             record = decode(raw, stage.input)
             outs = [(out, is_plain_json(out.value)) for out in await handler(record, meta)]
@@ -205,13 +214,12 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
     @app.agent(source, name=f"{stage.name}-agent")
     async def agent(stream: faust.StreamT) -> None:
         async for events in stream.take_events(batch, within=within_s):
+            records_in.inc(len(events))
             if parallel:
                 results = await asyncio.gather(*(process(e) for e in events))
             else:
                 results = [await process(e) for e in events]
-            for outs in results:
-                for out, plain, data in outs:
-                    await sinks.send_validated(out, plain, data)  # process() validated it
+            await sinks.send_all([out for outs in results for out in outs])  # process() validated them
             await sinks.drain()
             if after_drain:
                 after_drain()
