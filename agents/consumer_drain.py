@@ -19,9 +19,9 @@ One thing differs on purpose: a stream record fetched while the app is rebalanci
 the rebalance is over. A stage with a table resumes the flow early, to read its changelog, and
 its stream partitions are resumed and seeked (`Recovery.on_recovery_completed`) before
 `app.flow_control.resume()`, which empties every stream queue. A record fetched in that window
-went into a queue that was then emptied, while the fetch position had moved past it: the
-restarted sampler of a fault-suite run stalled on 14 such records (lag never fell, nothing was
-committed past them). Upstream's loop hands records over in the same window (read, not
+went into a queue that was then emptied, while the fetch position had moved past it: a
+restarted sampler in the fault suite logged 20 records fetched and handed over during that seek
+and never processed a record again. Upstream's loop hands records over in the same window (read, not
 measured). Changelog records are handed over at once: the recovery waits for them.
 
 `install()` replaces the method on faust's Consumer class; `tests/unit/test_consumer_drain.py`
