@@ -1,16 +1,25 @@
 """The one stage factory and the one agent loop every stage uses.
 
-faust acknowledges a record whose agent raised, so the loop never lets an exception out:
-a record that cannot be processed goes to the stage's dead-letter topic with its reason and
-original bytes, and the loop goes on. Outputs are sent for a whole batch and awaited together
-before the batch's records are acknowledged, so an offset is committed only after what the
-record produced is on the broker (at least once), without one round trip per record.
+At least once, exactly: an input offset is committed only after every output of its record is
+acknowledged by the broker, or the record is in the stage's dead-letter topic with its reason.
+- faust acknowledges a record whose agent raised, so the loop never lets a record's failure
+  out: a record that cannot be processed is dead-lettered with its reason and original bytes.
+- Outputs are sent for a whole batch and awaited together before the batch is acknowledged
+  (no round trip per record). A write the broker refuses for what it is (too large for the
+  topic) dead-letters that record; any other failure to write (unknown topic, authorization,
+  timeouts) holds the batch, uncommitted, and sends what failed again with backoff.
+- A batch the agent leaves before that (shutdown, rebalance, a bug) is withheld from faust's
+  acknowledgement, so it is read again instead of committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
+import os
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +28,7 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import errors as kafka_errors
 
 from agents import consumer_drain
 from pipeline import metrics
@@ -26,19 +36,27 @@ from pipeline.admin import topic_partitions
 from pipeline.config import Config
 from pipeline.errors import RecordError
 from pipeline.partitioner import key_partitioner
-from pipeline.records import dead_letter, decode, encode, is_plain_json, validate_for_topic
+from pipeline.records import dead_letter, decode, encode, is_plain_json, original_bytes, validate_for_topic
+from pipeline.retry import RetryPolicy
 from pipeline.topics import (
     DEAD_LETTER_BYTES,
     MAX_MESSAGE_BYTES,
     PRODUCER_BATCH_BYTES,
     STAGES,
+    TABLES,
     TOPICS,
     Stage,
+    changelog_configs,
+    hours_ms,
     partitions_of,
 )
 
 log = logging.getLogger(__name__)
 PRODUCER_LINGER_S = 0.005
+# faust's default (1200 s) is how long a write waits for a topic's metadata or an acknowledgement
+# before it fails: a deleted topic or a missing ACL would hold a batch in silence for 20 minutes.
+PRODUCER_REQUEST_TIMEOUT_S = 60.0
+EXIT_AGENT_FAILED = 70  # EX_SOFTWARE
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,7 @@ def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
         # per record. The agent awaits the acks once per batch of records anyway.
         "producer_max_batch_size": PRODUCER_BATCH_BYTES,
         "producer_linger": PRODUCER_LINGER_S,
+        "producer_request_timeout": PRODUCER_REQUEST_TIMEOUT_S,
         "consumer_max_fetch_size": MAX_MESSAGE_BYTES,
         "producer_partitioner": key_partitioner,  # Kafka's default, faster (pipeline/partitioner.py)
         "datadir": str(config.cache_dir / "faust" / stage.app_id),
@@ -106,9 +125,38 @@ def _key_bytes(key: str | bytes | None) -> bytes | None:
     return key.encode("utf-8") if isinstance(key, str) else key
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """An output validated against its topic's schema and written to bytes, ready to produce."""
+
+    topic: str
+    key: bytes | None
+    data: bytes
+
+
+# What the broker says of a record itself (it can never be written as it is): the record's input
+# is dead-lettered. Every other failure to produce (unknown topic, authorization, timeouts, a
+# broker gone) is about the deployment: the batch waits, uncommitted, and is sent again.
+REFUSED_AS_RECORD: tuple[type[BaseException], ...] = (
+    kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordListTooLargeError,
+    kafka_errors.RecordTooLargeError, kafka_errors.InvalidTimestampError,
+)
+# A dead letter the broker refuses as too large is written again with less of the original:
+# its first 64 KiB, then none of it (the reason, the error and where it came from stay).
+DEAD_LETTER_SHRINK_STEPS = (64 * 1024, 0)
+HOLD_RETRY_BASE_S = 0.5
+HOLD_RETRY_MAX_S = 30.0
+
+
 class Sinks:
-    """The stage's output topics. `send` validates against the topic's schema and returns at
-    once; `drain` waits until everything sent so far is acknowledged by the broker."""
+    """The stage's output topics, written through the app's producer.
+
+    `send` puts one output on its way at once (for outputs a handler must publish before it
+    returns: outcome records other replicas wait for); `drain` returns once all of those are
+    acknowledged. `put` writes a batch's outputs and returns only when every output of every
+    record is acknowledged or the record is in the dead-letter topic: the agent loop commits
+    nothing before it returns.
+    """
 
     def __init__(self, app: faust.App, config: Config, stage: Stage) -> None:
         self.stage = stage
@@ -116,41 +164,165 @@ class Sinks:
         self._topics = {name: topic(app, name, config) for name in {*stage.outputs, stage.dead}}
         # each counter child looked up once: labels() takes a lock and builds a key per call
         self._counted = {name: metrics.RECORDS_OUT.labels(stage.name, name) for name in self._topics}
-        self._pending: list[Awaitable[Any]] = []
+        self._sent: list[tuple[Encoded, asyncio.Future[Any]]] = []
+        self._backoff = RetryPolicy(base_s=HOLD_RETRY_BASE_S, max_s=HOLD_RETRY_MAX_S, rng=random.Random())
+
+    def encoded(self, out: Out, plain: bool | None = None) -> Encoded:
+        """`out` checked (an output of this stage, valid for its topic) and written to bytes;
+        RecordError when it cannot be written."""
+        if out.topic not in self._counted:
+            raise KeyError(f"{out.topic} is not an output of stage {self.stage.name}")
+        if plain is None:
+            plain = is_plain_json(out.value)
+        validate_for_topic(out.topic, out.value, plain=plain)
+        return Encoded(out.topic, _key_bytes(out.key), _encoded(out, plain))
 
     async def send(self, out: Out) -> None:
-        plain = is_plain_json(out.value)
-        validate_for_topic(out.topic, out.value, plain=plain)
-        await self.send_validated([(out, plain, None)])
+        item = self.encoded(out)
+        self._sent.append((item, await self._dispatch(item)))
 
-    async def send_validated(self, outs: Sequence[tuple[Out, bool | None, bytes | None]]) -> None:
-        """`send` for records the caller has just validated (the agent loop validates and encodes
-        every output where it can still turn a failure into a dead letter), each as (out, what
-        is_plain_json said of it or None, its encoded bytes or None): one producer lookup and one
-        count per topic for the lot."""
-        producer = await self._kafka_producer()
-        sent: dict[str, int] = {}
-        for out, plain, data in outs:
-            if out.topic not in self._counted:
-                raise KeyError(f"{out.topic} is not an output of stage {self.stage.name}")
-            value = data if data is not None else encode(out.value, plain=plain)
-            self._pending.append(await producer.send(out.topic, value, key=_key_bytes(out.key)))
-            sent[out.topic] = sent.get(out.topic, 0) + 1
-        for name, count in sent.items():
+    async def drain(self) -> None:
+        """Return once everything `send` put on its way is acknowledged; what the broker did not
+        take is sent again with backoff until it is (such an output belongs to no one input
+        record that could be dead-lettered instead)."""
+        sent, self._sent = self._sent, []
+        if not sent:
+            return
+        errors = await self._acks([future for _, future in sent])
+        failed = [item for (item, _), error in zip(sent, errors, strict=True) if error is not None]
+        attempt = 0
+        while failed:
+            attempt += 1
+            await self._hold(attempt, failed, [e for e in errors if e is not None])
+            errors = await self.write(failed)
+            failed = [item for item, error in zip(failed, errors, strict=True) if error is not None]
+
+    async def write(self, items: Sequence[Encoded]) -> list[BaseException | None]:
+        """Produce every item and wait for every acknowledgement: per item, the error, or None
+        where the broker took it."""
+        futures = [await self._dispatch(item) for item in items]
+        errors = await self._acks(futures)
+        taken: dict[str, int] = {}
+        for item, error in zip(items, errors, strict=True):
+            if error is None:
+                taken[item.topic] = taken.get(item.topic, 0) + 1
+        for name, count in taken.items():
             self._counted[name].inc(count)
+        return errors
+
+    async def put(self, records: Sequence[tuple[Meta, Sequence[Encoded]]]) -> None:
+        """Every output of every record acknowledged, or the record dead-lettered (with why);
+        until then the batch is held and what failed is sent again with backoff.
+
+        The broker refuses a whole produce batch when it is too large for the topic, so after
+        such a refusal the outputs are sent one at a time: the one still refused alone is the
+        one too large, and only its record goes to the dead-letter topic."""
+        pending = [_Pending(i, item) for i, (_, items) in enumerate(records) for item in items]
+        one_at_a_time = False
+        dead: set[int] = set()  # records whose dead letter is on its way: no second one
+        attempt = 0
+        while pending:
+            if one_at_a_time:
+                errors = [(await self.write([p.item]))[0] for p in pending]
+            else:
+                errors = await self.write([p.item for p in pending])
+            failed = [(p, e) for p, e in zip(pending, errors, strict=True) if e is not None]
+            if not failed:
+                return
+            if not one_at_a_time and len(pending) > 1 and any(_refused(e) for _, e in failed):
+                one_at_a_time = True
+                pending = [p for p, _ in failed]
+                continue
+            again: list[_Pending] = []
+            held: list[tuple[_Pending, BaseException]] = []
+            for p, error in failed:
+                if not _refused(error):
+                    again.append(p)
+                    held.append((p, error))
+                elif p.item.topic != self.stage.dead:
+                    if p.record not in dead:  # one letter a record, whichever of its outputs was refused
+                        dead.add(p.record)
+                        again.append(_Pending(p.record, self._too_large_letter(records[p.record][0], p.item, error)))
+                elif p.shrunk < len(DEAD_LETTER_SHRINK_STEPS):
+                    again.append(_Pending(p.record, _shrunk(p.item, DEAD_LETTER_SHRINK_STEPS[p.shrunk]), p.shrunk + 1))
+                else:  # even a letter without the original is refused: the topic's limit is wrong
+                    again.append(p)
+                    held.append((p, error))
+            if held:
+                attempt += 1
+                await self._hold(attempt, [p.item for p, _ in held], [e for _, e in held])
+            pending = again
+
+    def _too_large_letter(self, meta: Meta, refused: Encoded, error: BaseException) -> Encoded:
+        """The input record's dead letter after the broker refused its output `refused`."""
+        metrics.DEAD_LETTERS.labels(self.stage.dead, "output_too_large").inc()
+        log.error("stage %s: the broker refused a %d-byte record for %s (%s); its input %s[%d]@%d goes to %s",
+                  self.stage.name, len(refused.data), refused.topic, type(error).__name__, self.stage.input,
+                  meta.partition, meta.offset, self.stage.dead)
+        letter = dead_letter(stage=self.stage.name, source_topic=self.stage.input, raw=meta.raw,
+                             reason="output_too_large",
+                             error=f"the broker refused {len(refused.data)} bytes for {refused.topic}: "
+                                   f"{type(error).__name__}",
+                             key=meta.key, partition=meta.partition, offset=meta.offset,
+                             detail={"refused_topic": refused.topic, "refused_bytes": len(refused.data)})
+        return Encoded(self.stage.dead, _key_bytes(meta.key), encode(letter))
+
+    async def _hold(self, attempt: int, items: Sequence[Encoded], errors: Sequence[BaseException]) -> None:
+        topics = sorted({item.topic for item in items})
+        kinds = sorted({type(e).__name__ for e in errors})
+        for name in kinds:
+            for t in topics:
+                metrics.PRODUCE_FAILURES.labels(self.stage.name, t, name).inc()
+        delay = self._backoff.delay(attempt)
+        log.error("stage %s: the broker did not take %d record(s) for %s (%s: %s); the batch is held, "
+                  "uncommitted: check that the topics exist and that this stage may write them. Retry %d in %.1fs",
+                  self.stage.name, len(items), ", ".join(topics), ", ".join(kinds),
+                  str(errors[0])[:200], attempt, delay)
+        await asyncio.sleep(delay)
+
+    async def _dispatch(self, item: Encoded) -> asyncio.Future[Any]:
+        """The acknowledgement of `item`, as a future: a refusal before it was queued (no metadata
+        for the topic, a record over the request size) is a future holding that error."""
+        producer = await self._kafka_producer()
+        try:
+            return await producer.send(item.topic, item.data, key=item.key)
+        except kafka_errors.KafkaError as exc:
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+
+    @staticmethod
+    async def _acks(futures: Sequence[asyncio.Future[Any]]) -> list[BaseException | None]:
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
 
     async def _kafka_producer(self) -> AIOKafkaProducer:
         """The app's own aiokafka producer (faust's settings: acks, batching, linger, its
         partitioner). Records go to it directly: faust's per-message wrapping around the same
-        call (pending and future message objects, sensors, a debug log line) cost more CPU than
-        the send itself (bench/README.md). faust flushes and stops this producer as before."""
+        call cost more CPU than the send itself. faust flushes and stops this producer."""
         producer = await self._app.maybe_start_producer()
         return producer._ensure_producer()  # type: ignore[attr-defined]  # faust's aiokafka driver
 
-    async def drain(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+
+@dataclass(frozen=True)
+class _Pending:
+    record: int  # index of the input record in its batch
+    item: Encoded
+    shrunk: int = 0  # for a dead letter: how many times it was written again with less of the original
+
+
+def _shrunk(letter: Encoded, keep: int) -> Encoded:
+    """A dead letter written again with only the first `keep` bytes of its original."""
+    record = json.loads(letter.data)
+    original = original_bytes(record)
+    record["original_b64"] = base64.b64encode(original[:keep]).decode("ascii")
+    record["detail"] = {**record.get("detail", {}), "original_truncated": True,
+                        "original_bytes": record.get("detail", {}).get("original_bytes", len(original))}
+    return Encoded(letter.topic, letter.key, encode(record))
+
+
+def _refused(error: BaseException) -> bool:
+    return isinstance(error, REFUSED_AS_RECORD)
 
 
 def _encoded(out: Out, plain: bool | None) -> bytes:
@@ -161,6 +333,16 @@ def _encoded(out: Out, plain: bool | None) -> bytes:
     if len(data) > MAX_MESSAGE_BYTES:
         raise RecordError("output_too_large", f"{out.topic}: {len(data)} bytes > {MAX_MESSAGE_BYTES}")
     return data
+
+
+def withhold(events: Sequence[faust.EventT]) -> None:
+    """Keep `events` from being committed: faust acknowledges a batch taken with take_events
+    when the agent leaves it for any reason (an exception, a cancellation at shutdown), and its
+    commit would pass records whose outputs never reached the broker. A message marked acked
+    here never enters the consumer's acked offsets, so no commit passes it; it is read again
+    after a restart or rebalance."""
+    for event in events:
+        event.message.acked = True
 
 
 def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *,
@@ -178,51 +360,59 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
     sinks = sinks or Sinks(app, config, stage)
     records_in = metrics.RECORDS_IN.labels(stage.name)
 
-    async def process(event: faust.EventT) -> list[tuple[Out, bool | None, bytes | None]]:
-        """The record's outputs, each validated (with whether it is plain JSON, found out once
-        for the validator and the encoder alike), or its dead letter."""
+    async def process(event: faust.EventT) -> tuple[Meta, list[Encoded]]:
+        """The record's outputs, each validated and encoded, or its dead letter."""
         message = event.message
         raw = message.value if isinstance(message.value, bytes) else b""
         meta = Meta(message.key, message.partition, message.offset, raw)
+        detail: dict[str, Any] | None = None
         try:
             record = decode(raw, stage.input)
-            outs = [(out, is_plain_json(out.value)) for out in await handler(record, meta)]
-            encoded = []
-            for out, plain in outs:
-                validate_for_topic(out.topic, out.value, plain=plain)
-                # encoded here, inside the try: an output that cannot be written (a lone
-                # surrogate, over the topic's size) dead-letters its input instead of crashing
-                # the agent on send, which would stall the stage on the same record for ever
-                encoded.append((out, plain, _encoded(out, plain)))
-            return encoded
+            # validated and encoded here, inside the try: an output that cannot be written (a
+            # lone surrogate, over the topic's size) dead-letters its input instead of crashing
+            # the agent on send, which would stall the stage on the same record for ever
+            return meta, [sinks.encoded(out) for out in await handler(record, meta)]
         except RecordError as exc:
-            reason, error = exc.reason, exc.detail
+            reason, error, detail = exc.reason, exc.detail, exc.data
         except Exception as exc:  # a bug must not lose the record: park it where an operator sees it
             log.exception("stage %s: unexpected error on %s[%d]@%d", stage.name, stage.input,
                           meta.partition, meta.offset)
             reason, error = "internal_error", f"{type(exc).__name__}: {exc}"
         metrics.DEAD_LETTERS.labels(stage.dead, reason).inc()
-        return [(Out(stage.dead, meta.key, dead_letter(
-            stage=stage.name, source_topic=stage.input, raw=raw, reason=reason, error=error, key=meta.key,
-            partition=meta.partition, offset=meta.offset)), None, None)]
+        letter = dead_letter(stage=stage.name, source_topic=stage.input, raw=raw, reason=reason, error=error,
+                             key=meta.key, partition=meta.partition, offset=meta.offset, detail=detail)
+        return meta, [Encoded(stage.dead, _key_bytes(meta.key), encode(letter))]
 
     @app.agent(source, name=f"{stage.name}-agent")
     async def agent(stream: faust.StreamT) -> None:
         async for events in stream.take_events(batch, within=within_s):
-            records_in.inc(len(events))
-            if parallel:
-                results = await asyncio.gather(*(process(e) for e in events))
-            else:
-                results = [await process(e) for e in events]
-            await sinks.send_validated([out for outs in results for out in outs])  # process() validated them
-            await sinks.drain()
-            if after_drain:
-                after_drain()
+            try:
+                records_in.inc(len(events))
+                if parallel:
+                    results = await asyncio.gather(*(process(e) for e in events))
+                else:
+                    results = [await process(e) for e in events]
+                await sinks.put(results)
+                await sinks.drain()  # what handlers sent on their own (outcome records)
+                if after_drain:
+                    after_drain()
+            except asyncio.CancelledError:  # shutdown or rebalance: what was not written comes again
+                withhold(events)
+                raise
+            except BaseException as exc:
+                # A bug in the loop itself (every record's own failure is routed above). faust would
+                # restart the agent past these records, which are withheld and so never committed:
+                # the partition would stall. Exit instead; the restarted worker reads them again.
+                withhold(events)
+                log.critical("stage %s: the agent loop failed (%s: %s); exiting so that a restart reads the "
+                             "batch again", stage.name, type(exc).__name__, exc, exc_info=True)
+                logging.shutdown()
+                os._exit(EXIT_AGENT_FAILED)
 
     return sinks
 
 
-def state_table(app: faust.App, name: str, config: Config, stage: Stage | str) -> tuple[Any, asyncio.Event]:
+def state_table(app: faust.App, config: Config, stage: Stage | str) -> tuple[Any, asyncio.Event]:
     """A stage's changelog-backed table, keyed like its input records (raw bytes, JSON values),
     and an event set once the table may be written (see changelog_known).
 
@@ -230,9 +420,10 @@ def state_table(app: faust.App, name: str, config: Config, stage: Stage | str) -
     outside stream iteration, so the key picks the changelog partition with the same
     partitioner as the producers (use_partitioner)."""
     stage = STAGES[stage] if isinstance(stage, str) else stage
-    table = app.Table(name, default=None, key_type=bytes,
+    table = app.Table(TABLES[stage.name], default=None, key_type=bytes,
                       schema=faust.Schema(key_serializer="raw", value_serializer="json"),
                       use_partitioner=True,
+                      extra_topic_configs=changelog_configs(hours_ms(config.kafka.unscrubbed_retention_hours)),
                       partitions=partitions_of(TOPICS[stage.input], config.kafka.partitions))
     writable = asyncio.Event()
 

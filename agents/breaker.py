@@ -75,8 +75,10 @@ def build(config: Config, **app_overrides: object) -> faust.App:
             probe=probe, detail=detail))
 
     async def handle(record: dict[str, Any], meta: Meta) -> list[Out]:
-        await follower.ready.wait()
         endpoint = record["endpoint"]
+        if endpoint != config.panel_url:  # endpoints come from configuration, never from a record
+            raise RecordError("unknown_endpoint", "the record names an endpoint that is not the configured panelUrl")
+        await follower.ready.wait()
         held = False
         while True:
             admission = registry.admit(endpoint, now_ms())

@@ -37,7 +37,7 @@ from pipeline.outcomes import outcome
 from pipeline.panel import PanelClient, PanelUnavailable
 from pipeline.records import dead_letter, decode
 from pipeline.retry import RetryPolicy, classify_http
-from pipeline.signing import mint_attestation, needs_refresh, sign
+from pipeline.signing import attest, attestable_scrub, needs_refresh, sign
 from pipeline.topics import STAGES
 
 STAGE = "deliver"
@@ -51,7 +51,11 @@ def build(config: Config, **app_overrides: object) -> faust.App:
     d = config.delivery
     timeout = httpx.Timeout(connect=d.connect_timeout_s, read=d.read_timeout_s, write=d.write_timeout_s,
                             pool=d.pool_timeout_s)
-    policy = RetryPolicy(base_s=d.retry_base_s, max_s=d.retry_max_s, max_age_s=d.max_age_s, rng=random.Random())
+    policy = RetryPolicy(base_s=d.retry_base_s, max_s=d.retry_max_s, max_age_s=d.max_age_s,
+                         max_attempts=d.max_attempts, rng=random.Random())
+    # where traces may go comes from configuration: a record naming any other endpoint is
+    # dead-lettered, never sent (the site secret and a fresh attestation would go with it)
+    endpoints = frozenset({config.panel_url})
     jwt = config.scrubber_jwt_secret
     clients: dict[str, PanelClient] = {}
     sinks = Sinks(app, config, STAGES[STAGE])
@@ -113,10 +117,15 @@ def build(config: Config, **app_overrides: object) -> faust.App:
         return clients[endpoint]
 
     async def handle(record: dict[str, Any], meta: Meta) -> list[Out]:
-        await follower.ready.wait()
         endpoint, trace_id = record["endpoint"], record["trace_id"]
+        if endpoint not in endpoints:
+            raise RecordError("unknown_endpoint", "the record names an endpoint that is not the configured panelUrl")
+        scrub = attestable_scrub(record, scrubbing_bypassed=config.scrubbing_bypassed, verifying=jwt is not None)
+        await follower.ready.wait()
         body = record["body"].encode("utf-8")
-        attestation, iat = record["attestation"], record["attestation_iat"]
+        # an attestation in the record is used only if the record also carries the verified
+        # scrubber result it must claim; otherwise one is minted here or none is sent
+        attestation, iat = (record["attestation"], record["attestation_iat"]) if scrub else (None, None)
         first_at = record["first_signed_at"] / 1000
         attempt = 0
         while True:
@@ -125,8 +134,8 @@ def build(config: Config, **app_overrides: object) -> faust.App:
             now = time.time()
             _, secret = config.panel_secret(record["site_key"])
             signature = sign(body, secret.reveal())
-            if jwt and (attestation is None or needs_refresh(iat, now, d.attestation_refresh_s)):
-                attestation, iat = mint_attestation(body, jwt.reveal(), now), int(now)
+            if jwt and scrub and (attestation is None or needs_refresh(iat, now, d.attestation_refresh_s)):
+                attestation, iat = attest(body, jwt.reveal(), now, scrub), int(now)
             result: dict[str, Any]
             try:
                 response = await client_for(endpoint).post_trace(body, record["site_key"], signature, attestation)
@@ -147,7 +156,7 @@ def build(config: Config, **app_overrides: object) -> faust.App:
                 attempt=attempt, probe=probe, **result)))
             if kind == "success":
                 return []
-            if kind == "permanent" or policy.give_up(first_at, time.time()):
+            if kind == "permanent" or policy.give_up(attempt, first_at, time.time()):
                 reason = f"panel_{result['http_status']}" if kind == "permanent" else "max_age_exceeded"
                 detail = {"http_status": result["http_status"], "panel_error": result["error"],
                           "panel_body": response.text if kind == "permanent" else None, "attempts": attempt}

@@ -18,7 +18,7 @@ STAGE = "ingest"
 
 def build(config: Config, **app_overrides: object) -> faust.App:
     app = make_app(STAGE, config, **app_overrides)
-    table, table_writable = state_table(app, "session-state", config, STAGE)
+    table, table_writable = state_table(app, config, STAGE)
     # State of records handled but whose snapshots are not yet on the broker: written to the
     # table only after the batch's outputs are acknowledged (see bind's after_drain).
     pending: dict[bytes, dict[str, Any]] = {}

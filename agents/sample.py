@@ -37,7 +37,7 @@ def build(config: Config, **app_overrides: object) -> faust.App:
                                 max_messages=config.max_messages,
                                 token_messages=config.sampler.novelty_window_tokens_messages)
     novelty = next(p for p in sampler.policies if isinstance(p, NoveltyPolicy))
-    decided, table_writable = state_table(app, "decided-snapshots", config, STAGE)
+    decided, table_writable = state_table(app, config, STAGE)
     pending: dict[bytes, list[str]] = {}
 
     async def apply_shipped(raw: bytes) -> None:

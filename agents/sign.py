@@ -1,5 +1,6 @@
 """Sign stage: traces.scrubbed -> traces.signed: the canonical body, serialised once, its HMAC,
-and an attestation minted over it when SCRUBBER_JWT_SECRET is set."""
+and, when SCRUBBER_JWT_SECRET is set, an attestation minted over it that claims the scrubber's
+verified result the trace carries (never for a trace without one: see attestable_scrub)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import faust
 import pipeline
 from agents.base import Meta, Out, bind, make_app
 from pipeline.config import Config
-from pipeline.signing import canonical_body, mint_attestation, sign
+from pipeline.signing import attest, attestable_scrub, canonical_body, sign
 
 STAGE = "sign"
 
@@ -26,9 +27,10 @@ def build(config: Config, **app_overrides: object) -> faust.App:
         site_key = record["site_key"]
         if site_key not in panel_secrets:
             panel_secrets[site_key] = config.panel_secret(site_key)[1].reveal()
+        scrub = attestable_scrub(record, scrubbing_bypassed=config.scrubbing_bypassed, verifying=jwt is not None)
         body = canonical_body(record, config.source_agent, pipeline.__version__)
         now = time.time()
-        attestation = mint_attestation(body, jwt.reveal(), now) if jwt else None
+        attestation = attest(body, jwt.reveal(), now, scrub) if jwt and scrub else None
         signed = {
             "schema": "trace.signed/1",
             "trace_id": record["trace_id"],
@@ -44,6 +46,7 @@ def build(config: Config, **app_overrides: object) -> faust.App:
             "reason": record["decision"]["reason"],
             "signed_at": int(now * 1000),
             "first_signed_at": int(now * 1000),
+            "scrub": {k: record["scrub"].get(k) for k in ("mode", "jti", "engine_version", "input_hash")},
         }
         return [Out("traces.signed", record["trace_id"], signed)]
 

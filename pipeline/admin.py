@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, ConfigResource, ConfigResourceType, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from pipeline.errors import BrokerError
-from pipeline.topics import TOPICS, partitions_of
+from pipeline.topics import TABLES, TOPICS, changelog_configs, changelog_topic, partitions_of
 
 
 @dataclass(frozen=True)
@@ -70,16 +70,19 @@ async def topic_states(bootstrap: str, default_partitions: int) -> list[TopicSta
                        t.schema, t.key) for t in TOPICS.values()]
 
 
-async def create_topics(bootstrap: str, default_partitions: int, replication: int) -> dict[str, Any]:
-    """Create what is missing. Returns {"created": [...], "existing": [...], "mismatched": [...]}."""
+async def create_topics(bootstrap: str, default_partitions: int, replication: int,
+                        unscrubbed_retention_ms: int | None = None) -> dict[str, Any]:
+    """Create what is missing and bring the retention of what exists to the table's (an
+    unscrubbed topic never keeps more than `unscrubbed_retention_ms`).
+    Returns {"created": [...], "existing": [...], "mismatched": [...], "updated": [...]}."""
     admin = await _admin(bootstrap)
     try:
         counts = await _partition_counts(admin)
         missing = [t for t in TOPICS.values() if t.name not in counts]
         created: list[str] = []
         if missing:
-            new = [NewTopic(t.name, partitions_of(t, default_partitions), replication, topic_configs=t.configs())
-                   for t in missing]
+            new = [NewTopic(t.name, partitions_of(t, default_partitions), replication,
+                            topic_configs=t.configs(unscrubbed_retention_ms)) for t in missing]
             # a concurrent creator winning the race leaves the same outcome
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new, timeout_ms=30000)
@@ -89,9 +92,48 @@ async def create_topics(bootstrap: str, default_partitions: int, replication: in
         mismatched = [f"{t.name}: has {counts[t.name]} partitions, table says {partitions_of(t, default_partitions)}"
                       for t in TOPICS.values()
                       if t.name in counts and counts[t.name] != partitions_of(t, default_partitions)]
+        updated = await _reconcile_retention(admin, existing, unscrubbed_retention_ms)
+        if unscrubbed_retention_ms is not None:
+            changelogs = [c for c in (changelog_topic(s) for s in TABLES) if c in counts]
+            updated += await _reconcile_changelogs(admin, changelogs, unscrubbed_retention_ms)
     finally:
         await admin.close()
-    return {"created": created, "existing": existing, "mismatched": mismatched}
+    return {"created": created, "existing": existing, "mismatched": mismatched, "updated": updated}
+
+
+async def _reconcile_retention(admin: AIOKafkaAdminClient, names: list[str],
+                               unscrubbed_retention_ms: int | None) -> list[str]:
+    """Set the table's configs on existing topics whose retention.ms differs from it: a topic
+    created before a retention change (or by hand) keeps unscrubbed content no longer than
+    configured. AlterConfigs replaces a topic's settings as a whole, so the table's full set goes."""
+    current = await _configs(admin, names)
+    drifted = [TOPICS[n] for n in names
+               if current.get(n, {}).get("retention.ms") != str(TOPICS[n].retention(unscrubbed_retention_ms))]
+    if drifted:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, t.name,
+                                                  configs=t.configs(unscrubbed_retention_ms)) for t in drifted])
+    return [t.name for t in drifted]
+
+
+async def _reconcile_changelogs(admin: AIOKafkaAdminClient, names: list[str], retention_ms: int) -> list[str]:
+    """The stages' table changelogs (created by faust, before a retention change too) get the
+    bounded retention as well."""
+    wanted = changelog_configs(retention_ms)
+    current = await _configs(admin, names)
+    drifted = [n for n in names if any(current.get(n, {}).get(k) != v for k, v in wanted.items())]
+    if drifted:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, n, configs=wanted) for n in drifted])
+    return drifted
+
+
+async def _configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+    if not names:
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for response in await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names]):
+        for resource in response.resources:
+            out[resource[3]] = {entry[0]: entry[1] for entry in resource[4]}
+    return out
 
 
 async def topic_partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:

@@ -15,6 +15,7 @@ from typing import Any
 from pipeline import config as config_mod
 from pipeline.errors import BrokerError, ConfigError, PipelineError
 from pipeline.opencode.client import OpencodeError
+from pipeline.topics import hours_ms
 
 log = logging.getLogger("pipeline")
 # Young-generation collection threshold for long-running processes (tune_gc); CPython's is 700.
@@ -83,10 +84,13 @@ def cmd_topics(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
     bootstrap, parts = cfg.kafka.bootstrap, cfg.kafka.partitions
     if args.action == "create":
-        result = asyncio.run(admin.create_topics(bootstrap, parts, cfg.kafka.replication))
+        result = asyncio.run(admin.create_topics(bootstrap, parts, cfg.kafka.replication,
+                                                 hours_ms(cfg.kafka.unscrubbed_retention_hours)))
         if result["created"]:
             print(f"created {len(result['created'])} topics: {', '.join(result['created'])}")
-        else:
+        if result["updated"]:
+            print(f"set the table's retention on {len(result['updated'])} topics: {', '.join(result['updated'])}")
+        if not result["created"] and not result["updated"]:
             print(f"all {len(result['existing'])} topics already exist; nothing changed")
         for line in result["mismatched"]:
             print(f"warning: {line}", file=sys.stderr)
@@ -244,20 +248,25 @@ def cmd_dead(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
     if args.action == "list":
         letters = asyncio.run(deadletters.read(cfg.kafka.bootstrap, args.topic))
+        # the original bytes are session content (unscrubbed up to the scrub stage): shown only on request
+        shown = [deadletters.shown(d, original=args.show_original) for d in letters]
         if args.json:
-            print(json.dumps([d.record | {"_topic": d.topic, "_offset": d.offset} for d in letters], indent=2))
+            rows = [r | {"_topic": d.topic, "_offset": d.offset} for d, r in zip(letters, shown, strict=True)]
+            print(json.dumps(rows, indent=2))
             return 0
         print(f"{len(letters)} dead letters")
-        for d in letters:
-            r = d.record
+        for d, r in zip(letters, shown, strict=True):
+            target = deadletters.redrive_target(d.topic) or "(not redrivable)"
             print(f"{d.topic}[{d.partition}]@{d.offset}  {r.get('dead_id')}  stage={r.get('stage')}  "
-                  f"reason={r.get('reason')}  -> {r.get('redrive_topic')}\n    {str(r.get('error'))[:200]}")
+                  f"reason={r.get('reason')}  -> {target}\n    {str(r.get('error'))[:200]}")
+            if args.show_original:
+                print(f"    original: {r.get('original')}")
         return 0
     if not args.topic or not (args.id or args.all):
         raise ConfigError("dead redrive needs --topic T and one of --id ID or --all", "--topic")
     done = asyncio.run(deadletters.redrive(cfg.kafka.bootstrap, args.topic, dead_id=args.id))
     for d in done:
-        print(f"redrove {d.record.get('dead_id')} ({d.record.get('reason')}) -> {d.record.get('redrive_topic')}")
+        print(f"redrove {d.record.get('dead_id')} ({d.record.get('reason')}) -> {deadletters.redrive_target(d.topic)}")
     print(f"{len(done)} redriven")
     return 0
 
@@ -306,6 +315,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--id", help="redrive this dead letter")
     d.add_argument("--all", action="store_true", help="redrive every dead letter not redriven before")
     d.add_argument("--json", action="store_true")
+    d.add_argument("--show-original", action="store_true",
+                   help="list: include each letter's original bytes (session content, unscrubbed before scrub)")
 
     m = sub.add_parser("demo", help="everything, locally, with a live view (the README's main command)")
     m.add_argument("--duration", type=float, default=None, help="seconds of workload (default: until Ctrl-C)")

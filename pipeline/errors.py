@@ -14,6 +14,8 @@ own small trees at one boundary; stages map those onto retriable/permanent here.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PipelineError(Exception):
     """Base of every error the pipeline raises on purpose."""
@@ -36,10 +38,11 @@ class MissingSecretError(ConfigError):
 class RecordError(PipelineError):
     """A record that no retry will fix. `reason` is a short machine-readable code."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, data: dict[str, Any] | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.data = data  # structured detail for the dead letter (e.g. the answers that led to it)
 
 
 class SchemaError(RecordError):

@@ -76,6 +76,8 @@ class LocalBroker:
     cache_dir: Path
     version: str = DEFAULT_VERSION
     heap: str = "512m"
+    # server.properties lines that override the defaults below (a later key wins in Kafka's loader)
+    extra_properties: tuple[str, ...] = ()
 
     @property
     def bootstrap(self) -> str:
@@ -109,6 +111,7 @@ class LocalBroker:
             "group.initial.rebalance.delay.ms=0",
             "auto.create.topics.enable=true",
             "num.partitions=1",
+            *self.extra_properties,
             "",
         ]))
         return props

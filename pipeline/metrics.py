@@ -10,6 +10,9 @@ RECORDS_OUT = Counter("pipeline_records_out_total", "Records written by a stage,
                       ["stage", "topic"])
 DEAD_LETTERS = Counter("pipeline_dead_letters_total", "Records sent to a dead-letter topic",
                        ["topic", "reason"])
+PRODUCE_FAILURES = Counter("pipeline_produce_failures_total",
+                           "Writes the broker did not take, by the stage, topic and error; the batch is held",
+                           ["stage", "topic", "error"])
 DECISIONS = Counter("pipeline_sampler_decisions_total", "Sampling decisions by reason",
                     ["reason", "forward"])
 SCRUBBER_LATENCY = Histogram("pipeline_scrubber_request_seconds", "Scrubber request latency",

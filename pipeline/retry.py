@@ -1,4 +1,5 @@
-"""Retry policy for panel deliveries: classification, backoff with full jitter, Retry-After.
+"""Retry policy for panel deliveries and scrubber calls: classification, backoff with full
+jitter, Retry-After, and the one budget after which a record is dead-lettered.
 
 Times here are seconds (float, epoch seconds for instants), since that is what Retry-After and
 sleeps speak; the breaker, fed by outcome records, works in epoch milliseconds.
@@ -80,6 +81,7 @@ class RetryPolicy:
     base_s: float = 0.5
     max_s: float = 30.0
     max_age_s: float = 3600.0
+    max_attempts: int = 1
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +89,8 @@ class RetryPolicy:
             value = getattr(self, name)
             if _non_negative(value) is None or value == 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be an int >= 1, got {self.max_attempts!r}")
         if self.max_s < self.base_s:
             raise ValueError(f"max_s ({self.max_s}) must be >= base_s ({self.base_s})")
 
@@ -107,6 +111,8 @@ class RetryPolicy:
         cap = min(self.max_s, self.base_s * 2 ** min(attempt - 1, _MAX_EXPONENT))
         return self.rng.uniform(0.0, cap)
 
-    def give_up(self, first_attempt_at: float, now: float) -> bool:
-        """True once a record has been retried for max_age_s (both epoch seconds)."""
-        return now - first_attempt_at >= self.max_age_s
+    def give_up(self, attempts: int, first_attempt_at: float, now: float) -> bool:
+        """The one retry budget (deliver and scrub): True once a record has been tried at least
+        `max_attempts` times AND for at least `max_age_s` (epoch seconds). Both, so that neither
+        a burst of quick failures nor one slow attempt spends a record's budget alone."""
+        return attempts >= self.max_attempts and now - first_attempt_at >= self.max_age_s

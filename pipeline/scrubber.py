@@ -365,11 +365,12 @@ class ScrubberClient(ClosingClient):
         response = await self._post(compact_json({"trace": entries}).encode("utf-8"), headers)
         _check_status(response, self._clock(), repr(display_url(self.base_url)))
         answer = _parse_answer(response, entries)
-        jti = self._verified_jti(answer)
+        claims = self._verified_claims(answer)
         clean = {f.ref: entry["content"] for f, entry in zip(fields, answer["trace"], strict=True)}
         scrub = {
             "mode": "trace",
-            "jti": jti,
+            "jti": _str_claim(claims, "jti"),
+            "input_hash": _str_claim(claims, "input_hash"),
             "engine_version": answer["engine_version"]
             if isinstance(answer.get("engine_version"), str)
             else None,
@@ -378,14 +379,16 @@ class ScrubberClient(ClosingClient):
         }
         return _scrubbed_record(trace_record, clean, scrub)
 
-    def _verified_jti(self, answer: Mapping[str, Any]) -> str | None:
+    def _verified_claims(self, answer: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The claims of the answer's attestation once verified; empty when there is none to
+        verify or nothing to verify it with (then nothing is vouched for)."""
         token = answer.get("attestation")
         if token is None:
             if self._require_attestation:
                 raise ScrubberAttestationError("missing")
-            return None
+            return {}
         if self._jwt_secret is None:
-            return None  # nothing to verify it with, so nothing to vouch for
+            return {}
         # output_hash covers JSON.stringify(sanitized trace): re-serialise what was parsed, in
         # its own key order, not the wire bytes (whose spacing and escapes are the server's).
         expected = sha256_hex(compact_json(answer["trace"]))
@@ -393,7 +396,8 @@ class ScrubberClient(ClosingClient):
             claims = verify_attestation(token, self._jwt_secret, expected, self._clock())
         except AttestationError as exc:
             raise ScrubberAttestationError(exc.why) from None
-        return claims["jti"] if isinstance(claims.get("jti"), str) else None
+        return claims
+
 
     async def _post(self, content: bytes, headers: Mapping[str, str]) -> httpx.Response:
         """The one place httpx errors become ScrubberErrors."""
@@ -406,3 +410,8 @@ class ScrubberClient(ClosingClient):
                 f"scrubber {display_url(self.base_url)!r}: {type(exc).__name__}",
                 reason=no_answer_reason(exc),
             ) from exc
+
+
+def _str_claim(claims: Mapping[str, Any], name: str) -> str | None:
+    value = claims.get(name)
+    return value if isinstance(value, str) else None

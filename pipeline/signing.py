@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from pipeline import __version__
+from pipeline.errors import RecordError
 from pipeline.records import plain_json_bytes
 
 try:
@@ -35,6 +36,8 @@ __all__ = [
     "ENGINE_VERSION",
     "AttestationError",
     "AttestationWhy",
+    "attest",
+    "attestable_scrub",
     "attestation_age_s",
     "canonical_body",
     "compact_json",
@@ -171,18 +174,22 @@ def mint_attestation(
     input_hash: str | None = None,
     mode: str = "trace",
     engine_version: str = ENGINE_VERSION,
+    *,
+    jti: str | None = None,
 ) -> str:
     """An HS256 JWT whose `output_hash` covers exactly `body`, valid for 300 s from `now`.
 
-    `input_hash` defaults to the body's own hash: the stage that signs no longer holds the
-    scrubber's input, and a hex string keeps any verifier that type-checks the claim happy.
+    The stages mint one only over a trace that carries the scrubber's verified result and
+    pass its claims (`jti`, mode, engine version, input hash: see `attestable_scrub`); a fresh
+    `jti` (None) is for the scrubber stub, which is the scrubber. `input_hash` defaults to the
+    body's own hash when the scrubber's attestation did not carry one.
     """
     if not secret:
         raise ValueError("refusing to mint an attestation with an empty secret")
     iat = math.floor(now)
     output_hash = sha256_hex(body)
     claims = {
-        "jti": secrets.token_hex(16),
+        "jti": jti if jti is not None else secrets.token_hex(16),
         "iat": iat,
         "exp": iat + ATTESTATION_TTL_S,
         "input_hash": input_hash if input_hash is not None else output_hash,
@@ -192,6 +199,38 @@ def mint_attestation(
     }
     signing_input = _HEADER_B64 + "." + _b64url(compact_json(claims).encode("utf-8"))
     return signing_input + "." + _b64url(_hs256(signing_input, secret))
+
+
+def attestable_scrub(record: Mapping[str, Any], *, scrubbing_bypassed: bool,
+                     verifying: bool) -> dict[str, Any] | None:
+    """The scrubber's result a trace.scrubbed or trace.signed record carries (its `scrub`:
+    mode, jti, engine version, input hash), checked against what configuration says must be
+    there; None when no attestation may be minted for it.
+
+    Whether scrubbing is on comes from configuration, never from the record, which can only
+    make the answer stricter: with scrubbing on, a record must carry a trace-mode result
+    (RecordError `not_scrubbed` otherwise) and, when the stage holds the JWT secret the
+    scrubber's attestation was verified with (`verifying`), that attestation's `jti`
+    (`unverified_scrub` otherwise). With scrubbing bypassed (allowUnscrubbed) nothing is ever
+    attested, so a panel that requires scrubbing refuses what was never scrubbed."""
+    if scrubbing_bypassed:
+        return None
+    scrub = record.get("scrub")
+    if not isinstance(scrub, Mapping) or scrub.get("mode") != "trace":
+        raise RecordError("not_scrubbed", "the trace does not carry a scrubber result in trace mode, "
+                                          "and scrubbing is configured")
+    if not verifying:
+        return None
+    if not isinstance(scrub.get("jti"), str) or not scrub["jti"]:
+        raise RecordError("unverified_scrub", "the trace carries no verified scrubber attestation (jti); "
+                                              "an attestation is minted only for one that does")
+    return {k: scrub.get(k) for k in ("mode", "jti", "engine_version", "input_hash")}
+
+
+def attest(body: bytes, secret: str, now: float, scrub: Mapping[str, Any]) -> str:
+    """mint_attestation over `body` claiming the scrubber's verified result `scrub`."""
+    return mint_attestation(body, secret, now, input_hash=scrub.get("input_hash"), mode=scrub["mode"],
+                            engine_version=scrub.get("engine_version") or ENGINE_VERSION, jti=scrub["jti"])
 
 
 def _decode_json_part(part: str) -> dict[str, Any]:

@@ -26,13 +26,23 @@ class Topic:
     partitions: int | None = None  # None: the configured default (kafka.partitions)
     compacted: bool = False
     retention_ms: int = 7 * DAY_MS
+    # holds session content no scrubber has seen: kept no longer than `kafka.unscrubbed_retention_hours`
+    unscrubbed: bool = False
+    # a dead-letter topic: where `pipeline dead redrive` puts its letters back (None: nowhere)
+    redrive_to: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
-    def configs(self) -> dict[str, str]:
+    def retention(self, unscrubbed_retention_ms: int | None = None) -> int:
+        """Retention on the broker: an unscrubbed topic never keeps more than the configured bound."""
+        if self.unscrubbed and unscrubbed_retention_ms is not None:
+            return min(self.retention_ms, unscrubbed_retention_ms)
+        return self.retention_ms
+
+    def configs(self, unscrubbed_retention_ms: int | None = None) -> dict[str, str]:
         # A turn of 25 messages with tool output can pass Kafka's 1 MiB default record limit; a
         # dead letter holds a record of up to that size in base64 (4/3) plus its envelope.
         limit = DEAD_LETTER_BYTES if self.schema == "dead-letter.v1" else MAX_MESSAGE_BYTES
-        cfg = {"retention.ms": str(self.retention_ms), "max.message.bytes": str(limit)}
+        cfg = {"retention.ms": str(self.retention(unscrubbed_retention_ms)), "max.message.bytes": str(limit)}
         if self.compacted:
             cfg["cleanup.policy"] = "compact,delete"
         cfg.update(self.extra)
@@ -55,29 +65,7 @@ class Stage:
 
 
 HOST_SESSION = "host:session_id"
-
-TOPICS: dict[str, Topic] = {t.name: t for t in [
-    Topic("opencode.events", "event.v1", HOST_SESSION, "normalised opencode events from the collector"),
-    Topic("sessions.idle", "snapshot.v1", HOST_SESSION, "one snapshot per ended turn"),
-    Topic("traces.sampled", "trace-sampled.v1", HOST_SESSION, "forwarded turns in the panel's message shape"),
-    # Compacted by snapshot id so a replica rebuilding the novelty window reads each session once;
-    # retention bounds it to what a window of any sane lruSize can still hold.
-    Topic("sampler.shipped", "shipped.v1", "site_key:snapshot_id",
-          "MinHash signatures of forwarded sessions; every sampler replica reads all of it",
-          partitions=1, compacted=True, retention_ms=30 * DAY_MS),
-    Topic("traces.scrubbed", "trace-scrubbed.v1", HOST_SESSION, "traces whose text came back from the scrubber"),
-    Topic("traces.signed", "trace-signed.v1", "trace_id", "canonical bodies with HMAC and attestation"),
-    Topic("traces.outbox", "trace-signed.v1", "trace_id", "traces the breaker admitted for delivery"),
-    # One partition: every breaker replica reads the whole history in order and reaches the same state.
-    Topic("delivery.outcomes", "outcome.v1", "endpoint", "every attempt, admission and breaker transition",
-          partitions=1, retention_ms=3 * DAY_MS),
-    Topic("passthrough.out", "event.v1", HOST_SESSION, "output of the wiring-check stage"),
-    *[Topic(f"{stage}.dead", "dead-letter.v1", "original key",
-            f"records the {stage} stage could not process, with the reason", retention_ms=30 * DAY_MS)
-      for stage in ("collector", "ingest", "sample", "scrub", "sign", "breaker", "passthrough")],
-    Topic("traces.dead", "dead-letter.v1", "trace_id", "traces the panel refused (400/401/422)",
-          retention_ms=30 * DAY_MS),
-]}
+SOURCE_RETENTION_MS = 7 * DAY_MS  # what the collector's topic keeps; nothing unscrubbed outlives it
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("passthrough", "opencode.events", ("passthrough.out",), "passthrough.dead",
@@ -94,6 +82,60 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           "POST to the panel, re-sign when stale, retry, dead-letter"),
 ]}
 
+# Where the scrub stage's input sits: a stage at or before it reads content no scrubber has seen.
+_UNSCRUBBED_STAGES = frozenset({"passthrough", "ingest", "sample", "scrub"})
+
+
+def _dead(name: str, stage: str, key: str, doc: str, redrive_to: str | None) -> Topic:
+    # A dead letter holds the original bytes of what its stage read: unscrubbed up to the scrub
+    # stage, so kept no longer than the source; scrubbed after it, kept for inspection.
+    unscrubbed = stage in _UNSCRUBBED_STAGES or stage == "collector"
+    return Topic(name, "dead-letter.v1", key, doc, unscrubbed=unscrubbed, redrive_to=redrive_to,
+                 retention_ms=SOURCE_RETENTION_MS if unscrubbed else 30 * DAY_MS)
+
+
+TOPICS: dict[str, Topic] = {t.name: t for t in [
+    Topic("opencode.events", "event.v1", HOST_SESSION, "normalised opencode events from the collector",
+          unscrubbed=True, retention_ms=SOURCE_RETENTION_MS),
+    Topic("sessions.idle", "snapshot.v1", HOST_SESSION, "one snapshot per ended turn", unscrubbed=True),
+    Topic("traces.sampled", "trace-sampled.v1", HOST_SESSION, "forwarded turns in the panel's message shape",
+          unscrubbed=True),
+    # Compacted by snapshot id so a replica rebuilding the novelty window reads each session once;
+    # retention bounds it to what a window of any sane lruSize can still hold. MinHash signatures
+    # only: no text.
+    Topic("sampler.shipped", "shipped.v1", "site_key:snapshot_id",
+          "MinHash signatures of forwarded sessions; every sampler replica reads all of it",
+          partitions=1, compacted=True, retention_ms=30 * DAY_MS),
+    Topic("traces.scrubbed", "trace-scrubbed.v1", HOST_SESSION, "traces whose text came back from the scrubber"),
+    Topic("traces.signed", "trace-signed.v1", "trace_id", "canonical bodies with HMAC and attestation"),
+    Topic("traces.outbox", "trace-signed.v1", "trace_id", "traces the breaker admitted for delivery"),
+    # One partition: every breaker replica reads the whole history in order and reaches the same state.
+    Topic("delivery.outcomes", "outcome.v1", "endpoint", "every attempt, admission and breaker transition",
+          partitions=1, retention_ms=3 * DAY_MS),
+    Topic("passthrough.out", "event.v1", HOST_SESSION, "output of the wiring-check stage", unscrubbed=True),
+    # the collector's letters are frames that never became events: nothing reads them but people
+    _dead("collector.dead", "collector", "host", "frames the collector could not read, with the reason", None),
+    *[_dead(stage.dead, stage.name, "original key", f"records the {stage.name} stage could not process, "
+            "with the reason", stage.input) for stage in STAGES.values() if stage.name != "deliver"],
+    # a refused trace goes back through the breaker, so a redrive never reaches a panel known to be down
+    _dead("traces.dead", "deliver", "trace_id", "traces the panel refused (400/401/422), or that could not be "
+          "delivered", "traces.signed"),
+]}
+
+# The stages' changelog-backed tables; faust names a table's topic `<app id>-<table>-changelog`.
+TABLES: dict[str, str] = {"ingest": "session-state", "sample": "decided-snapshots"}
+
+
+def changelog_topic(stage: str) -> str:
+    return f"{STAGES[stage].app_id}-{TABLES[stage]}-changelog"
+
+
+def changelog_configs(unscrubbed_retention_ms: int) -> dict[str, str]:
+    """A table keyed like its input holds what the input held (ingest's: titles, directories):
+    its changelog keeps it no longer than unscrubbed topics do, compacted or not."""
+    return {"cleanup.policy": "compact,delete", "retention.ms": str(unscrubbed_retention_ms)}
+
+
 PIPELINE_STAGES = ("ingest", "sample", "scrub", "sign", "breaker", "deliver")
 
 
@@ -103,3 +145,11 @@ def partitions_of(topic: Topic, default: int) -> int:
 
 def dead_letter_topics() -> list[str]:
     return [name for name, t in TOPICS.items() if t.schema == "dead-letter.v1"]
+
+
+def unscrubbed_topics() -> list[str]:
+    return [name for name, t in TOPICS.items() if t.unscrubbed]
+
+
+def hours_ms(hours: float) -> int:
+    return int(hours * 3600 * 1000)

@@ -117,7 +117,16 @@ def test_delay_rejects_bad_arguments(attempt: Any, retry_after: Any, match: str)
     [(0.0, False), (3599.9, False), (3600.0, True), (86_400.0, True), (-5.0, False)],
 )
 def test_give_up_after_max_age(elapsed: float, expected: bool) -> None:
-    assert policy().give_up(NOW, NOW + elapsed) is expected
+    assert policy().give_up(1, NOW, NOW + elapsed) is expected
+
+
+@pytest.mark.parametrize(
+    ("attempts", "elapsed", "expected"),
+    [(1, 900.0, False), (4, 900.0, False), (5, 899.9, False), (5, 900.0, True), (50, 10_000.0, True)],
+)
+def test_give_up_needs_both_attempts_and_age(attempts: int, elapsed: float, expected: bool) -> None:
+    budget = RetryPolicy(base_s=0.5, max_s=30.0, max_age_s=900.0, max_attempts=5)
+    assert budget.give_up(attempts, NOW, NOW + elapsed) is expected
 
 
 @pytest.mark.parametrize(
@@ -128,6 +137,8 @@ def test_give_up_after_max_age(elapsed: float, expected: bool) -> None:
         ({"max_s": float("inf")}, "max_s"),
         ({"max_age_s": "3600"}, "max_age_s"),
         ({"base_s": 5.0, "max_s": 1.0}, "max_s"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"max_attempts": True}, "max_attempts"),
     ],
 )
 def test_policy_validation_names_the_field(kwargs: dict[str, Any], field: str) -> None:
