@@ -104,6 +104,7 @@ class StackSettings:
     jwt_secret: str = "local-jwt-secret"
     scrubber_key: str = "local-scrubber-key"
     require_scrub: bool = True
+    bypass_scrubber: bool = False  # scrubberUrl = "" with allowUnscrubbed = true (development only)
     partitions: int = 4
     # shortened for tests and the demo; production uses the defaults in config.py
     extra_toml: str = ""
@@ -152,9 +153,10 @@ class Stack:
 
     def write_config(self) -> None:
         s = self.s
+        scrubber = '""\nallowUnscrubbed = true' if s.bypass_scrubber else f'"{self.scrubber_url}"'
         self.config_path.write_text(f"""
 panelUrl = "{self.panel_url}"
-scrubberUrl = "{self.scrubber_url}"
+scrubberUrl = {scrubber}
 siteKey = "{s.site_key}"
 samplingRate = {s.sampling_rate}
 samplingRateOverride = true

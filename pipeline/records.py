@@ -3,8 +3,8 @@
 Two optional compiled libraries make the common case fast without changing any answer
 (bench/README.md has the measurements):
 - jsonschema-rs says "valid" ~100x faster than jsonschema; a record it refuses or cannot read
-  is decided and its error worded by jsonschema, as before, so what is valid and every dead
-  letter's text stay jsonschema's.
+  is decided by jsonschema, as before, so what is valid stays jsonschema's (the error text is
+  worded from jsonschema's first error without the record's values: see _validate).
 - orjson parses and writes JSON ~3-10x faster; it is used only where it gives exactly what the
   json module gives (no integer beyond 64 bits in the text it parses; only plain JSON values,
   floats outside the exponent range excepted, in what it writes: see is_plain_json), and json
@@ -21,6 +21,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -137,13 +138,58 @@ def validate(schema: str, record: Any, *, plain: bool = False) -> None:
 
 
 def _validate(schema: str, record: Any, *, from_json: bool) -> None:
+    """SchemaError naming where the first violation is, the keyword that failed, what the
+    schema expected and the JSON type found: never the value, nor a property name the record
+    made up (jsonschema's own message quotes both, and this text lands in dead letters)."""
     if _surely_valid(schema, record, from_json=from_json):
         return
     errors = sorted(validator(schema).iter_errors(record), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
-        where = "/".join(str(p) for p in err.absolute_path) or "(root)"
-        raise SchemaError(schema, f"at {where}: {err.message[:300]}")
+        # a path step is shown when it is an index or the schema names it (after "properties")
+        named = {str(step) for keyword, step in pairwise(err.absolute_schema_path) if keyword == "properties"}
+        where = "/".join(str(p) if isinstance(p, int) or p in named else "*" for p in err.absolute_path)
+        what = _violation(err.validator, err.validator_value, err.instance, err.schema)
+        raise SchemaError(schema, f"at {where or '(root)'}: {what}"[:400])
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                       (dict, "object"), (list, "array")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__  # not JSON at all (a tuple, a set): the Python type says why
+
+
+def _violation(keyword: str, expected: Any, instance: Any, node: Any) -> str:
+    """What failed, worded from the schema (`expected`: the keyword's value there) and the
+    instance's JSON type only."""
+    if keyword == "type":
+        kinds = " or ".join(expected) if isinstance(expected, list) else str(expected)
+        return f"expected type {kinds}, got {_json_type(instance)}"
+    if keyword == "required":
+        missing = [n for n in expected if isinstance(instance, dict) and n not in instance]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"missing required property {missing[0]!r}{more}" if missing else "missing a required property"
+    if keyword == "additionalProperties":
+        known = (node.get("properties") or {}) if isinstance(node, dict) else {}
+        extra = sum(1 for k in instance if k not in known) if isinstance(instance, dict) else 0
+        return f"unexpected additional properties ({extra})"
+    if keyword == "enum":
+        return "value not in the allowed enum"
+    if keyword == "const":
+        return f"value is not the constant {json.dumps(expected)[:100]}"
+    bounds = {"minLength": "string shorter than", "maxLength": "string longer than",
+              "minItems": "array shorter than", "maxItems": "array longer than",
+              "minimum": "number below", "maximum": "number above",
+              "exclusiveMinimum": "number not above", "exclusiveMaximum": "number not below"}
+    if keyword in bounds:
+        return f"{bounds[keyword]} {keyword} {expected}"
+    if keyword == "pattern":
+        return f"string does not match pattern {str(expected)[:100]}"
+    return f"failed {keyword} (a {_json_type(instance)})"
 
 
 def validate_for_topic(topic: str, record: Any, *, plain: bool = False) -> None:

@@ -23,6 +23,11 @@ from typing import Any
 from pipeline.envelope import TURN_ENDED, MalformedEvent
 from pipeline.records import plain_json_bytes
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - optional accelerator (a dependency; see records)
+    orjson = None
+
 __all__ = [
     "DEFAULT_MAX_SEEN_EVENTS",
     "SNAPSHOT_SCHEMA",
@@ -44,6 +49,11 @@ DEFAULT_MAX_SEEN_EVENTS = 256
 MAX_SESSION_ERRORS = 20
 MAX_RECENT_SNAPSHOTS = 16
 DETAIL_MAX_CHARS = 2000
+# How deep a snapshot's messages may nest. records.decode reads ~1000 levels, but every later
+# step that walks a record recursively (json.dumps when the snapshot is written, the trace
+# builder, jsonschema) needs a frame or more per level on a stack that is not empty: half that
+# leaves them room. Real listings nest about ten levels.
+MAX_NESTING = 500
 
 
 @dataclass
@@ -127,7 +137,10 @@ def describe_error(error: Any) -> tuple[str, str]:
             if isinstance(status, int) and not isinstance(status, bool):
                 detail = f"{message} (status {status})"
         else:
-            detail = json.dumps(data, sort_keys=True, default=str)
+            try:
+                detail = json.dumps(data, sort_keys=True, default=str)
+            except RecursionError:
+                raise _too_deep("the error's data") from None
     elif data is not None:
         detail = str(data)
     return name, detail[:DETAIL_MAX_CHARS]
@@ -181,6 +194,40 @@ def _is_mapping(value: Any) -> bool:
     # decoded JSON is all dicts, and absent fields None: both answered without the ABC's
     # ~1 us isinstance check
     return type(value) is dict or (value is not None and isinstance(value, Mapping))
+
+
+def _too_deep(what: str) -> MalformedEvent:
+    return MalformedEvent("too_deeply_nested", f"{what} nests more than {MAX_NESTING} levels deep")
+
+
+def _nests_deeper_than(value: Any, limit: int) -> bool:
+    """True when dicts and lists nest more than `limit` levels inside `value`. Iterative: a
+    recursive walk would fail on the very input it looks for."""
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Mapping):
+            children: Any = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, Mapping | list | tuple))
+    return False
+
+
+def _check_nesting(kept: list[dict[str, Any]]) -> None:
+    """MalformedEvent (too_deeply_nested) for messages nesting past MAX_NESTING."""
+    if orjson is not None:
+        try:
+            orjson.dumps(kept)
+            return  # orjson writes at most 254 levels: well inside the bound, no walk needed
+        except TypeError:  # JSONEncodeError: too deep, or a value orjson refuses; walk to know
+            pass
+    if _nests_deeper_than(kept, MAX_NESTING):
+        raise _too_deep("a message")
 
 
 def _check_listing(messages: Any) -> list[Mapping[str, Any]]:
@@ -271,6 +318,7 @@ def build_snapshot(envelope: Mapping[str, Any], state: SessionState, *, max_mess
     session = properties.get("session") if isinstance(properties.get("session"), Mapping) else {}
     listing = _check_listing(properties.get("messages"))
     kept = [{"info": m["info"], "parts": m["parts"]} for m in listing[-max_messages:]]
+    _check_nesting(kept)
     host, session_id = envelope["host"], envelope["session_id"]
     return {
         "schema": SNAPSHOT_SCHEMA,
@@ -306,7 +354,8 @@ def apply_event(state: SessionState | Mapping[str, Any] | None, envelope: Mappin
 
     Returns the new state and the actions: `[Emit(snapshot)]` for a new turn's end,
     `[Skip(reason)]` for a repeat, `[]` for events that only update the state.
-    Raises MalformedEvent for a turn_ended whose listing is not in the daemon's shape.
+    Raises MalformedEvent for a turn_ended whose listing is not in the daemon's shape, and
+    (reason too_deeply_nested) for content nesting deeper than MAX_NESTING.
     """
     current = state.copy() if isinstance(state, SessionState) else SessionState.from_dict(state)
     event_id, event_type = envelope.get("event_id"), envelope.get("type")

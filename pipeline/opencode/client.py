@@ -12,12 +12,16 @@ Every httpx failure and every unexpected answer is translated in one place,
 
 The password is held only inside the httpx auth object: it is never part of a
 repr or an error message (error text is also scrubbed of it, in case a server
-ever echoes it back).
+ever echoes it back: the password, the base64 credential of the Authorization
+header, and any ``Basic <credential>`` value).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -52,6 +56,9 @@ DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=10.0)
 # POST /session/{id}/message holds the response until the whole turn ends.
 DEFAULT_TURN_TIMEOUT = 900.0
 _SNIPPET = 300
+_REDACTED = "***"
+# "Basic <token>" as an echoed Authorization header shows it (any case, JSON- or header-quoted)
+_BASIC = re.compile(r"(?i)\b(basic)\s+([A-Za-z0-9+/]+={0,2})")
 
 
 class OpencodeError(Exception):
@@ -182,6 +189,7 @@ class OpencodeClient(ClosingClient):
         self._turn_timeout = turn_timeout
         self._max_frame_bytes = max_frame_bytes
         self._secret = password or None
+        self._redact = _secret_forms(username, password) if password else ()
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             auth=httpx.BasicAuth(username, password) if password else None,
@@ -322,9 +330,16 @@ class OpencodeClient(ClosingClient):
             raise OpencodeProtocolError(self._scrub(f"{method} {path}: {_kind(exc)}: {exc}")) from None
 
     def _scrub(self, text: str) -> str:
-        if self._secret:
-            text = text.replace(self._secret, "***")
+        """`text` without the password in any form a server could echo it in."""
+        text = _BASIC.sub(_redact_basic, text)
+        for form in self._redact:
+            text = text.replace(form, _REDACTED)
         return text
+
+    def _echo(self, text: str) -> str:
+        """A snippet of a server's answer for an error message, scrubbed before it is cut
+        (a cut could leave a credential's prefix) and after (the whitespace is folded)."""
+        return self._scrub(_snippet(self._scrub(text)))
 
     async def _json(
         self,
@@ -349,7 +364,7 @@ class OpencodeClient(ClosingClient):
                 return response.json()
             except ValueError:
                 raise OpencodeProtocolError(
-                    self._scrub(f"{method} {path}: answer is not JSON: {_snippet(response.text)}"),
+                    self._scrub(f"{method} {path}: answer is not JSON: {self._echo(response.text)}"),
                     status_code=response.status_code,
                 ) from None
 
@@ -372,7 +387,7 @@ class OpencodeClient(ClosingClient):
                 content_type = response.headers.get("content-type", "")
                 if not content_type.startswith("text/event-stream"):
                     raise OpencodeProtocolError(
-                        f"{method} {path}: expected text/event-stream, got {content_type!r}",
+                        self._scrub(f"{method} {path}: expected text/event-stream, got {content_type!r}"),
                         status_code=response.status_code,
                     )
             yield response
@@ -383,7 +398,7 @@ class OpencodeClient(ClosingClient):
         status = response.status_code
         if 200 <= status < 300:
             return
-        detail = self._scrub(f"{method} {path}: HTTP {status}: {_snippet(response.text)}")
+        detail = self._scrub(f"{method} {path}: HTTP {status}: {self._echo(response.text)}")
         if status in (401, 403):
             raise OpencodeAuthError(
                 self._scrub(f"{method} {path}: HTTP {status}: authentication failed for user {self.username!r}"),
@@ -406,6 +421,25 @@ def _decode_frame(data: str, invalid_utf8: bool) -> dict[str, Any] | MalformedFr
     if not isinstance(parsed, dict):
         return MalformedFrame("not-an-object", data, type(parsed).__name__, parsed)
     return parsed
+
+
+def _secret_forms(username: str, password: str) -> tuple[str, ...]:
+    """The password as it could come back: raw, URL-quoted, and as the base64 credential of
+    the Basic header (`username:password`, UTF-8, as httpx.BasicAuth encodes it). Longest
+    first, so a form containing another is replaced whole."""
+    credential = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+    forms = {password, quote(password, safe=""), credential, credential.rstrip("=")}
+    return tuple(sorted((f for f in forms if f), key=len, reverse=True))
+
+
+def _redact_basic(match: re.Match[str]) -> str:
+    """`Basic ***` for a Basic credential (base64 of `user:password`); other words left alone
+    ("basic usage" is not a header)."""
+    try:
+        decoded = base64.b64decode(match.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        return match.group(0)
+    return f"{match.group(1)} {_REDACTED}" if b":" in decoded else match.group(0)
 
 
 def _segment(value: str) -> str:

@@ -128,11 +128,18 @@ class MinHasher:
         return self.minhash(np.zeros(self.num_perm, dtype=np.uint32))
 
 
+LSH_JACCARD_MIN, LSH_JACCARD_MAX = 0.05, 0.9
+
+
 @functools.cache
 def default_lsh_params(size: int, num_perm: int, threshold: float) -> tuple[int, int]:
     """(bands, rows) from datasketch's optimiser for Jaccard 1 - threshold; see the module doc."""
     weights = (0.01, 0.99) if size <= RECALL_FIRST_MAX_SIZE else (0.3, 0.7)
-    lsh = MinHashLSH(threshold=1.0 - threshold, num_perm=num_perm, weights=weights)
+    # datasketch's optimiser needs a Jaccard strictly inside (0, 1) and finds no banding near the
+    # ends (noveltyThreshold 0 or 1 raised in every decision); the bands only pick candidates,
+    # which are then scored by estimated Jaccard, so a clamped target keeps the answers
+    jaccard = min(max(1.0 - threshold, LSH_JACCARD_MIN), LSH_JACCARD_MAX)
+    lsh = MinHashLSH(threshold=jaccard, num_perm=num_perm, weights=weights)
     return lsh.b, lsh.r
 
 

@@ -8,7 +8,9 @@ adds test controls under `/_stub/`, so a test in another process can drive and i
     POST /_stub/faults     {"reset"?, "fail_next"?, "status"?, "fail_for_s"?, "latency_ms"?,
                             "retry_after_s"?}: fail the next N requests (or every request for
                             T seconds) with `status` (default 503; 429 answers rate_limited
-                            with Retry-After), and add latency to every request
+                            with Retry-After), and add latency to every request;
+                            "fail_matching": S fails every request whose body holds S (a
+                            trace the service keeps failing while it answers the others)
     POST /_stub/reset      forget everything recorded and clear the faults
 
 Three ways to run one: `async with StubPanel(...) as stub` (on a free loopback port, in the
@@ -67,8 +69,9 @@ class FaultKnobs:
     fail_until: float = 0.0  # time.monotonic() instant
     latency_s: float = 0.0
     retry_after_s: float = 1.0
+    fail_matching: str = ""
 
-    _FIELDS = ("reset", "fail_next", "status", "fail_for_s", "latency_ms", "retry_after_s")
+    _FIELDS = ("reset", "fail_next", "status", "fail_for_s", "latency_ms", "retry_after_s", "fail_matching")
 
     def update(self, spec: dict[str, Any], now: float) -> None:
         """Apply a POST /_stub/faults body; ValueError names what is wrong with it."""
@@ -87,10 +90,15 @@ class FaultKnobs:
         status = spec.get("status", self.status)
         if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
             raise ValueError("status must be an HTTP error status 400-599")
+        matching = spec.get("fail_matching", self.fail_matching)
+        if not isinstance(matching, str):
+            raise ValueError("fail_matching must be a string")
         if spec.get("reset"):
             for knob in fields(self):
                 setattr(self, knob.name, knob.default)
         self.status = status
+        if "fail_matching" in spec:
+            self.fail_matching = matching
         if "fail_next" in spec:
             self.fail_next = int(spec["fail_next"])
         if "fail_for_s" in spec:
@@ -100,8 +108,10 @@ class FaultKnobs:
         if "retry_after_s" in spec:
             self.retry_after_s = float(spec["retry_after_s"])
 
-    def take(self, now: float) -> int | None:
+    def take(self, now: float, body: bytes = b"") -> int | None:
         """The status to fail this request with, or None; counts down fail_next."""
+        if self.fail_matching and self.fail_matching.encode("utf-8") in body:
+            return self.status
         if self.fail_next > 0:
             self.fail_next -= 1
             return self.status
@@ -185,7 +195,10 @@ class StubServer(Generic[ConfigT]):
         if latency:
             await asyncio.sleep(latency)
         with self.lock:
-            status = self.faults.take(time.monotonic())
+            matching = self.faults.fail_matching
+        body = await request.read() if matching else b""  # aiohttp keeps it for the handler
+        with self.lock:
+            status = self.faults.take(time.monotonic(), body)
             if status is not None:
                 self.faulted += 1
                 self.on_fault(request, status)

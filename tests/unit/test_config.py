@@ -26,6 +26,14 @@ def test_defaults_are_the_forwarder_plugins() -> None:
     assert c.kafka.bootstrap == "127.0.0.1:9092"
 
 
+def test_defaults_of_the_safety_keys() -> None:
+    c = config.load(None, {})
+    assert (c.allow_unscrubbed, c.scrubbing_bypassed) == (False, False)
+    assert (c.delivery.allow_insecure_http, c.scrub.allow_insecure_http) == (False, False)
+    assert c.kafka.unscrubbed_retention_hours == 168.0
+    assert all(h.password is None for h in c.hosts)
+
+
 @pytest.mark.parametrize(("text", "key"), [
     ('samplingRate = "abc"', "samplingRate"),
     ("samplingRate = 1.5", "samplingRate"),
@@ -41,6 +49,11 @@ def test_defaults_are_the_forwarder_plugins() -> None:
     ('[[hosts]]\nname = "a"\n[[hosts]]\nname = "a"', "hosts[1].name"),
     ('[[hosts]]\nname = "a"\nbase_url = "http://10.1.2.3:4096"', "hosts[0].base_url"),
     ("samplingRateOverride = 1", "samplingRateOverride"),
+    ("allowUnscrubbed = 1", "allowUnscrubbed"),
+    ('scrubberUrl = ""', "scrubberUrl"),
+    ('[kafka]\nunscrubbed_retention_hours = 200', "kafka.unscrubbed_retention_hours"),
+    ('[delivery]\nallow_insecure_http = "yes"', "delivery.allow_insecure_http"),
+    ('[[hosts]]\nname = "a"\npassword_env = "x-y"', "hosts[0].password_env"),
 ])
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:

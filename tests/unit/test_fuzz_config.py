@@ -1,11 +1,14 @@
 """Property-based fuzzing of the configuration loader (`pipeline.config.load`).
 
 Arbitrary TOML documents (known and unknown keys, every section, `[[hosts]]`, values of every
-TOML type, right and wrong) and arbitrary `PIPELINE_*` overrides: `load` returns a Config or
+TOML type, right and wrong, huge numbers and deep nesting included) and arbitrary `PIPELINE_*`
+overrides: `load` returns a Config or
 raises ConfigError whose `.key` names a key present in the document (or the override that put
 it there) and appears in the message; nothing else escapes. A Config it returns holds the
 document's values, never shows a host password, and is accepted by what the stages build from
-it at start. The CLI turns a ConfigError into exit code 2.
+it at start. The CLI turns a ConfigError into exit code 2. Host passwords named by
+`password_env` come from the env mapping given to load; URLs with credentials are refused
+without showing them.
 
 Inputs that hit a known bug are kept out of the properties by the flags below while a strict
 xfail test pins each one; when a fix lands the pinned test XPASSes (a failure under strict):
@@ -46,6 +49,10 @@ ENV_OVER_NON_TABLE_OK = True  # PIPELINE_<S>__<K> where the document's <s> is no
 CROSS_FIELD_KEYS = frozenset({"scrub.retry_max_s", "delivery.retry_max_s", "collector.drop_event_types"})
 CONSUMERS_AGREE = True  # load accepts values the stages' settings then refuse with ValueError
 HUGE_INT_OK = True  # tomllib's ValueError on a > 4300-digit integer escapes load
+# A fault in one key can be blamed on another that depends on it: allowUnscrubbed = false makes
+# scrubberUrl = "" an error; the allow_insecure_http switches guard the service URLs.
+LINKED = {"allowUnscrubbed": {"scrubberUrl"}, "delivery.allow_insecure_http": {"panelUrl"},
+          "scrub.allow_insecure_http": {"scrubberUrl"}}
 
 REPO = Path(__file__).resolve().parents[2]
 FUZZ = settings(max_examples=200, deadline=None,
@@ -72,8 +79,22 @@ toml_values = st.recursive(toml_scalars,
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
                            max_leaves=6)
 EDGES = [0, -1, 1, 16, 15, 65535, 65536, 290, 291, 0.0, -0.5, 1.5, math.inf, -math.inf, math.nan, "", "x",
-         True, False, [], {}, ["x"], "http://example.com", "http://[::1", "http://a\uff03b@c", "//[", "ftp://x"]
-wrong_values = st.one_of(st.sampled_from(EDGES), toml_values)
+         True, False, [], {}, ["x"], "http://example.com", "http://[::1", "http://a\uff03b@c", "//[", "ftp://x",
+         "https://u:pw@panel.example", 10_001, 10_000_001, 1e300, -1e300, 168.5]
+# beyond 64 bits, beyond float (int -> float overflows), beyond int()'s 4300 digits (written in hex)
+huge_decimal = st.one_of(st.integers(2**63, 10**30), st.builds(lambda n: 10**n - 1, st.integers(309, 400)))
+
+
+class HugeInt(int):
+    """An int past 4300 digits with a short repr: int's own raises, and hypothesis reprs examples."""
+
+    def __repr__(self) -> str:
+        return f"HugeInt(<{self.bit_length()} bits>)"
+
+
+huge_hex = st.builds(lambda n: HugeInt(2**n - 1), st.integers(14_300, 20_000))
+huge_ints = st.one_of(huge_decimal, huge_decimal.map(lambda v: -v), huge_hex)
+wrong_values = st.one_of(st.sampled_from(EDGES), toml_values, huge_ints, huge_ints.map(lambda v: [v]))
 
 PANEL_URLS = ["http://127.0.0.1:3015", "https://panel.example", "http://localhost:1", "http://[::1]:80",
               "https://10.0.0.1/x/"]
@@ -110,7 +131,8 @@ TOP_VALID: dict[str, st.SearchStrategy[Any]] = {
     "samplingRate": st.floats(-1, 1) | st.sampled_from([math.nan, -math.inf, 0, 1]),
 }
 SECTION_VALID = {s: {k: _valid_values(f, k) for k, f in fields.items()} for s, fields in SECTIONS.items()}
-HOST_VALID = {k: _valid_values(f, k) for k, f in HOST.items() if k != "name"}
+# password_env needs its variable in the env: test_host_password_env_* covers it
+HOST_VALID = {k: _valid_values(f, k) for k, f in HOST.items() if k not in ("name", "password_env")}
 TOP_NAMES = {*TOP_VALID, *SECTIONS, "hosts"}
 
 
@@ -133,6 +155,8 @@ def valid_documents(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         doc["hosts"] = [{"name": f"h{i}", **draw(valid_tables(HOST_VALID, 3))}
                         for i in range(draw(st.integers(0, 3)))]
+    if doc.get("scrubberUrl") == "":
+        doc["allowUnscrubbed"] = True  # a bypass is valid only when allowed
     return doc
 
 
@@ -256,7 +280,8 @@ def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
-        return str(value)
+        # hex has no digit limit (str() of a > 4300-digit int raises); huge_ints makes those positive
+        return hex(value) if value.bit_length() > 14_000 else str(value)
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
@@ -325,7 +350,7 @@ def load_checked(path: Path, text: str | bytes, env: Mapping[str, str],
         path.write_bytes(text)
     try:
         parsed: Any = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):  # TOMLDecodeError, or int()'s digit limit
+    except (ValueError, UnicodeDecodeError, RecursionError):  # TOMLDecodeError, int()'s digit limit, nesting
         parsed = None
     try:
         cfg = config_mod.load(path, env)
@@ -380,7 +405,8 @@ def test_load_gives_a_config_or_a_config_error_naming_a_fault(
         return  # a rule between keys the generator does not model; pinned by test_loader_refuses_...
     if isinstance(cfg, ConfigError):
         assert faults, f"a document of valid values was refused: {cfg}"
-        assert cfg.key in faults, f"{cfg.key!r} is none of the faults {faults}"
+        blamed = set(faults).union(*(LINKED.get(f, set()) for f in faults))
+        assert cfg.key in blamed, f"{cfg.key!r} is none of the faults {faults}"
     else:
         assert not certain, f"accepted although {certain} cannot be valid"
         check_values(cfg, parsed)
@@ -414,6 +440,8 @@ def test_load_of_any_bytes_gives_a_config_or_a_config_error(config_file: Path, r
 
 ENV_NAMES = st.one_of(
     st.sampled_from(["PIPELINE_SAMPLING_RATE", "PIPELINE_LRU_SIZE", "PIPELINE_PANEL_URL", "PIPELINE_ENABLED",
+                     "PIPELINE_SCRUBBER_URL", "PIPELINE_ALLOW_UNSCRUBBED", "PIPELINE_DELIVERY__ALLOW_INSECURE_HTTP",
+                     "PIPELINE_KAFKA__UNSCRUBBED_RETENTION_HOURS",
                      "PIPELINE_KAFKA__BOOTSTRAP", "PIPELINE_KAFKA__PARTITIONS", "PIPELINE_BREAKER__MODE",
                      "PIPELINE_SAMPLER__NUM_PERM", "PIPELINE_COLLECTOR__DROP_EVENT_TYPES",
                      "PIPELINE_METRICS__PORT", "PIPELINE_HOSTS__NAME", "PIPELINE_NOPE",
@@ -422,7 +450,9 @@ ENV_NAMES = st.one_of(
     st.builds(lambda a, b: f"PIPELINE_{a}__{b}", st.text("ABKFZ_", max_size=5), st.text("ABXY_", max_size=5)),
 )
 ENV_VALUES = st.one_of(st.sampled_from(["1", "0", "-1", "true", "x", "[1, 2]", '"s"', "nan", "", "{a = 1}",
-                                        '["session.*"]', "1979-05-27", "hold", "drop", "http://[::1"]),
+                                        '["session.*"]', "1979-05-27", "hold", "drop", "http://[::1", " ",
+                                        "1e400", "9" * 400, "9" * 5000, "0x" + "f" * 5000, "[" * 3000 + "]" * 3000,
+                                        "{a = " * 2000 + "1" + "}" * 2000, "https://u:pw@x.example"]),
                        st.text(_chars, max_size=10))
 
 
@@ -456,6 +486,74 @@ def test_env_overrides_give_a_config_or_a_config_error_naming_the_key(
         env = {k: v for k, v in env.items() if k != "PIPELINE_PANEL_URL" or _splits(v)}
     allowed: set[str] = set().union(*(_env_paths(n) for n in env if n.startswith("PIPELINE_")))
     load_checked(config_file, toml_document(doc, True), env, allowed)
+
+
+def nested_text(depth: int, as_table: bool) -> str:
+    """A TOML value `depth` arrays or inline tables deep (written here: the writer would recurse)."""
+    return "{k = " * depth + "1" + "}" * depth if as_table else "[" * depth + "1" + "]" * depth
+
+
+@FUZZ_TINY
+@given(valid_documents(), st.one_of(st.sampled_from([1, 100, 300, 400, 1000, 3000, 10_000]), st.integers(1, 6000)),
+       st.booleans(), st.sampled_from(["", "kafka", "collector", "hosts"]),
+       st.sampled_from(["lruSize", "bootstrap", "name", "nested_key", "samplingRate"]))
+def test_nesting_at_any_depth_gives_a_config_or_a_config_error(
+        config_file: Path, doc: dict[str, Any], depth: int, as_table: bool, where: str, key: str) -> None:
+    """tomllib parses nested arrays and inline tables recursively: too deep is a RecursionError
+    in it, which load must turn into a ConfigError naming the file."""
+    if where == "hosts":
+        doc["hosts"] = [{"name": "h0"}]
+    elif where:
+        doc[where] = doc.get(where) if isinstance(doc.get(where), dict) else {}
+    marker = "__nested__"
+    table = doc["hosts"][0] if where == "hosts" else (doc[where] if where else doc)
+    table[key] = marker
+    text = toml_document(doc, True).replace(toml_string(marker), nested_text(depth, as_table))
+    result = load_checked(config_file, text, {})
+    if isinstance(result, ConfigError) and result.key == "--config":
+        assert "nested too deeply" in str(result) or depth < 100, str(result)
+
+
+_PASSWORD_VARS = ["OPENCODE_PASSWORD_A", "OPENCODE_PASSWORD_B", "PW"]
+
+
+@FUZZ_SMALL
+@given(st.lists(st.tuples(st.sampled_from([None, *_PASSWORD_VARS]), st.sampled_from([None, SECRET_MARK + "inline"])),
+                min_size=1, max_size=3),
+       st.dictionaries(st.sampled_from(_PASSWORD_VARS), st.sampled_from(["", SECRET_MARK + "env", SECRET_MARK + "x"]),
+                       max_size=3))
+def test_host_password_env_is_read_from_the_env_given_to_load(
+        config_file: Path, hosts: list[tuple[str | None, str | None]], env: dict[str, str]) -> None:
+    """Each host: password inline, or from the variable password_env names (set, not empty), not
+    both; a ConfigError names hosts[i].password_env and never a password."""
+    doc = {"hosts": [{"name": f"h{i}", **({"password_env": var} if var else {}),
+                      **({"password": pw} if pw else {})} for i, (var, pw) in enumerate(hosts)]}
+    result = load_checked(config_file, toml_document(doc, True), env)
+    expected: list[str | None] = []
+    for i, (var, pw) in enumerate(hosts):
+        if var is not None and (pw is not None or not env.get(var)):
+            assert isinstance(result, ConfigError), (hosts, env)
+            assert result.key == f"hosts[{i}].password_env" and (pw is not None or var in str(result))
+            assert all(v not in str(result) for v in env.values() if v)
+            return
+        expected.append(env[var] if var is not None else pw)
+    assert isinstance(result, Config), result
+    assert [h.password.reveal() if h.password else None for h in result.hosts] == expected
+
+
+@FUZZ_SMALL
+@given(st.sampled_from(["panelUrl", "scrubberUrl", "base_url"]), st.sampled_from(["http", "https"]),
+       st.text(st.characters(codec="ascii", categories=("L", "N")), min_size=1, max_size=8),
+       st.text(st.characters(codec="ascii", exclude_characters="\"\\/?#"), min_size=0, max_size=12),
+       st.sampled_from(["127.0.0.1:1", "panel.example", "[::1]:3015", "10.0.0.1", "[::1"]))
+def test_urls_with_credentials_are_refused_without_showing_them(
+        config_file: Path, key: str, scheme: str, user: str, password: str, host: str) -> None:
+    user = f"usr-{user}"
+    url = f"{scheme}://{user}:{SECRET_MARK}{password}@{host}/"
+    doc = {"hosts": [{"name": "a", "base_url": url}]} if key == "base_url" else {key: url}
+    result = load_checked(config_file, toml_document(doc, True), {})
+    assert isinstance(result, ConfigError) and result.key in (key, "hosts[0].base_url")
+    assert SECRET_MARK not in str(result) and user not in str(result)
 
 
 def _consumer_known_bug(cfg: Config) -> str | None:
@@ -513,6 +611,9 @@ CLI_CASES = {  # file contents -> the key the message must name
     "[kafka]\npartitions = 0\n": "kafka.partitions",
     '[[hosts]]\nname = "a"\nbase_url = "http://example.com"\n': "hosts[0].base_url",
     'panelUrl = "http://[::1"\n': "panelUrl",  # the URL bug: pinned below
+    "lruSize = 0x" + "f" * 5000 + "\n": "lruSize",
+    "a = " + "{b = " * 5000 + "1" + "}" * 5000 + "\n": "nested too deeply",
+    '[[hosts]]\nname = "a"\npassword_env = "UNSET_IN_THIS_TEST"\n': "UNSET_IN_THIS_TEST",
 }
 
 
@@ -575,7 +676,7 @@ def test_bug_env_override_into_a_non_table(tmp_path: Path, text: str, name: str)
 @pytest.mark.parametrize("text", [
     "[sampler]\nnum_perm = 8\n",  # MinHasher needs >= 16
     '[collector]\ndrop_event_types = ["session.*"]\n',  # EventFilter refuses to drop required types
-    "[collector]\nheartbeat_period_s = 0\n",  # POS_FLOAT says "> 0" but admits 0
+    "[collector]\nheartbeat_period_s = 0\n",  # the old POS_FLOAT said "> 0" but admitted 0
     "[scrub]\nretry_base_s = 0\n",
     "[scrub]\nretry_base_s = 5.0\nretry_max_s = 1.0\n",  # RetryPolicy needs max >= base
     "[breaker]\nopen_s = inf\n",  # BreakerSettings needs finite

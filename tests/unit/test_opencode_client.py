@@ -203,6 +203,54 @@ async def test_status_codes_are_translated(status: int, expected: type[OpencodeE
     assert "GET /session/ses_1" in str(info.value)
 
 
+def _echo_headers(status: int, shape: str) -> Handler:
+    """A server answering with the request's Authorization header in its body (a debug proxy,
+    a misconfigured error page), as text or as JSON."""
+    def answer(request: httpx.Request) -> httpx.Response:
+        auth = request.headers["authorization"]
+        if shape == "json":
+            return httpx.Response(status, text=json.dumps({"error": "bad", "headers": {"authorization": auth}}))
+        return httpx.Response(status, text=f"denied; you sent\nAuthorization: {auth}\n(password {SECRET})")
+    return answer
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("status", "shape"), [(200, "text"),  # 200: "answer is not JSON", quoting it
+                                               (400, "text"), (404, "json"), (500, "text"), (503, "json")])
+async def test_echoed_authorization_header_is_redacted(status: int, shape: str) -> None:
+    credential = base64.b64encode(f"opencode:{SECRET}".encode()).decode()
+    async with client_for(_echo_headers(status, shape), password=SECRET) as client:
+        with pytest.raises(OpencodeError) as info:
+            await client.list_sessions()
+    text = str(info.value)
+    for leak in (SECRET, credential, credential.rstrip("="), f"Basic {credential[:8]}"):
+        assert leak not in text, text
+    assert "Basic ***" in text, text  # the answer is still quoted, the credential in it is not
+
+
+@pytest.mark.asyncio
+async def test_any_basic_credential_is_redacted_but_plain_words_stay() -> None:
+    other = base64.b64encode(b"someone:else-entirely").decode()
+    body = f"basic usage: see docs; authorization: basic {other}"
+    recorder = Recorder({("GET", "/session"): httpx.Response(400, text=body)})
+    async with client_for(recorder, password=SECRET) as client:
+        with pytest.raises(OpencodeProtocolError) as info:
+            await client.list_sessions()
+    assert other not in str(info.value)
+    assert "basic usage: see docs; authorization: basic ***" in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_a_cut_snippet_leaves_no_prefix_of_the_password() -> None:
+    # the echoed answer is cut at 300 characters; the cut must not leave the password's start
+    body = "x" * 290 + SECRET
+    recorder = Recorder({("GET", "/session"): httpx.Response(500, text=body)})
+    async with client_for(recorder, password=SECRET) as client:
+        with pytest.raises(OpencodeUnavailable) as info:
+            await client.list_sessions()
+    assert SECRET[:8] not in str(info.value)
+
+
 @pytest.mark.asyncio
 async def test_auth_error_names_user_not_password() -> None:
     recorder = Recorder({("GET", "/session"): httpx.Response(401, text="Unauthorized")})

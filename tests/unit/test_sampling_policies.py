@@ -164,6 +164,20 @@ def test_novelty(name: str, shipped: list[dict[str, Any]], snapshot: dict[str, A
         assert decision.novelty == novelty
 
 
+@pytest.mark.parametrize(("threshold", "num_perm"), [(0.0, 128), (1.0, 128), (0.0, 16), (1.0, 16), (0.99, 1024)])
+def test_novelty_decides_at_every_configurable_threshold(threshold: float, num_perm: int) -> None:
+    # noveltyThreshold 0 or 1 is valid config; datasketch finds no banding for Jaccard 1 or 0,
+    # which raised on every decision (each forwarded trace an internal_error dead letter)
+    windows = NoveltyWindows(size=200, num_perm=num_perm, threshold=threshold)
+    policy = NoveltyPolicy(windows)
+    windows.apply_shipped(policy.shipped_record(SHIPPED, trace_id="tr_oc_" + "0" * 32, at=0))
+    similar, dissimilar = policy.evaluate(SIMILAR), policy.evaluate(DISSIMILAR)
+    if threshold == 0.0:
+        assert similar.forward and dissimilar.forward  # 1 - max Jaccard >= 0 always
+    else:
+        assert not similar.forward
+
+
 def test_novelty_window_is_per_site() -> None:
     windows, policy = windows_with(SHIPPED)
     assert not policy.evaluate(SIMILAR).forward

@@ -14,9 +14,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.errors import RecordError
 from pipeline.signing import (
     ATTESTATION_TTL_S,
     AttestationError,
+    attest,
+    attestable_scrub,
     attestation_age_s,
     canonical_body,
     compact_json,
@@ -343,3 +346,47 @@ def test_attestation_age_and_refresh() -> None:
     for bad in (0, 300, 400, -1):
         with pytest.raises(ValueError):
             needs_refresh(NOW, NOW, bad)
+
+
+# ---------------------------------------------------------------- what an attestation may claim
+
+
+ATTESTED_BODY = b'{"trace_id":"tr_1"}'
+
+
+def _scrubbed(mode: str = "trace", jti: str | None = "a" * 32) -> dict[str, Any]:
+    return {"schema": "trace.scrubbed/1",
+            "scrub": {"mode": mode, "jti": jti, "engine_version": "scrubber-proxy/0.6.0", "input_hash": "b" * 64,
+                      "detections": 2, "scrubbed_at": 1}}
+
+
+def test_bypassed_scrubbing_is_never_attested() -> None:
+    assert attestable_scrub(_scrubbed("bypass", None), scrubbing_bypassed=True, verifying=True) is None
+    assert attestable_scrub(_scrubbed(), scrubbing_bypassed=True, verifying=True) is None
+
+
+@pytest.mark.parametrize("record", [_scrubbed("bypass", None), {"schema": "trace.scrubbed/1"},
+                                    {"schema": "trace.scrubbed/1", "scrub": "trace"}])
+def test_with_scrubbing_configured_a_trace_without_a_trace_mode_result_is_refused(record: dict[str, Any]) -> None:
+    with pytest.raises(RecordError) as refused:
+        attestable_scrub(record, scrubbing_bypassed=False, verifying=True)
+    assert refused.value.reason == "not_scrubbed"
+
+
+@pytest.mark.parametrize("jti", [None, ""])
+def test_a_verifying_stage_refuses_a_trace_without_the_verified_jti(jti: str | None) -> None:
+    with pytest.raises(RecordError) as refused:
+        attestable_scrub(_scrubbed(jti=jti), scrubbing_bypassed=False, verifying=True)
+    assert refused.value.reason == "unverified_scrub"
+    # without the secret nothing is verified and nothing is minted, but the trace still passed the scrubber
+    assert attestable_scrub(_scrubbed(jti=jti), scrubbing_bypassed=False, verifying=False) is None
+
+
+def test_the_attestation_claims_the_scrubbers_verified_result() -> None:
+    scrub = attestable_scrub(_scrubbed(), scrubbing_bypassed=False, verifying=True)
+    assert scrub is not None
+    claims = verify_attestation(attest(ATTESTED_BODY, SECRET, NOW, scrub), SECRET, sha256_hex(ATTESTED_BODY), NOW)
+    assert claims["jti"] == "a" * 32
+    assert claims["mode"] == "trace"
+    assert claims["engine_version"] == "scrubber-proxy/0.6.0"
+    assert claims["input_hash"] == "b" * 64 != claims["output_hash"]

@@ -12,6 +12,7 @@ from jsonschema import Draft202012Validator
 
 import pipeline.records as records_module  # where the fast writer lives (plain_json_bytes)
 from pipeline.envelope import MalformedEvent, normalise, turn_ended
+from pipeline.errors import SchemaError
 from pipeline.snapshot import (
     Emit,
     SessionState,
@@ -323,3 +324,124 @@ def test_snapshot_id_text_escapes_match_for_every_code_point() -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(records_module, "orjson", None)
         assert snapshot_id(HOST, "ses_x", messages) == fast
+
+
+# ---------------------------------------------------------------- deep nesting
+
+_NEST_MARK = "__nested_here__"
+
+
+def _decoded_with_nesting(envelope: dict[str, Any], place: Any, depth: int) -> dict[str, Any]:
+    """`envelope` through records.decode (as ingest reads it), with a value nested `depth`
+    objects deep where `place(envelope)` put _NEST_MARK. Built as text: json.dumps itself
+    stops short of what the decoder reads."""
+    place(envelope)
+    text = json.dumps(envelope).replace(json.dumps(_NEST_MARK), '{"a":' * depth + '"x"' + "}" * depth)
+    return records_module.decode(text.encode(), "opencode.events")
+
+
+def _tool_input(envelope: dict[str, Any]) -> None:
+    tool = next(p for m in envelope["properties"]["messages"] for p in m["parts"] if p["type"] == "tool")
+    tool["state"]["input"] = _NEST_MARK
+
+
+def _part_text(envelope: dict[str, Any]) -> None:
+    part = next(p for m in envelope["properties"]["messages"] for p in m["parts"] if p["type"] == "text")
+    part["text"] = _NEST_MARK
+
+
+def _message_error(envelope: dict[str, Any]) -> None:
+    message = next(m for m in envelope["properties"]["messages"] if m["info"]["role"] == "assistant")
+    message["info"]["error"] = {"name": "APIError", "data": _NEST_MARK}
+
+
+@pytest.mark.parametrize("place", [_tool_input, _part_text, _message_error])
+@pytest.mark.parametrize("depth", [600, 1000])  # past the bound; just under the decoder's limit
+def test_deeply_nested_turn_is_a_record_error(place: Any, depth: int) -> None:
+    envelope = _decoded_with_nesting(ended(listing("tool-session"), TOOL_SESSION), place, depth)
+    with pytest.raises(MalformedEvent) as err:
+        apply_event(None, envelope, max_messages=25, now_ms=NOW)
+    assert err.value.reason == "too_deeply_nested"
+
+
+def test_deeply_nested_session_error_is_a_record_error() -> None:
+    envelope = {**ended(listing("tool-session"), TOOL_SESSION), "type": "session.error", "event_id": "evt_deep"}
+    envelope["properties"] = {"sessionID": TOOL_SESSION, "error": {"name": "APIError", "data": _NEST_MARK}}
+    decoded = _decoded_with_nesting(envelope, lambda e: None, 1000)
+    with pytest.raises(MalformedEvent) as err:
+        apply_event(None, decoded, max_messages=25, now_ms=NOW)
+    assert err.value.reason == "too_deeply_nested"
+
+
+@pytest.mark.parametrize("place", [_tool_input, _message_error])
+def test_nesting_within_the_bound_gives_a_snapshot_later_stages_can_write(place: Any) -> None:
+    from pipeline.snapshot import MAX_NESTING
+
+    envelope = _decoded_with_nesting(ended(listing("tool-session"), TOOL_SESSION), place, MAX_NESTING - 10)
+    _, [emit] = apply_event(None, envelope, max_messages=25, now_ms=NOW)
+    assert isinstance(emit, Emit)
+    records_module.validate("snapshot.v1", emit.snapshot)
+    again = records_module.decode(records_module.encode(emit.snapshot), "sessions.idle")
+    assert again["snapshot_id"] == emit.snapshot["snapshot_id"]
+
+
+# ---------------------------------------------------------------- schema errors (dead-letter text)
+
+LEAKY = "password=hunter2 AKIAIOSFODNN7EXAMPLE"  # what a record may hold and a dead letter must not
+
+
+def _schema_error(record: dict[str, Any], schema: str = "snapshot.v1") -> str:
+    with pytest.raises(SchemaError) as err:
+        records_module.validate(schema, record)
+    return str(err.value)
+
+
+def _bad_snapshot(change: Any) -> dict[str, Any]:
+    snapshot = build_snapshot(ended(listing("tool-session"), TOOL_SESSION), SessionState(), max_messages=25,
+                              now_ms=NOW)
+    change(snapshot)
+    return snapshot
+
+
+def test_schema_error_names_the_path_and_types_never_the_value() -> None:
+    text = _schema_error(_bad_snapshot(lambda s: s["messages"][0]["info"].update(id=[LEAKY])))
+    assert text.endswith("at messages/0/info/id: expected type string, got array"), text
+    for leaky in ("hunter2", "AKIA"):
+        assert leaky not in text
+
+
+def test_secret_in_a_wrong_typed_field_stays_out_of_the_dead_letter_text() -> None:
+    # through records.decode, as ingest meets it: the error text is what the dead letter keeps
+    envelope = {**ended(listing("tool-session"), TOOL_SESSION), "received_at": LEAKY}
+    with pytest.raises(SchemaError) as err:
+        records_module.decode(json.dumps(envelope).encode(), "opencode.events")
+    assert err.value.reason == "schema_invalid"
+    assert "at received_at: expected type integer, got string" in err.value.detail
+    assert "hunter2" not in str(err.value) and "AKIA" not in str(err.value)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda s: s.pop("host"), "at (root): missing required property 'host'"),
+    (lambda s: s.update({LEAKY: 1, "AKIAIOSFODNN7EXAMPLE": 2}), "at (root): unexpected additional properties (2)"),
+    (lambda s: s.update(host="h" * 600), "at host: string longer than maxLength 512"),
+    (lambda s: s.update(error_markers=[{"source": LEAKY, "name": "x", "detail": ""}]),
+     "at error_markers/0/source: value not in the allowed enum"),
+    (lambda s: s.update(schema=LEAKY), 'at schema: value is not the constant "session.snapshot/1"'),
+    (lambda s: s.update(emitted_at=-1), "at emitted_at: number below minimum 0"),
+])
+def test_schema_error_wording(change: Any, expected: str) -> None:
+    text = _schema_error(_bad_snapshot(change))
+    assert text.endswith(expected), text
+    assert "hunter2" not in text and "AKIA" not in text
+
+
+def test_schema_error_path_hides_property_names_the_record_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    # where a schema lets the record name its keys (additionalProperties with a schema), the
+    # key is the record's: a secret can sit there, so the path shows "*" in its place
+    schema = {"type": "object",
+              "properties": {"known": {"type": "object", "additionalProperties": {"type": "integer"}}}}
+    monkeypatch.setattr(records_module, "validator", lambda name: Draft202012Validator(schema))
+    monkeypatch.setattr(records_module, "_fast_validator", lambda name: None)
+    text = _schema_error({"known": {LEAKY: "x"}}, "custom")
+    assert text.endswith("at known/*: expected type integer, got string"), text
+    assert "hunter2" not in text
