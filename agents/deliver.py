@@ -123,9 +123,9 @@ def build(config: Config, **app_overrides: object) -> faust.App:
         scrub = attestable_scrub(record, scrubbing_bypassed=config.scrubbing_bypassed, verifying=jwt is not None)
         await follower.ready.wait()
         body = record["body"].encode("utf-8")
-        # an attestation in the record is used only if the record also carries the verified
-        # scrubber result it must claim; otherwise one is minted here or none is sent
-        attestation, iat = (record["attestation"], record["attestation_iat"]) if scrub else (None, None)
+        # what the sign stage minted goes as it is until it needs refreshing; only this stage's
+        # own minting is bound to the verified result (a forged token would not verify anyway)
+        attestation, iat = record["attestation"], record["attestation_iat"]
         first_at = record["first_signed_at"] / 1000
         attempt = 0
         while True:
