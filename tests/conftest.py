@@ -3,6 +3,7 @@ with a fresh data dir, started once per test session and stopped at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,15 +24,22 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-@pytest.fixture(scope="session")
-def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
-    broker = LocalBroker(host="127.0.0.1", port=free_port(), controller_port=free_port(),
-                         data_dir=tmp_path_factory.mktemp("kafka"), cache_dir=config_mod.DEFAULT_CACHE_DIR)
+@contextlib.contextmanager
+def local_broker(data_dir: Path, *extra_properties: str) -> Iterator[LocalBroker]:
+    """A real broker on free ports, stopped on exit (`extra_properties`: server.properties lines)."""
+    broker = LocalBroker(host="127.0.0.1", port=free_port(), controller_port=free_port(), data_dir=data_dir,
+                         cache_dir=config_mod.DEFAULT_CACHE_DIR, extra_properties=extra_properties)
     broker.start()
     try:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    with local_broker(tmp_path_factory.mktemp("kafka")) as broker:
+        yield broker
 
 
 @pytest.fixture(scope="session")

@@ -347,6 +347,7 @@ class StubPanel(StubServer[PanelStubConfig]):
                 "first_at": previous["first_at"] if previous else now,
                 "last_at": now,
                 "attestation_jti": claims.get("jti") if claims else None,
+                "attestation_iat": claims.get("iat") if claims else None,
                 "body": body,
                 "result": result,
             }

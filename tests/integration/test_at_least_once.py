@@ -27,12 +27,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from pipeline import config as config_mod
 from pipeline.admin import create_topics
-from pipeline.kafka_local import LocalBroker, free_port
+from pipeline.kafka_local import LocalBroker
 from pipeline.local_stack import Stack, StackSettings, wait_for
 from pipeline.records import encode
 from pipeline.topics import PIPELINE_STAGES, STAGES, TOPICS
+from tests.conftest import local_broker
 from tests.factory import turn_ended_envelope
 from tests.integration.test_breaker import WAIT_S, fast_toml, lag, read_values, unique_host, wait_committed
 from tests.kafka_util import produce
@@ -51,14 +51,8 @@ OUTPUT = {"ingest": "sessions.idle", "sample": "traces.sampled", "scrub": "trace
 
 @pytest.fixture(scope="module")
 def strict_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
-    broker = LocalBroker(host="127.0.0.1", port=free_port(), controller_port=free_port(),
-                         data_dir=tmp_path_factory.mktemp("kafka-strict"), cache_dir=config_mod.DEFAULT_CACHE_DIR,
-                         extra_properties=("auto.create.topics.enable=false",))
-    broker.start()
-    try:
+    with local_broker(tmp_path_factory.mktemp("kafka-strict"), "auto.create.topics.enable=false") as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture(scope="module")

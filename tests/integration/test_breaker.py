@@ -350,10 +350,12 @@ def test_hold_opens_holds_in_the_topic_and_delivers_everything_after_recovery(ka
     held_seen = {o["trace_id"] for o in all_outcomes if o["status"] == "held" and o["stage"] == "breaker"}
     assert held_seen and held_seen <= held_ids, held_seen
     # Every trace that reached the panel later than the refresh bound after signing went with a
-    # freshly minted attestation (the stub panel verified it; a reused one has the sign jti).
+    # freshly minted attestation (the stub panel verified it; a reused one has the sign stage's
+    # iat), claiming the same verified scrubber result (its jti) as the one the sign stage minted.
     for tid in held_seen:
         minted = jwt_claims(signed[tid]["attestation"])
-        assert accepted[tid]["attestation_jti"] != minted["jti"], f"{tid}: held trace kept its old attestation"
+        assert accepted[tid]["attestation_iat"] > minted["iat"], f"{tid}: held trace kept its old attestation"
+        assert accepted[tid]["attestation_jti"] == minted["jti"] == signed[tid]["scrub"]["jti"]
         assert accepted[tid]["last_at"] - minted["iat"] >= REFRESH_S
 
 
