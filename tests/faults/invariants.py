@@ -282,15 +282,18 @@ def leaks(bodies: Mapping[str, str], forbidden: Iterable[str]) -> list[str]:
     return [f"{tid}: {secret}" for tid, body in bodies.items() for secret in forbidden if secret in body]
 
 
-def recovery_s(fault_end: float, ended: Mapping[str, float], first_seen: Mapping[str, float]) -> float | None:
-    """Time from a fault's end until every turn that had ended by then was at the panel: the
-    latest first acceptance among those turns, minus the fault's end (0 when all were already
-    there). None while one of them is not there yet."""
-    latest = fault_end
+def recovery_s(fault_end: float, ended: Mapping[str, float], first_seen: Mapping[str, float],
+               horizon_s: float = 0.0) -> float | None:
+    """How long the pipeline took to bring turns through after a fault: over the turns that ended
+    before the fault's end or within `horizon_s` after it (those a stall after the fault, such as a
+    rebalance waiting out a killed member's session, holds up), the longest wait from the fault's
+    end, or from the turn's own end when later, to its first acceptance at the panel. 0 when every
+    one of them was there at once; None while one of them is not there yet."""
+    worst = 0.0
     for tid, at in ended.items():
-        if at <= fault_end:
+        if at <= fault_end + horizon_s:
             seen = first_seen.get(tid)
             if seen is None:
                 return None
-            latest = max(latest, seen)
-    return latest - fault_end
+            worst = max(worst, seen - max(at, fault_end))
+    return worst

@@ -5,13 +5,15 @@ model stub, two concurrent sessions per daemon of 1-4 turns each, with tools, pr
 and seeded secrets in the prompts; the real collector reads them into opencode.events, and every
 stage is its own `pipeline worker` process on a broker of the soak's own (so it can be restarted),
 against the contract-enforcing stub panel and scrubber. samplingRate 1.0, so every turn the
-novelty policy does not forward the `sample` policy does (noveltyThreshold stays 0.7: 0, which
-the config accepts, makes datasketch refuse the LSH parameters, "b < 2", and the novelty policy
-fails on every snapshot).
+novelty policy does not forward the `sample` policy does (noveltyThreshold stays at its 0.7, so
+both policies forward some: the sampler records no per-turn decision not to forward, see
+tests/faults/invariants.py, and at rate 1.0 there is none).
 
 Faults, one every 20-40 s (seeded; `SOAK_SEED`), each followed by its recovery and a wait until
-every turn that had ended by the fault's end is at the panel (bounded; the time is the fault's
-"time to recover"):
+every turn that ended by the fault's end or within 20 s after it is at the panel (bounded). The
+fault's "time to recover" is the longest any of those turns waited after the fault's end (or
+after its own end, when later) to be accepted by the panel: normal end-to-end latency when the
+fault held nothing up.
 
 - `kill9`: kill -9 of a stage worker (ingest, sample, scrub, sign, breaker, deliver) or of the
   collector, down 0-5 s, then started again;
@@ -83,6 +85,9 @@ from tests.faults.test_faults import FORBIDDEN, RESULTS, RESULTS_HEADER, Feeder
 DEFAULT_MINUTES = 10.0
 GAP_S = (20.0, 40.0)  # between the end of one fault and the start of the next
 RECOVER_BOUND_S = 180.0  # per fault: longer and the campaign goes on, the final account decides
+# turns ending this long after a fault's end still count for its recovery (a killed worker's
+# partitions wait out its group session, 10 s, after the restart); at most the shortest gap
+RECOVER_HORIZON_S = 20.0
 DRAIN_BOUND_S = 300.0
 WARMUP_S = 180.0
 READ_TIMEOUT_S = 3  # the deliver stage's panel read timeout; panel_timeout answers slower
@@ -289,8 +294,11 @@ class Tracker:
             return sorted((t for t in self.ended if t not in self.first_seen), key=self.ended.__getitem__)
 
     def recovery(self, fault_end: float) -> float | None:
+        """The fault's time to recover (invariants.recovery_s), once the horizon has passed."""
+        if time.time() < fault_end + RECOVER_HORIZON_S:
+            return None
         with self._lock:
-            return inv.recovery_s(fault_end, dict(self.ended), dict(self.first_seen))
+            return inv.recovery_s(fault_end, dict(self.ended), dict(self.first_seen), RECOVER_HORIZON_S)
 
     def start(self) -> Tracker:
         self._thread.start()
@@ -593,8 +601,9 @@ SOAK_INTRO = (
     "pipeline fed by two real opencode daemons through the collector, then every ended turn accounted for by "
     "tests/faults/invariants.py. `turns`: turns the daemons ran plus the warm-up and oversize snapshots; "
     "`repeats`: upserts beyond the first; `not forwarded`: turns the sampler decided not to forward (samplingRate "
-    "1.0: none; the pipeline records that decision per turn nowhere); `max recover s`: the longest time from a "
-    "fault's end until every turn ended by then was at the panel. Replay a run with "
+    "1.0: none; the pipeline records that decision per turn nowhere); `max recover s`: over the faults, the longest a "
+    "turn that ended before a fault's end or within 20 s after it waited, from the fault's end or its own end "
+    "when later, to be accepted by the panel (normal end-to-end latency when nothing was held up). Replay a run with "
     "`SOAK_SEED=<seed> SOAK_MINUTES=<minutes>`.\n"
 )
 SOAK_HEADER = (
@@ -929,10 +938,13 @@ def test_turn_identity_agrees_across_records_and_with_the_collector() -> None:
 
 
 def test_recovery_and_last_seen_and_leaks() -> None:
-    ended = {"a": 10.0, "b": 20.0, "c": 40.0}
+    ended = {"a": 10.0, "b": 20.0, "c": 40.0, "d": 60.0}
     assert inv.recovery_s(30.0, ended, {"a": 12.0}) is None
     assert inv.recovery_s(30.0, ended, {"a": 12.0, "b": 35.5}) == 5.5
     assert inv.recovery_s(30.0, ended, {"a": 12.0, "b": 21.0}) == 0.0
+    # a turn ending after the fault, held up by what followed it (a rebalance), counts from its end
+    assert inv.recovery_s(30.0, ended, {"a": 12.0, "b": 35.5}, horizon_s=20.0) is None
+    assert inv.recovery_s(30.0, ended, {"a": 12.0, "b": 35.5, "c": 52.0}, horizon_s=20.0) == 12.0
     where = inv.last_seen(["a", "b"], {"t1": {"a", "b"}, "t2": {"a"}}, ["t1", "t2", "t3"])
     assert where == {"a": "t2", "b": "t1"}
     assert inv.leaks({"x": "has sk-live-abc", "y": "clean"}, ["sk-live-abc"]) == ["x: sk-live-abc"]
