@@ -32,12 +32,12 @@ from aiokafka import errors as kafka_errors
 
 from agents import consumer_drain
 from pipeline import metrics
-from pipeline.admin import topic_partitions
 from pipeline.config import Config
+from pipeline.delivery.retry import RetryPolicy
 from pipeline.errors import RecordError
-from pipeline.partitioner import key_partitioner
-from pipeline.records import dead_letter, decode, encode, is_plain_json, original_bytes, validate_for_topic
-from pipeline.retry import RetryPolicy
+from pipeline.kafka.admin import topic_partitions
+from pipeline.kafka.partitioner import key_partitioner
+from pipeline.model.records import dead_letter, decode, encode, is_plain_json, original_bytes, validate_for_topic
 from pipeline.topics import (
     DEAD_LETTER_BYTES,
     MAX_MESSAGE_BYTES,
@@ -107,7 +107,7 @@ def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
         "producer_linger": PRODUCER_LINGER_S,
         "producer_request_timeout": PRODUCER_REQUEST_TIMEOUT_S,
         "consumer_max_fetch_size": MAX_MESSAGE_BYTES,
-        "producer_partitioner": key_partitioner,  # Kafka's default, faster (pipeline/partitioner.py)
+        "producer_partitioner": key_partitioner,  # Kafka's default, faster (pipeline/kafka/partitioner.py)
         "datadir": str(config.cache_dir / "faust" / stage.app_id),
     }
     settings.update(overrides)

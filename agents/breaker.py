@@ -1,7 +1,7 @@
 """Breaker stage: traces.signed -> traces.outbox, gated by one circuit breaker per panel endpoint.
 
 Every replica follows all of delivery.outcomes (outside its consumer group) and feeds it to the
-pure state machine in pipeline/breaker.py, so replicas agree. While a breaker is open, `hold`
+pure state machine in pipeline/delivery/breaker.py, so replicas agree. While a breaker is open, `hold`
 blocks the partition on the held trace: nothing past it is acknowledged or committed, and the
 wait shows as consumer lag on traces.signed. `drop` records a `circuit_open` outcome instead.
 """
@@ -17,11 +17,11 @@ import faust
 
 from agents.base import Meta, Out, Sinks, TopicFollower, bind, make_app
 from pipeline import metrics
-from pipeline.breaker import BreakerRegistry, BreakerSettings, State, Verdict
 from pipeline.config import Config
+from pipeline.delivery.breaker import BreakerRegistry, BreakerSettings, State, Verdict
 from pipeline.errors import RecordError
-from pipeline.outcomes import outcome, transition_outcome
-from pipeline.records import decode
+from pipeline.model.outcomes import outcome, transition_outcome
+from pipeline.model.records import decode
 from pipeline.topics import STAGES
 
 STAGE = "breaker"

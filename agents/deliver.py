@@ -30,14 +30,14 @@ import httpx
 from agents.base import Meta, Out, Sinks, TopicFollower, bind, make_app
 from agents.breaker import OUTCOMES, breaker_settings, replay_horizon_ms
 from pipeline import metrics
-from pipeline.breaker import BreakerRegistry, State
+from pipeline.clients.panel import PanelClient, PanelUnavailable
 from pipeline.config import Config
+from pipeline.delivery.breaker import BreakerRegistry, State
+from pipeline.delivery.retry import RetryPolicy, classify_http
+from pipeline.delivery.signing import attest, attestable_scrub, needs_refresh, sign
 from pipeline.errors import RecordError
-from pipeline.outcomes import outcome
-from pipeline.panel import PanelClient, PanelUnavailable
-from pipeline.records import dead_letter, decode
-from pipeline.retry import RetryPolicy, classify_http
-from pipeline.signing import attest, attestable_scrub, needs_refresh, sign
+from pipeline.model.outcomes import outcome
+from pipeline.model.records import dead_letter, decode
 from pipeline.topics import STAGES
 
 STAGE = "deliver"

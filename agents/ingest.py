@@ -11,7 +11,7 @@ import faust
 
 from agents.base import Meta, Out, bind, make_app, state_table
 from pipeline.config import Config
-from pipeline.snapshot import Emit, SessionState, apply_event
+from pipeline.model.snapshot import Emit, SessionState, apply_event
 
 STAGE = "ingest"
 

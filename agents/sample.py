@@ -18,10 +18,10 @@ from agents.base import Meta, Out, TopicFollower, bind, make_app, state_table
 from pipeline import metrics
 from pipeline.config import Config
 from pipeline.errors import RecordError
-from pipeline.records import decode
+from pipeline.model.records import decode
+from pipeline.model.trace import sampled_trace
 from pipeline.sampling import NoveltyWindows, reference_sampler
 from pipeline.sampling.novelty import NoveltyPolicy
-from pipeline.trace import sampled_trace
 
 STAGE = "sample"
 SHIPPED = "sampler.shipped"

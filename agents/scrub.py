@@ -24,10 +24,10 @@ import httpx
 
 from agents.base import Meta, Out, bind, make_app
 from pipeline import metrics
+from pipeline.clients.scrubber import ScrubberClient, ScrubberError, ScrubberRejected, bypass_record
 from pipeline.config import Config
+from pipeline.delivery.retry import RetryPolicy
 from pipeline.errors import ConfigError, RecordError
-from pipeline.retry import RetryPolicy
-from pipeline.scrubber import ScrubberClient, ScrubberError, ScrubberRejected, bypass_record
 
 STAGE = "scrub"
 # refusals about our credentials or address rather than the record: hold, do not dead-letter

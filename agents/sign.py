@@ -11,7 +11,7 @@ import faust
 import pipeline
 from agents.base import Meta, Out, bind, make_app
 from pipeline.config import Config
-from pipeline.signing import attest, attestable_scrub, canonical_body, sign
+from pipeline.delivery.signing import attest, attestable_scrub, canonical_body, sign
 
 STAGE = "sign"
 

@@ -49,8 +49,9 @@ from bench.common import (
     wait_for_calm,
     write_result,
 )
-from pipeline.collector import completed_turns, state_file
-from pipeline.snapshot import snapshot_id
+from pipeline.collector.state import state_file
+from pipeline.collector.turns import completed_turns
+from pipeline.model.snapshot import snapshot_id
 from tests.factory import messages
 
 SESSIONS_PER_HOST = 5
@@ -198,7 +199,7 @@ async def serve_daemons(hosts: int, rate: float, port_file: Path) -> None:
 
 def write_states(state_dir: Path, hosts: int) -> None:
     """State files as the collector would have left them after reporting turn FIRST_TURNS."""
-    from pipeline.collector import HostState
+    from pipeline.collector.state import HostState
 
     for h in range(hosts):
         sessions = {}
@@ -222,7 +223,9 @@ def rss_peak_mib() -> float:
 
 
 async def run_collector(bootstrap: str, ports: list[int], state_dir: Path, warmup_s: float, seconds: float) -> None:
-    from pipeline.collector import Collector, CollectorSettings, KafkaEventSink
+    from pipeline.collector.collector import Collector
+    from pipeline.collector.settings import CollectorSettings
+    from pipeline.collector.sink import KafkaEventSink
     from pipeline.config import HostConfig
 
     hosts = [HostConfig(name=host_name(h), base_url=f"http://127.0.0.1:{port}", password=None,

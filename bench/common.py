@@ -31,12 +31,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from devkit.kafka_local import LocalBroker, free_port  # noqa: E402
 from pipeline import config  # noqa: E402
 from pipeline.config import DEFAULT_CACHE_DIR  # noqa: E402
-from pipeline.envelope import turn_ended  # noqa: E402
-from pipeline.kafka_local import LocalBroker, free_port  # noqa: E402
-from pipeline.records import encode  # noqa: E402
-from pipeline.snapshot import SessionState, build_snapshot  # noqa: E402
+from pipeline.model.envelope import turn_ended  # noqa: E402
+from pipeline.model.records import encode  # noqa: E402
+from pipeline.model.snapshot import SessionState, build_snapshot  # noqa: E402
 from pipeline.topics import MAX_MESSAGE_BYTES  # noqa: E402
 from tests.factory import messages  # noqa: E402
 

@@ -3,7 +3,7 @@
     python bench/end_to_end.py [--burst 0] [--duration 20] [--levels 0.25,0.5,0.9]
 
 One fresh local broker; `sample`, `scrub`, `sign`, `breaker` and `deliver` as real worker
-processes (pipeline/local_stack.py's Stack), the stub scrubber and stub panel with no added
+processes (devkit/local_stack.py's Stack), the stub scrubber and stub panel with no added
 latency, sampling rate 1.0 (every snapshot is forwarded). Snapshots are 25-message
 `session.snapshot/1` records (bench/common.py), each produced to `sessions.idle` with its
 `emitted_at` set to the wall-clock millisecond it is handed to the producer (the produce
@@ -47,8 +47,8 @@ from bench.common import (
     wait_for_calm,
     write_result,
 )
-from pipeline.local_stack import Stack, StackSettings
-from pipeline.records import encode
+from devkit.local_stack import Stack, StackSettings
+from pipeline.model.records import encode
 
 STAGES = ("sample", "scrub", "sign", "breaker", "deliver")
 TARGET_P99_MS = 1000.0  # at 50 % of the max sustainable rate
@@ -172,7 +172,7 @@ def table(capacity: float, capacity_n: int, capacity_load: str, probe: float, le
                        f"python bench/end_to_end.py --burst {args.burst} --duration {args.duration:g} "
                        f"--levels {args.levels}"),
         "- method: one fresh local broker (4 partitions), sample, scrub, sign, breaker and deliver as real "
-        "worker processes (Stack from pipeline/local_stack.py), the stub scrubber and stub panel with zero "
+        "worker processes (Stack from devkit/local_stack.py), the stub scrubber and stub panel with zero "
         "added latency, sampling rate 1.0, so every snapshot is scrubbed, signed and delivered. Each "
         "25-message snapshot gets `emitted_at` = the wall-clock ms it is handed to the producer; latency = "
         "the stub panel's `first_at` (when the trace's POST arrived) - `emitted_at`, same machine clock. "

@@ -62,7 +62,7 @@ from bench.common import (
     watch,
     write_result,
 )
-from pipeline.local_stack import Stack, StackSettings
+from devkit.local_stack import Stack, StackSettings
 from pipeline.topics import STAGES
 
 ORDER = ("passthrough", "ingest", "sample", "scrub", "sign", "breaker", "deliver")

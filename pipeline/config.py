@@ -525,7 +525,7 @@ def _cross_checks(sections: Mapping[str, Section]) -> None:
                               f"got {sec.retry_max_s}", f"{name}.retry_max_s")
     drop = sections["collector"].drop_event_types
     if drop is not None:
-        from pipeline.envelope import EventFilter
+        from pipeline.model.envelope import EventFilter
 
         try:
             EventFilter.from_config(drop)

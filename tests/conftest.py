@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from devkit.kafka_local import LocalBroker, free_port
 from pipeline import config as config_mod
-from pipeline.kafka_local import LocalBroker, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,12 +1,12 @@
-"""Session data in the daemon's shapes (as in shared/reference), for tests and benchmarks."""
+"""Session data in the daemon's shapes (as in tests/fixtures/opencode), for tests and benchmarks."""
 
 from __future__ import annotations
 
 import random
 from typing import Any
 
-from pipeline.envelope import turn_ended
-from pipeline.snapshot import SessionState, build_snapshot
+from pipeline.model.envelope import turn_ended
+from pipeline.model.snapshot import SessionState, build_snapshot
 
 _VOCABULARY = """
 refactor parser module tests failing build cache deploy config schema kafka topic stream sampler

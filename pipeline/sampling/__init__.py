@@ -21,7 +21,7 @@ from pipeline.sampling.novelty import (
     session_tokens,
     shipped_record,
 )
-from pipeline.sampling.random_baseline import (
+from pipeline.sampling.random_sample import (
     DEFAULT_RATE,
     MAX_RATE,
     RandomBaseline,

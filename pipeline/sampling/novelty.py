@@ -36,8 +36,8 @@ from datasketch.hashfunc import sha1_hash32
 from datasketch.storage import UnorderedStorage
 
 from pipeline.errors import RecordError
+from pipeline.model.trace import visible_text
 from pipeline.sampling.base import Decision
-from pipeline.trace import visible_text
 
 DEFAULT_NUM_PERM = 128
 # datasketch's own default seed, so MinHash(num_perm=128).update_batch(tokens) reproduces a
@@ -59,7 +59,7 @@ def session_tokens(messages: Sequence[Mapping[str, Any]],
                    last: int = TOKEN_MESSAGES) -> frozenset[str]:
     """Lower-cased whitespace-split words of the text parts of the last `last` messages.
 
-    The text parts are those the trace shows (`pipeline.trace.visible_text`), so the tokens
+    The text parts are those the trace shows (`pipeline.model.trace.visible_text`), so the tokens
     can be recomputed from a sampled trace's messages and agree."""
     tokens: set[str] = set()
     for message in messages[max(0, len(messages) - last):]:

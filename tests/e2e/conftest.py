@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from pipeline.opencode.client import MalformedFrame, OpencodeClient, unwrap_event
-from pipeline.opencode.daemon import DEFAULT_BINARY, OpencodeDaemon
-from pipeline.opencode.model_stub import ModelStub
+from devkit.model_stub import ModelStub
+from devkit.opencode_daemon import DEFAULT_BINARY, OpencodeDaemon
+from pipeline.clients.opencode import MalformedFrame, OpencodeClient, unwrap_event
 
 
 @pytest.fixture(scope="session")

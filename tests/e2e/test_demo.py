@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
 
 def pipeline_processes() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "pipeline.cli (worker|collect|stub)|opencode serve|pipeline-demo-"],
+    out = subprocess.run(["pgrep", "-f", "pipeline.cli (worker|collect)|devkit stub|opencode serve|pipeline-demo-"],
                          capture_output=True, text=True).stdout
     return {int(p) for p in out.split()}
 
@@ -23,7 +23,7 @@ def pipeline_processes() -> set[int]:
 def test_demo_with_a_panel_outage() -> None:
     before = pipeline_processes()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--duration", "50", "--panel-outage", "15"],
+    proc = subprocess.run([sys.executable, "-m", "devkit", "demo", "--duration", "50", "--panel-outage", "15"],
                           capture_output=True, text=True, timeout=900, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

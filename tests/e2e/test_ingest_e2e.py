@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.local_stack import Stack, StackSettings, hosts_toml, wait_for
-from pipeline.opencode.daemon import OpencodeDaemon
-from pipeline.opencode.model_stub import ModelStub
-from pipeline.records import validate
+from devkit.local_stack import Stack, StackSettings, hosts_toml, wait_for
+from devkit.model_stub import ModelStub
+from devkit.opencode_daemon import OpencodeDaemon
+from pipeline.model.records import validate
 from tests.kafka_util import read_all
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]

@@ -19,15 +19,15 @@ from typing import Any
 import httpx
 import pytest
 
-from pipeline.opencode.client import (
+from devkit.model_stub import ModelStub
+from devkit.opencode_daemon import REPO_ROOT, OpencodeBinaryNotFound, OpencodeDaemon
+from pipeline.clients.opencode import (
     OpencodeAuthError,
     OpencodeClient,
     OpencodeNotFound,
     unwrap_event,
 )
-from pipeline.opencode.daemon import REPO_ROOT, OpencodeBinaryNotFound, OpencodeDaemon
-from pipeline.opencode.model_stub import ModelStub
-from pipeline.opencode.sse import SSEParser
+from pipeline.clients.sse import SSEParser
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -288,7 +288,7 @@ async def test_model_stub_runs_as_its_own_process(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "pipeline.opencode.model_stub",
+        "devkit.model_stub",
         "--port",
         "0",
         "--script",

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from devkit.kafka_local import LocalBroker, free_port
+from devkit.local_stack import Stack, StackSettings, wait_for
 from pipeline import config as config_mod
-from pipeline.kafka_local import LocalBroker, free_port
-from pipeline.local_stack import Stack, StackSettings, wait_for
-from pipeline.records import encode
+from pipeline.model.records import encode
 from tests.factory import snapshot
 from tests.kafka_util import produce
 

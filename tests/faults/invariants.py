@@ -14,7 +14,7 @@ Every ended turn must have exactly one fate:
   `sample` policy) and that set is empty.
 
 A turn is identified as the sampler identifies it: the trace id derived from host, session and
-the turn's last message (pipeline.trace.trace_id). Anything else is a violation: a turn with no
+the turn's last message (pipeline.model.trace.trace_id). Anything else is a violation: a turn with no
 fate (`unexplained`), with two (`conflicting`), a trace at the panel that is no turn's
 (`strays`: a repeat that is not an upsert), an injected poison record that no dead-letter topic
 holds (`poison_missing`).
@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.trace import trace_id
+from pipeline.model.trace import trace_id
 
 DELIVERED, DEAD, NOT_FORWARDED = "delivered", "dead", "not_forwarded"
 

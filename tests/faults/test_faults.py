@@ -17,7 +17,7 @@ The workload: factory snapshots with seeded secrets produced to sessions.idle wi
 samplingRate 1.0, so every one is forwarded and its trace id is known in advance (for ingest's
 kill -9, the collector envelopes those snapshots are made of, produced to opencode.events; for
 the collector case, real opencode daemons produce the turns). Waits are polls with bounds
-(pipeline.local_stack.wait_for); the only timed waits are the fault's own duration.
+(devkit.local_stack.wait_for); the only timed waits are the fault's own duration.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from pipeline.local_stack import Stack, hosts_toml, wait_for
-from pipeline.opencode.daemon import OpencodeDaemon
-from pipeline.opencode.model_stub import ModelStub
-from pipeline.records import encode
+from devkit.local_stack import Stack, hosts_toml, wait_for
+from devkit.model_stub import ModelStub
+from devkit.opencode_daemon import OpencodeDaemon
+from pipeline.model.records import encode
+from pipeline.model.trace import sampled_trace
 from pipeline.sampling.base import Decision
 from pipeline.topics import PIPELINE_STAGES
-from pipeline.trace import sampled_trace
 from tests.factory import SEEDED_ASSIGNMENT, SEEDED_SECRETS, snapshot, turn_ended_envelope
 from tests.faults.conftest import FAST_TOML, fault_stack, own_broker, warm_up
 

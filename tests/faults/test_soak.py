@@ -66,15 +66,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from pipeline.kafka_local import LocalBroker
-from pipeline.lag import LagCollector
-from pipeline.local_stack import Stack, StackSettings, hosts_toml, wait_for
-from pipeline.opencode.daemon import OpencodeDaemon
-from pipeline.opencode.model_stub import ModelStub
-from pipeline.records import dead_letter, encode
+from devkit.kafka_local import LocalBroker
+from devkit.local_stack import Stack, StackSettings, hosts_toml, wait_for
+from devkit.model_stub import ModelStub
+from devkit.opencode_daemon import OpencodeDaemon
+from pipeline.kafka.lag import LagCollector
+from pipeline.model.records import dead_letter, encode
+from pipeline.model.trace import sampled_trace
 from pipeline.sampling.base import Decision
 from pipeline.topics import MAX_MESSAGE_BYTES, PIPELINE_STAGES, STAGES, TOPICS, dead_letter_topics
-from pipeline.trace import sampled_trace
 from tests.factory import SEEDED_SECRETS, snapshot, turn_ended_envelope
 from tests.faults import invariants as inv
 from tests.faults.conftest import FAST_GROUP_ENV, own_broker
@@ -922,7 +922,7 @@ def test_account_conflicts_strays_and_poison() -> None:
 
 
 def test_turn_identity_agrees_across_records_and_with_the_collector() -> None:
-    from pipeline.collector import completed_turns
+    from pipeline.collector.turns import completed_turns
 
     env = turn_ended_envelope(9, host="h", tool_error=True)
     snap = snapshot(9, host="h", tool_error=True)

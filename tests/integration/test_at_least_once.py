@@ -27,10 +27,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from pipeline.admin import create_topics
-from pipeline.kafka_local import LocalBroker
-from pipeline.local_stack import Stack, StackSettings, wait_for
-from pipeline.records import encode
+from devkit.kafka_local import LocalBroker
+from devkit.local_stack import Stack, StackSettings, wait_for
+from pipeline.kafka.admin import create_topics
+from pipeline.model.records import encode
 from pipeline.topics import PIPELINE_STAGES, STAGES, TOPICS
 from tests.conftest import local_broker
 from tests.factory import turn_ended_envelope

@@ -30,12 +30,12 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 
-from pipeline.admin import create_topics, topic_partitions
-from pipeline.kafka_local import LocalBroker
-from pipeline.local_stack import PipelineProcess, Stack, StackSettings, wait_for
-from pipeline.records import encode
+from devkit.kafka_local import LocalBroker
+from devkit.local_stack import PipelineProcess, Stack, StackSettings, wait_for
+from pipeline.kafka.admin import create_topics, topic_partitions
+from pipeline.model.records import encode
+from pipeline.model.trace import trace_id
 from pipeline.topics import STAGES
-from pipeline.trace import trace_id
 from tests.factory import snapshot
 from tests.kafka_util import committed, end_offsets, produce
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
+from devkit.kafka_local import LocalBroker
+from devkit.local_stack import Stack, wait_for
 from pipeline.config import panel_secret_variable
-from pipeline.deadletters import REDRIVE_GROUP
-from pipeline.kafka_local import LocalBroker
-from pipeline.local_stack import Stack, wait_for
-from pipeline.records import encode, validate_for_topic
-from pipeline.signing import compact_json, mint_attestation, sign
+from pipeline.delivery.signing import mint_attestation, sign
+from pipeline.kafka.deadletters import REDRIVE_GROUP
+from pipeline.model.records import compact_json, encode, validate_for_topic
 from pipeline.topics import STAGES
 from tests.integration.test_breaker import (
     WAIT_S,
@@ -85,7 +85,7 @@ def stale_copy(stack: Stack, signed: dict[str, Any]) -> dict[str, Any]:
     trace_id = "tr_oc_" + uuid.uuid4().hex
     body = json.loads(signed["body"])
     body["trace_id"] = trace_id
-    raw = compact_json(body, sort_keys=True).encode("utf-8")  # as pipeline.signing.canonical_body
+    raw = compact_json(body, sort_keys=True).encode("utf-8")  # as pipeline.delivery.signing.canonical_body
     then = time.time() - STALE_S
     record = {**signed, "trace_id": trace_id, "body": raw.decode("utf-8"),
               "signature": sign(raw, stack.s.panel_secret),

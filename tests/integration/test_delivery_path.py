@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.local_stack import Stack, StackSettings, wait_for
-from pipeline.records import encode
+from devkit.local_stack import Stack, StackSettings, wait_for
+from pipeline.model.records import encode
 from pipeline.topics import STAGES
 from tests.factory import SEEDED_ASSIGNMENT, SEEDED_SECRETS, snapshot
 from tests.integration.test_breaker import running

@@ -37,13 +37,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from pipeline import admin
-from pipeline.envelope import normalise, turn_ended
+from devkit.kafka_local import LocalBroker
+from devkit.local_stack import PipelineProcess
 from pipeline.errors import RecordError
-from pipeline.kafka_local import LocalBroker
-from pipeline.local_stack import PipelineProcess
-from pipeline.records import decode, encode, original_bytes, validate
-from pipeline.snapshot import Emit, SessionState, apply_event
+from pipeline.kafka import admin
+from pipeline.model.envelope import normalise, turn_ended
+from pipeline.model.records import decode, encode, original_bytes, validate
+from pipeline.model.snapshot import Emit, SessionState, apply_event
 from pipeline.topics import MAX_MESSAGE_BYTES, STAGES
 from tests.factory import messages
 

@@ -23,8 +23,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import REGISTRY
 
-from pipeline import admin, lag_cli
-from pipeline.lag import LagCollector, collect_lag, export_lag_forever, render_table, to_json
+from pipeline.cli import lag as lag_cli
+from pipeline.kafka import admin
+from pipeline.kafka.lag import LagCollector, collect_lag, export_lag_forever, render_table, to_json
 from pipeline.topics import STAGES, TOPICS, Stage, partitions_of
 
 pytestmark = pytest.mark.integration
@@ -219,7 +220,7 @@ def test_lag_command_json_lists_every_stage(kafka, kafka_env, kafka_config, caps
 
     # The same through a separate process, as an operator runs it; --stage narrows it.
     env = {**os.environ, **kafka_env}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.lag_cli", "--json", "--interval", "0",
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli.lag", "--json", "--interval", "0",
                            "--stage", "sign", "--stage", "deliver"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -233,7 +234,7 @@ def test_lag_command_json_lists_every_stage(kafka, kafka_env, kafka_config, caps
     assert all(name in out for name in STAGES)
 
     # An unknown stage is a config error naming the option, before any broker call.
-    bad = subprocess.run([sys.executable, "-m", "pipeline.lag_cli", "--stage", "nope"], env=env,
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli.lag", "--stage", "nope"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--stage" in bad.stderr and "nope" in bad.stderr
 
@@ -245,7 +246,7 @@ def test_lag_watch_refreshes_until_interrupted(kafka, kafka_env, kafka_config, t
     Ctrl-C ends it with status 0."""
     asyncio.run(admin.create_topics(kafka.bootstrap, kafka_config.kafka.partitions, 1))
     out = tmp_path / "watch.out"
-    cmd = [sys.executable, "-m", "pipeline.lag_cli", "--watch", "--interval", "0.3", "--stage", "sign"]
+    cmd = [sys.executable, "-m", "pipeline.cli.lag", "--watch", "--interval", "0.3", "--stage", "sign"]
     env = {**os.environ, **kafka_env}
     if mode == "json":
         cmd.append("--json")
@@ -286,7 +287,7 @@ def test_lag_watch_refreshes_until_interrupted(kafka, kafka_env, kafka_config, t
 
 def test_rates_and_lag_edge_cases_without_a_broker() -> None:
     """Retention, resets and recreated topics, on hand-made reports."""
-    from pipeline.lag import LagReport, PartitionLag, StageLag, with_rates
+    from pipeline.kafka.lag import LagReport, PartitionLag, StageLag, with_rates
 
     def report(at: float, *parts: PartitionLag, error: str | None = None) -> LagReport:
         return LagReport("b", at, (StageLag("s", "g", "t", True, parts, "Stable", 1, error=error),), monotonic=at)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import admin
-from pipeline.kafka_local import free_port
-from pipeline.local_stack import PipelineProcess, wait_for
-from pipeline.records import encode
+from devkit.kafka_local import free_port
+from devkit.local_stack import PipelineProcess, wait_for
+from pipeline.kafka import admin
+from pipeline.model.records import encode
 from pipeline.topics import STAGES, TOPICS, partitions_of
 from tests.kafka_util import produce
 from tests.unit.test_metrics_doc import README, parse_metrics_table
@@ -100,7 +100,7 @@ def test_worker_serves_every_documented_metric(worker: Scraper) -> None:
 
 
 def test_worker_exports_its_consumer_lag(worker: Scraper) -> None:
-    """Needs the worker to run pipeline.lag.export_lag_forever for its stage."""
+    """Needs the worker to run pipeline.kafka.lag.export_lag_forever for its stage."""
     stage = STAGES[STAGE]
     partitions = {str(p) for p in range(partitions_of(TOPICS[stage.input], 4))}
 

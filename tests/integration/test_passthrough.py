@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import admin
-from pipeline.local_stack import PipelineProcess, wait_for
-from pipeline.records import encode, original_bytes, validate
+from devkit.local_stack import PipelineProcess, wait_for
+from pipeline.kafka import admin
+from pipeline.model.records import encode, original_bytes, validate
 from pipeline.topics import STAGES
 from tests.kafka_util import committed, end_offsets, produce, read_all, values
 

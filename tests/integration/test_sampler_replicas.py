@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import admin
+from devkit.kafka_local import LocalBroker, free_port
+from devkit.local_stack import PipelineProcess, wait_for
 from pipeline.config import DEFAULT_CACHE_DIR
-from pipeline.kafka_local import LocalBroker, free_port
-from pipeline.local_stack import PipelineProcess, wait_for
-from pipeline.records import encode
+from pipeline.kafka import admin
+from pipeline.model.records import encode
+from pipeline.model.trace import sampled_trace
 from pipeline.sampling import NoveltyWindows, reference_sampler
 from pipeline.sampling.novelty import NoveltyPolicy
-from pipeline.trace import sampled_trace
 from tests.factory import text_snapshot
 from tests.kafka_util import produce, read_all
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.kafka_local import LocalBroker
-from pipeline.local_stack import Stack, StackSettings, wait_for
+from devkit.kafka_local import LocalBroker
+from devkit.local_stack import Stack, StackSettings, wait_for
 from tests.integration.test_breaker import (
     DELIVERY_STAGES,
     WAIT_S,

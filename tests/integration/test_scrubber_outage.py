@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.kafka_local import LocalBroker
-from pipeline.local_stack import Stack, wait_for
+from devkit.kafka_local import LocalBroker
+from devkit.local_stack import Stack, wait_for
 from tests.factory import SEEDED_ASSIGNMENT, SEEDED_SECRETS
 from tests.integration.test_breaker import (
     WAIT_S,

@@ -28,12 +28,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.kafka_local import LocalBroker, free_port
-from pipeline.local_stack import Stack, StackSettings, wait_for
-from pipeline.records import dead_letter, encode, validate_for_topic
+from devkit.kafka_local import LocalBroker, free_port
+from devkit.local_stack import Stack, StackSettings, wait_for
+from pipeline.clients.scrubber import bypass_record
+from pipeline.model.records import dead_letter, encode, validate_for_topic
+from pipeline.model.trace import sampled_trace
 from pipeline.sampling.base import Decision
-from pipeline.scrubber import bypass_record
-from pipeline.trace import sampled_trace
 from tests.factory import SEEDED_SECRETS, snapshot, text_snapshot
 from tests.integration.test_breaker import (
     DELIVERY_STAGES,

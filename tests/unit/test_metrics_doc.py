@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 from pipeline import metrics
+from tests.fixtures import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 HEADING = "### Metrics"
 COLUMNS = ["metric", "type", "labels", "meaning"]

@@ -1,0 +1,94 @@
+"""`pipeline-dev` (or `python -m devkit`): the development kit's commands.
+
+    pipeline-dev kafka up|down|status      a real local Apache Kafka broker (KRaft) from Apache's jars
+    pipeline-dev stub panel|scrubber ...   a contract-enforcing stub service
+    pipeline-dev demo [--duration S]       everything, locally, with a live view
+
+They read the same configuration as `pipeline` and report failures the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from devkit.kafka_local import LocalBroker
+from pipeline import config as config_mod
+from pipeline.cli.errors import FAILURE_EXITS, report_failure
+
+
+def local_broker(cfg: config_mod.Config) -> LocalBroker:
+    return LocalBroker(host=cfg.kafka.local_host, port=cfg.kafka.local_port,
+                       controller_port=cfg.kafka.controller_port, data_dir=cfg.kafka_data_dir,
+                       cache_dir=cfg.cache_dir, version=cfg.kafka.version, heap=cfg.kafka.heap)
+
+
+def cmd_kafka(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    broker = local_broker(cfg)
+    if args.action == "up":
+        broker.start()
+        print(f"kafka {broker.version} (KRaft) up at {broker.bootstrap}  data={broker.data_dir}  "
+              f"log={broker.log_file}")
+    elif args.action == "down":
+        stopped = broker.stop()
+        print(f"kafka at {broker.bootstrap} stopped" if stopped else f"no local broker running for {broker.data_dir}")
+    else:
+        status = broker.status()
+        state = "up" if status["answers"] else ("starting or stuck" if status["running"] else "down")
+        print(f"kafka at {status['bootstrap']}: {state}  pid={status['pid']}  data={status['data_dir']}")
+        return 0 if status["answers"] else 1
+    return 0
+
+
+def cmd_stub(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    module = importlib.import_module(f"devkit.stubs.{args.service}")
+    return int(module.main(args.stub_args) or 0)
+
+
+def cmd_demo(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from devkit import demo
+
+    return demo.run(cfg, args.duration, args.panel_outage)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline-dev", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML config file (default: $PIPELINE_CONFIG, else built-in defaults)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    k = sub.add_parser("kafka", help="run a real local Kafka broker (KRaft) from Apache's jars")
+    k.add_argument("action", choices=["up", "down", "status"])
+    k.set_defaults(run=cmd_kafka)
+
+    s = sub.add_parser("stub", help="run a stub panel or scrubber that enforces the real contract")
+    s.add_argument("service", choices=["panel", "scrubber"])
+    s.add_argument("stub_args", nargs=argparse.REMAINDER, help="the stub's own options (--port, ...)")
+    s.set_defaults(run=cmd_stub)
+
+    m = sub.add_parser("demo", help="everything, locally, with a live view (the README's main command)")
+    m.add_argument("--duration", type=float, default=None, help="seconds of workload (default: until Ctrl-C)")
+    m.add_argument("--panel-outage", type=float, default=None, metavar="SECONDS",
+                   help="fail the panel for this long, a quarter into the run: the breaker opens and holds")
+    m.set_defaults(run=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args, config_mod.load(args.config)))
+    except tuple(FAILURE_EXITS) as exc:
+        return report_failure("pipeline-dev", exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""`pipeline lag`: consumer-group lag per stage, its rate, time to drain and the bottleneck.
+
+    pipeline lag                    one table; rates from two samples --interval apart
+    pipeline lag --interval 0       one sample at once, no rates (bottleneck by lag)
+    pipeline lag --watch            a live table, refreshed every --interval seconds
+    pipeline lag --json             the report as JSON (with --watch: one JSON object per line)
+    pipeline lag --stage sign ...   only these stages
+
+Registered in pipeline/cli/main.py; also runnable alone as `python -m pipeline.cli.lag`.
+Only argparse is imported at module level so that building the `pipeline` parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError
+
+DEFAULT_INTERVAL_S = 5.0  # faust commits every second, so 5 s spans several commits per group
+
+
+def add_parser(sub: Any) -> None:
+    """Add the `lag` subcommand to the `pipeline` subparsers."""
+    p = sub.add_parser("lag", help="consumer-group lag per stage, consumption rate, time to drain, bottleneck",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_options(p)
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S, metavar="S",
+                   help=f"seconds between the samples rates are measured over (default {DEFAULT_INTERVAL_S:g}; "
+                        "0: a single sample, no rates)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--stage", action="append", metavar="NAME", help="only this stage (repeatable; default: all)")
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    """Run `pipeline lag`. Broker failures raise BrokerError (the CLI prints it, exit 1)."""
+    from pipeline.topics import STAGES
+
+    if args.interval < 0 or (args.watch and args.interval == 0):
+        raise ConfigError("--interval: expected seconds > 0 (>= 0 without --watch)", "--interval")
+    unknown = [s for s in args.stage or [] if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"--stage: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})", "--stage")
+    stages = [STAGES[s] for s in args.stage] if args.stage else list(STAGES.values())
+    try:
+        if args.watch:
+            asyncio.run(_watch(cfg.kafka.bootstrap, stages, args.interval, args.json))
+        else:
+            asyncio.run(_once(cfg.kafka.bootstrap, stages, args.interval, args.json))
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how --watch ends
+    return 0
+
+
+async def _once(bootstrap: str, stages: list[Any], interval_s: float, as_json: bool) -> None:
+    from pipeline.kafka.lag import collect_lag, render_table, to_json
+
+    report = await collect_lag(bootstrap, stages, interval_s=interval_s or None)
+    if as_json:
+        print(json.dumps(to_json(report), indent=2))
+    else:
+        _console().print(render_table(report))
+
+
+async def _watch(bootstrap: str, stages: list[Any], interval_s: float, as_json: bool) -> None:
+    from rich.live import Live
+
+    from pipeline.kafka.lag import LagCollector, render_table, to_json, with_rates
+
+    async with LagCollector(bootstrap) as collector:
+        report = await collector.sample(stages)
+        if as_json:
+            # One object per line (NDJSON), flushed, so `| jq` or a log shipper sees each at once.
+            while True:
+                print(json.dumps(to_json(report)), flush=True)
+                await asyncio.sleep(interval_s)
+                report = with_rates(await collector.sample(stages), report)
+        console = _console()
+        if not console.is_terminal:
+            # Live only shows its last frame on a file or pipe: print every frame instead,
+            # so `pipeline lag --watch > lag.log` keeps the history.
+            while True:
+                console.print(render_table(report))
+                console.file.flush()
+                await asyncio.sleep(interval_s)
+                report = with_rates(await collector.sample(stages), report)
+        # The first frame has no rates; each later one measures since the frame before.
+        with Live(render_table(report), console=console, auto_refresh=False) as live:
+            while True:
+                await asyncio.sleep(interval_s)
+                report = with_rates(await collector.sample(stages), report)
+                live.update(render_table(report), refresh=True)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    # Piped output has no terminal width; rich would squeeze the table into 80 columns.
+    return console if console.is_terminal else Console(width=200)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m pipeline.cli.lag [--config F] [lag options]`: the same command without the rest of the CLI."""
+    from pipeline import config as config_mod
+    from pipeline.cli.errors import report_failure
+    from pipeline.errors import BrokerError
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.cli.lag", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML config file (default: $PIPELINE_CONFIG, else built-in defaults)")
+    _add_options(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args, config_mod.load(args.config))
+    except (ConfigError, BrokerError) as exc:
+        return report_failure("pipeline lag", exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

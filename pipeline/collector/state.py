@@ -1,0 +1,108 @@
+"""What the collector remembers per host across restarts: counters, and the per-session
+digests of what it last reported, saved to a state file only after the sink has flushed."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+STATE_VERSION = 1
+
+
+@dataclass
+class HostStats:
+    """Plain counters per host for the metrics module; monotonically increasing except flags."""
+
+    host: str
+    connected: bool = False
+    connections: int = 0
+    reconnects: int = 0
+    events_in: int = 0
+    events_out: int = 0
+    events_filtered: int = 0
+    events_malformed: int = 0
+    turns_emitted: int = 0
+    turns_unchanged: int = 0
+    backfills: int = 0
+    reconciles: int = 0
+    polls: int = 0
+    fetch_failures: int = 0
+    unsettled_turns: int = 0
+    trimmed_turns: int = 0
+    oversize_drops: int = 0
+    last_error: str | None = None
+    last_frame_at_ms: int | None = None
+
+
+@dataclass
+class HostState:
+    """What one host's collector has reported, persisted so a restart neither loses nor doubles.
+
+    `sessions[id]` = {snapshot_id, last_message_id, last_message_digest, session_updated,
+    reported_at}: the last reported turn is known by its final message (id and digest), which
+    stays in later listings unchanged, not by `snapshot_id`, whose window moves once a session
+    outgrows `max_messages`. Files from before `last_message_digest` still load (see
+    `already_reported`); `snapshot_id` stays for collectors that predate it.
+    `watermark_ms` is the newest session `time.updated` handled; reconcile looks at sessions
+    updated after it (minus a slack) and at none older, except on first start.
+    """
+
+    watermark_ms: int | None = None
+    sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self, host: str) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "host": host, "watermark_ms": self.watermark_ms,
+                "sessions": {k: dict(v) for k, v in self.sessions.items()}}
+
+    @classmethod
+    def load(cls, path: Path) -> HostState:
+        """A missing or unreadable file starts fresh: that re-emits, which ingest absorbs."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as exc:
+            log.warning("collector state %s unreadable (%s); starting fresh", path, exc)
+            return cls()
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            log.warning("collector state %s has an unknown layout; starting fresh", path)
+            return cls()
+        watermark = data.get("watermark_ms")
+        sessions = data.get("sessions")
+        return cls(watermark_ms=watermark if isinstance(watermark, int) else None,
+                   sessions={k: v for k, v in sessions.items() if isinstance(v, dict)}
+                   if isinstance(sessions, dict) else {})
+
+    @staticmethod
+    def save(path: Path, data: Mapping[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(data, out, separators=(",", ":"))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def state_file(state_dir: Path, host: str) -> Path:
+    # Host names are free text; the hash keeps two names that sanitise alike apart.
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", host)[:64]
+    digest = hashlib.sha256(host.encode("utf-8")).hexdigest()[:8]
+    return state_dir / f"collector-{safe}-{digest}.json"

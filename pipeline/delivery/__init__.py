@@ -1,0 +1,1 @@
+"""Pure delivery rules: the circuit breaker, retry and backoff, signing and attestations."""

@@ -1,0 +1,1 @@
+"""Kafka plumbing: topic administration, consumer lag, dead letters, the key partitioner."""

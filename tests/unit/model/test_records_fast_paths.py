@@ -1,0 +1,91 @@
+"""pipeline.model.records' accelerators (orjson, jsonschema-rs) against the stdlib paths they stand in
+for: the same bytes written, the same values read, the same records refused, whichever runs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from typing import Any
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import pipeline.model.records as records
+from pipeline.errors import RecordError, SchemaError
+from tests.factory import snapshot
+
+pytestmark = pytest.mark.skipif(records.orjson is None or records.jsonschema_rs is None,
+                                reason="the accelerators are dependencies; this checks them against the stdlib")
+
+
+class Sub(str):
+    pass
+
+
+SCALARS = (st.none() | st.booleans() | st.integers(min_value=-(2**66), max_value=2**66)
+           | st.floats() | st.text(alphabet=st.characters(exclude_categories=()), max_size=6)
+           | st.just(Sub("sub")) | st.just((1, "tuple")))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=10)
+
+
+def stdlib_encode(value: Any) -> bytes | type[Exception]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(records, "orjson", None)
+        try:
+            return records.encode(value)
+        except (RecordError, ValueError, TypeError) as exc:
+            return type(exc)
+
+
+@settings(max_examples=400, deadline=None)
+@given(VALUES)
+@example({"f": 1e-05, "g": 1e16, "h": -0.0, "i": 2**64, "j": -(2**63) - 1})
+@example({"nan": math.nan})
+@example({"cut": "\ud83d"})
+def test_encode_writes_what_json_writes(value: Any) -> None:
+    try:
+        fast: bytes | type[Exception] = records.encode(value)
+    except (RecordError, ValueError, TypeError) as exc:
+        fast = type(exc)
+    assert fast == stdlib_encode(value)
+    plain = records.is_plain_json(value)
+    if plain:  # what the agent loop passes on when it has already asked
+        assert records.encode(value, plain=True) == fast
+
+
+@settings(max_examples=400, deadline=None)
+@given(VALUES)
+@example(["12345678901234567890123", 12345678901234567890123, 1e-05])
+def test_decode_reads_what_json_reads(value: Any) -> None:
+    text = stdlib_encode(value)
+    if not isinstance(text, bytes):
+        return
+    raw = b'{"wrapped":' + text + b"}"
+    fast = records._loads(raw, raw.decode("utf-8"))
+    slow = json.loads(raw.decode("utf-8"))
+    assert json.dumps(fast, sort_keys=True) == json.dumps(slow, sort_keys=True)
+
+
+MUTATIONS: list[tuple[str, Any]] = [
+    ("schema", "session.snapshot/2"), ("messages", "not a list"), ("messages", ()),
+    ("host", 7), ("errors", [{"source": "nowhere"}]), ("emitted_at", -1), ("emitted_at", 1.5),
+    ("emitted_at", True), ("session_id", ""), ("messages", [("tuple",)]),
+]
+
+
+@pytest.mark.parametrize(("field", "bad"), MUTATIONS)
+def test_the_compiled_validator_refuses_what_jsonschema_refuses(field: str, bad: Any) -> None:
+    record = snapshot(1)
+    records.validate("snapshot.v1", record)  # the factory's record is valid on both paths
+    record[field] = bad
+    try:
+        records.validator("snapshot.v1").validate(record)
+        jsonschema_says = None
+    except Exception as exc:  # jsonschema.ValidationError
+        jsonschema_says = type(exc).__name__
+    for plain in (False, records.is_plain_json(record)):
+        with pytest.raises(SchemaError) if jsonschema_says else contextlib.nullcontext():
+            records.validate("snapshot.v1", record, plain=plain)
