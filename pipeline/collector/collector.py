@@ -8,7 +8,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from pipeline.collector.clock import Clock, SystemClock
+from pipeline.clock import Clock, SystemClock
 from pipeline.collector.host import ClientFactory, HostRunner, default_client_factory
 from pipeline.collector.settings import CollectorSettings
 from pipeline.collector.sink import EventSink, SinkClosed

@@ -17,7 +17,7 @@ from pipeline.clients.opencode import (
     OpencodeError,
     OpencodeNotFound,
 )
-from pipeline.collector.clock import Clock
+from pipeline.clock import Clock
 from pipeline.collector.settings import CollectorSettings
 from pipeline.collector.sink import EventSink
 from pipeline.collector.state import HostState, HostStats, state_file

@@ -22,7 +22,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from pipeline.collector.clock import Clock, SystemClock
+from pipeline.clock import Clock, SystemClock
 from pipeline.delivery.retry import RetryPolicy
 from pipeline.model.records import MAX_RECORD_BYTES
 from pipeline.topics import PRODUCER_BATCH_BYTES

@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 from jsonschema import Draft202012Validator
 
-from pipeline.collector.clock import SystemClock
+from pipeline.clock import SystemClock
 from pipeline.collector.collector import Collector
 from pipeline.collector.settings import CollectorSettings
 from pipeline.collector.sink import KafkaEventSink, SinkClosed
