@@ -5,8 +5,9 @@ sends garbage costs only its own task. Per host:
 
 - Stream: `GET /global/event`, each frame normalised (pipeline.model.envelope) and produced to
   `opencode.events` keyed `host:session_id`; frames that are not events go to `collector.dead`.
-  No frame at all (not even a heartbeat) for `dead_after_heartbeats x heartbeat_period_s`
-  means the connection is dead: reconnect, with exponential backoff and full jitter.
+  No frame at all (not even a heartbeat) for `dead_after_heartbeats x heartbeat_period_s` while
+  waiting for the daemon means the connection is dead: reconnect, with exponential backoff and
+  full jitter. Time spent waiting on a sink that applies back-pressure does not count.
 - Turn ends: `session.idle` or `session.status: idle` -> fetch `GET /session/{id}/message`
   (again, with backoff, until the last assistant message has `time.completed` or `error`,
   bounded) and `GET /session/{id}`, and produce a synthetic `pipeline.turn_ended`. Triggers for
@@ -28,4 +29,19 @@ question, with one client per directory.
 The sink is anything with `send(topic, key, value)` and `flush()`; `KafkaEventSink` is the
 aiokafka one, with a bounded buffer that turns a broker outage into back-pressure on the host
 tasks instead of memory growth.
+
+Every wait for a duration (backoff, settling, polls, checkpoints, the silence limit) and every
+timestamp goes through an injected `pipeline.clock.Clock`, so the unit tests run the collector
+on `devkit.clock.FakeClock` and move time instead of sleeping.
+
+The modules, in the order a record flows:
+
+- `settings`: `CollectorSettings`, the validated `[collector]` section.
+- `host`: `HostRunner`, everything done for one host (stream, turn ends, reconcile, poll).
+- `turns`: pure rules on message listings: when a turn ended and whether it was reported.
+- `state`: `HostStats` (counters) and `HostState` (what was reported, the state file).
+- `sink`: the `EventSink` protocol and `KafkaEventSink`.
+- `collector`: `Collector`, which runs the hosts' tasks and checkpoints their state.
+
+Import from the modules; this package re-exports nothing.
 """

@@ -1,4 +1,5 @@
-"""The collector: one independent task per host, and the checkpoints of their state."""
+"""The collector as a whole: one `HostRunner` task per host, started and stopped together, and
+the checkpoint task that saves their state files once the sink has flushed what they record."""
 
 from __future__ import annotations
 
@@ -19,12 +20,16 @@ log = logging.getLogger(__name__)
 
 
 class Collector:
-    """Runs one independent task per host; `await run()` until `stop()` (or cancellation)."""
+    """Runs one independent task per host; `await run()` until `stop()` (or cancellation).
+
+    Every `checkpoint_interval_s`, and once more on the way out, the state of each host that
+    reported something new is saved, after a `flush` of the sink (see `_checkpoint`).
+    """
 
     def __init__(
         self,
         hosts: Sequence[HostConfig],
-        producer: EventSink,
+        sink: EventSink,
         *,
         settings: CollectorSettings | None = None,
         clock: Clock | None = None,
@@ -36,16 +41,16 @@ class Collector:
         if duplicates:
             raise ValueError(f"duplicate host names: {', '.join(duplicates)}")
         self.settings = settings or CollectorSettings()
-        self._sink = producer
+        self._sink = sink
         self._clock = clock or SystemClock()
         rng = rng or random.Random()
         self._runners = {
-            h.name: HostRunner(h, producer, self.settings, self._clock,
-                                random.Random(rng.random()), client_factory)
+            h.name: HostRunner(h, sink, self.settings, self._clock, random.Random(rng.random()),
+                               client_factory)
             for h in hosts
         }
         self._stop = asyncio.Event()
-        self.checkpoints = 0
+        self.checkpoints = 0  # state saves that happened
 
     @property
     def stats(self) -> dict[str, HostStats]:

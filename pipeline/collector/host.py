@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 from pipeline.clients.opencode import (
@@ -24,13 +24,13 @@ from pipeline.collector.state import HostState, HostStats, state_file
 from pipeline.collector.turns import (
     TurnRequest,
     already_reported,
-    completed_turns,
     has_assistant,
     idle_trigger,
-    last_message_id,
     message_digest,
+    message_id,
     settled,
-    settled_timeout,
+    turn_ends,
+    unreported_ends,
     updated_ms,
 )
 from pipeline.config import HostConfig
@@ -72,6 +72,15 @@ def default_client_factory(host: HostConfig, directory: str | None) -> OpencodeC
 
 
 class HostRunner:
+    """Everything the collector does for one host, in tasks of its own; `await run()` until cancelled.
+
+    `run` keeps one event-stream connection up, reconnecting with backoff. Each connection
+    spawns a reconcile pass and the poll fallback; each turn end spawns one fetch task per
+    session. `state` is what was reported (saved by the `Collector` when `dirty`), `stats`
+    the counters the metrics module reads.
+    """
+
+    # One client per instance directory asked for its status; the oldest is closed past this.
     _MAX_DIRECTORY_CLIENTS = 32
 
     def __init__(self, host: HostConfig, sink: EventSink, settings: CollectorSettings,
@@ -79,7 +88,7 @@ class HostRunner:
         self.host = host
         self.stats = HostStats(host.name)
         self._sink = sink
-        self._s = settings
+        self._settings = settings
         self._clock = clock
         self._client_factory = client_factory
         self._backoff = RetryPolicy(base_s=settings.reconnect_min_s, max_s=settings.reconnect_max_s,
@@ -94,6 +103,8 @@ class HostRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._fetch_slots = asyncio.Semaphore(settings.max_concurrent_fetches)
         self._last_session_frame = clock.monotonic()
+        # When `_read` began waiting for the next frame; None while it handles one.
+        self._waiting_since: float | None = None
 
     # -- lifecycle ------------------------------------------------------
 
@@ -106,7 +117,7 @@ class HostRunner:
                     await self._connection()
                     reason = "stream ended"
                 except TimeoutError:
-                    reason = f"no frame for {self._s.silence_s:.1f}s"
+                    reason = f"no frame for {self._settings.silence_s:.1f}s"
                 except InsecureHostError as exc:
                     self.stats.last_error = str(exc)
                     log.error("host %s: %s; not collecting from it", self.host.name, exc)
@@ -121,7 +132,7 @@ class HostRunner:
                 self.stats.reconnects += 1
                 # A connection that stayed up a while resets the backoff; one that fails at
                 # once keeps growing it, however often the daemon accepts and drops.
-                healthy = self._clock.monotonic() - started >= self._s.heartbeat_period_s
+                healthy = self._clock.monotonic() - started >= self._settings.heartbeat_period_s
                 attempt = 1 if (was_connected and healthy) else attempt + 1
                 delay = self._backoff.delay(attempt)
                 log.warning("host %s: event stream lost (%s); reconnecting in %.2fs",
@@ -137,7 +148,7 @@ class HostRunner:
                     await client.aclose()
             self._clients.clear()
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=f"collector:{self.host.name}:{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -153,30 +164,56 @@ class HostRunner:
         return client
 
     async def _connection(self) -> None:
-        loop = asyncio.get_running_loop()
+        """One connection's life: read frames until the stream ends, fails or goes silent.
+
+        Silence is `silence_s` of the clock without a frame while waiting for the daemon, and
+        raises TimeoutError; time spent handing a frame to a sink that applies back-pressure
+        does not count, so a stalled broker never looks like a dead daemon.
+        """
         stream = self._client(None).events(global_=True)
         helpers: list[asyncio.Task[None]] = []
+        self._waiting_since = self._clock.monotonic()  # connecting counts as waiting
+        reader = asyncio.create_task(self._read(stream, helpers),
+                                     name=f"collector:{self.host.name}:read")
+        watch = asyncio.create_task(self._silence(), name=f"collector:{self.host.name}:silence")
         try:
-            async with asyncio.timeout(self._s.silence_s) as deadline:
-                async for item in stream:
-                    # The deadline covers waiting for the daemon only: a sink applying
-                    # back-pressure must not look like a dead stream.
-                    deadline.reschedule(None)
-                    if not self.stats.connected:
-                        self.stats.connected = True
-                        self.stats.connections += 1
-                        log.info("host %s: event stream connected", self.host.name)
-                        helpers.append(self._spawn(self._reconcile_with_retry(), "reconcile"))
-                        if self._s.poll_interval_s > 0:
-                            helpers.append(self._spawn(self._poll_loop(), "poll"))
-                    await self._handle(item)
-                    deadline.reschedule(loop.time() + self._s.silence_s)
+            await asyncio.wait((reader, watch), return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                raise TimeoutError
+            reader.result()
         finally:
-            for task in helpers:
+            for task in (reader, watch, *helpers):
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(reader, watch, *helpers, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await stream.aclose()
+
+    async def _read(self, stream: AsyncIterator[dict[str, Any] | MalformedFrame],
+                    helpers: list[asyncio.Task[None]]) -> None:
+        async for item in stream:
+            self._waiting_since = None
+            if not self.stats.connected:
+                self.stats.connected = True
+                self.stats.connections += 1
+                log.info("host %s: event stream connected", self.host.name)
+                helpers.append(self._spawn(self._reconcile_with_retry(), "reconcile"))
+                if self._settings.poll_interval_s > 0:
+                    helpers.append(self._spawn(self._poll_loop(), "poll"))
+            await self._handle(item)
+            self._waiting_since = self._clock.monotonic()
+
+    async def _silence(self) -> None:
+        """Returns once the daemon has sent nothing for `silence_s` while `_read` waited for it."""
+        silence_s = self._settings.silence_s
+        while True:
+            since = self._waiting_since
+            if since is None:  # handling a frame (the sink may be holding it): look again later
+                await self._clock.sleep(silence_s)
+                continue
+            remaining = since + silence_s - self._clock.monotonic()
+            if remaining <= 0:
+                return
+            await self._clock.sleep(remaining)
 
     # -- frames ---------------------------------------------------------
 
@@ -198,7 +235,7 @@ class HostRunner:
             self.stats.events_filtered += 1
             return
         self._observe(envelope)
-        if self._s.event_filter.keeps(envelope["type"]):
+        if self._settings.event_filter.keeps(envelope["type"]):
             await self._produce(envelope)
             self.stats.events_out += 1
         else:
@@ -223,39 +260,41 @@ class HostRunner:
     async def _dead(self, reason: str, error: str, raw: bytes, now: int) -> None:
         self.stats.events_malformed += 1
         record = dead_letter(stage="collector", source_topic=SSE_SOURCE, raw=raw, reason=reason,
-                             error=error, key=self.host.name, redrive_topic=self._s.events_topic,
+                             error=error, key=self.host.name, redrive_topic=self._settings.events_topic,
                              detail={"host": self.host.name}, at=now)
         log.warning("host %s: malformed frame dead-lettered (%s)", self.host.name, reason)
-        await self._sink.send(self._s.dead_topic, self.host.name.encode("utf-8"), encode(record))
+        await self._sink.send(self._settings.dead_topic, self.host.name.encode("utf-8"), encode(record))
 
     async def _produce(self, envelope: dict[str, Any]) -> None:
         value = encode(envelope)
-        if len(value) > self._s.max_record_bytes and envelope["type"] == TURN_ENDED:
+        if len(value) > self._settings.max_record_bytes and envelope["type"] == TURN_ENDED:
             value = self._trim(envelope)
-        if len(value) > self._s.max_record_bytes:
+        if len(value) > self._settings.max_record_bytes:
             self.stats.oversize_drops += 1
             log.error("host %s: %s for session %s is %d bytes, over max_record_bytes %d; dropped",
                       self.host.name, envelope["type"], envelope["session_id"], len(value),
-                      self._s.max_record_bytes)
+                      self._settings.max_record_bytes)
             return
         key = f"{self.host.name}:{envelope['session_id']}".encode()
-        await self._sink.send(self._s.events_topic, key, value)
+        await self._sink.send(self._settings.events_topic, key, value)
 
     def _trim(self, envelope: dict[str, Any]) -> bytes:
         """Drop the oldest messages until the record fits: the snapshot is a tail anyway."""
         messages: list[Any] = envelope["properties"]["messages"]
         value = encode(envelope)
-        while len(value) > self._s.max_record_bytes and len(messages) > 1:
+        while len(value) > self._settings.max_record_bytes and len(messages) > 1:
             del messages[0]
             value = encode(envelope)
         self.stats.trimmed_turns += 1
         log.warning("host %s: turn_ended for %s trimmed to its last %d messages to fit %d bytes",
-                    self.host.name, envelope["session_id"], len(messages), self._s.max_record_bytes)
+                    self.host.name, envelope["session_id"], len(messages), self._settings.max_record_bytes)
         return value
 
     # -- turn ends ------------------------------------------------------
 
     def request_turn_end(self, session_id: str, request: TurnRequest) -> None:
+        """Fetch the session's turn end in a task of its own. A request while that runs is kept
+        (one at most, a live one preferred) and fetched again after it."""
         if session_id in self._inflight:
             pending = self._inflight[session_id]
             # A live trigger outranks a reconcile one: it says the turn was seen ending.
@@ -283,8 +322,10 @@ class HostRunner:
             self._inflight.pop(session_id, None)
 
     async def _turn_end(self, session_id: str, request: TurnRequest) -> None:
+        """Fetch the session's settled listing and produce a turn_ended for each turn in it that
+        was not reported as it is now; remember what was reported either way."""
         client = self._client(None)
-        for attempt in range(1, self._s.fetch_attempts + 1):
+        for attempt in range(1, self._settings.fetch_attempts + 1):
             try:
                 async with self._fetch_slots:
                     listing = await self._settled_listing(client, session_id)
@@ -295,13 +336,12 @@ class HostRunner:
                 log.info("host %s: session %s is gone; no turn_ended", self.host.name, session_id)
                 return
             except OpencodeError:
-                if attempt == self._s.fetch_attempts:
+                if attempt == self._settings.fetch_attempts:
                     raise
                 await self._clock.sleep(self._backoff.delay(attempt))
         previous = self.state.sessions.get(session_id)
-        ends = completed_turns(listing) or ([len(listing)] if settled_timeout(listing) else [])
-        for end in self._unreported(listing, ends, previous):
-            kept = listing[:end][-self._s.max_messages:]
+        for end in unreported_ends(listing, turn_ends(listing), previous):
+            kept = listing[:end][-self._settings.max_messages:]
             snap = snapshot_id(self.host.name, session_id, kept)
             digest = message_digest(self.host.name, session_id, listing[end - 1])
             if already_reported(previous, listing[end - 1], digest):
@@ -320,21 +360,6 @@ class HostRunner:
             self._remember(session_id, snap, kept, digest, updated_ms(session))
             previous = self.state.sessions.get(session_id)
 
-    @staticmethod
-    def _unreported(listing: Sequence[Mapping[str, Any]], ends: list[int],
-                    previous: Mapping[str, Any] | None) -> list[int]:
-        """The turn ends after the last one this collector reported (all of them if it never
-        reported this session, or if that message fell out of the listing window), and the
-        reported one itself, which `already_reported` tells apart from a late update."""
-        last_id = previous.get("last_message_id") if previous else None
-        ids = [last_message_id(m) for m in listing]
-        if last_id is not None and last_id in ids:
-            reported_end = ids.index(last_id) + 1
-            newer = [e for e in ends if e > reported_end]
-            # the reported turn itself may have changed since (a late update): re-check it
-            return [e for e in ends if e == reported_end] + newer
-        return ends
-
     async def _settled_listing(self, client: OpencodeClient,
                                session_id: str) -> list[dict[str, Any]]:
         """The listing once the last assistant message has finished, or when waiting is over.
@@ -343,31 +368,31 @@ class HostRunner:
         still emitted when the bound is reached, and the next idle or reconcile, seeing
         different content, emits the settled one.
         """
-        delay, waited = self._s.settle_initial_s, 0.0
+        delay, waited = self._settings.settle_initial_s, 0.0
         while True:
-            listing = await client.messages(session_id, limit=self._s.max_messages)
+            listing = await client.messages(session_id, limit=self._settings.max_messages)
             if settled(listing):
                 return listing
-            if waited >= self._s.settle_timeout_s:
+            if waited >= self._settings.settle_timeout_s:
                 self.stats.unsettled_turns += 1
                 log.warning("host %s: session %s still unfinished after %.1fs; emitting as is",
                             self.host.name, session_id, waited)
                 return listing
             await self._clock.sleep(delay)
             waited += delay
-            delay = min(delay * 2, self._s.settle_max_delay_s)
+            delay = min(delay * 2, self._settings.settle_max_delay_s)
 
     def _remember(self, session_id: str, snap: str, kept: Sequence[Mapping[str, Any]],
                   last_message_digest: str, updated: int | None) -> None:
         self.state.sessions[session_id] = {
-            "snapshot_id": snap, "last_message_id": last_message_id(kept[-1]) if kept else None,
+            "snapshot_id": snap, "last_message_id": message_id(kept[-1]) if kept else None,
             "last_message_digest": last_message_digest, "session_updated": updated or 0,
             "reported_at": self._clock.now_ms(),
         }
-        if len(self.state.sessions) > self._s.max_tracked_sessions:
+        if len(self.state.sessions) > self._settings.max_tracked_sessions:
             sessions = self.state.sessions
             oldest = sorted(sessions, key=lambda k: sessions[k]["reported_at"])
-            for stale in oldest[: len(sessions) - self._s.max_tracked_sessions]:
+            for stale in oldest[: len(sessions) - self._settings.max_tracked_sessions]:
                 del sessions[stale]
         if updated is not None:
             self.state.watermark_ms = max(self.state.watermark_ms or 0, updated)
@@ -376,19 +401,19 @@ class HostRunner:
     # -- reconcile and poll -----------------------------------------------
 
     async def _reconcile_with_retry(self) -> None:
-        for attempt in range(1, self._s.fetch_attempts + 1):
+        for attempt in range(1, self._settings.fetch_attempts + 1):
             try:
                 await self.reconcile("reconcile")
                 return
             except OpencodeError as exc:
                 log.warning("host %s: reconcile failed (%s)", self.host.name, exc)
-                if attempt < self._s.fetch_attempts:
+                if attempt < self._settings.fetch_attempts:
                     await self._clock.sleep(self._backoff.delay(attempt))
 
     async def _poll_loop(self) -> None:
         while True:
-            await self._clock.sleep(self._s.poll_interval_s)
-            if self._clock.monotonic() - self._last_session_frame < self._s.poll_interval_s:
+            await self._clock.sleep(self._settings.poll_interval_s)
+            if self._clock.monotonic() - self._last_session_frame < self._settings.poll_interval_s:
                 continue
             self.stats.polls += 1
             try:
@@ -398,11 +423,11 @@ class HostRunner:
 
     async def reconcile(self, source: Source) -> None:
         """Request a turn end for every recently updated session that is idle and unreported."""
-        sessions = await self._client(None).list_sessions(limit=self._s.reconcile_max_sessions)
+        sessions = await self._client(None).list_sessions(limit=self._settings.reconcile_max_sessions)
         if self.state.watermark_ms is None:
-            floor = self._clock.now_ms() - int(self._s.first_start_lookback_s * 1000)
+            floor = self._clock.now_ms() - int(self._settings.first_start_lookback_s * 1000)
         else:
-            floor = self.state.watermark_ms - int(self._s.reconcile_slack_s * 1000)
+            floor = self.state.watermark_ms - int(self._settings.reconcile_slack_s * 1000)
         candidates: list[tuple[str, str | None]] = []
         for info in sessions:
             session_id, updated = info.get("id"), updated_ms(info)

@@ -39,7 +39,7 @@ class EventSink(Protocol):
 
 
 class SinkClosed(RuntimeError):
-    pass
+    """The sink was closed (or its drain task ended): nothing more is sent or flushed."""
 
 
 # Resending these gets the same refusal, so retrying would stall every host behind one record.
@@ -51,6 +51,8 @@ _PERMANENT_KAFKA_ERRORS = (
 
 @dataclass(frozen=True, slots=True)
 class _Record:
+    """A buffered record; `seq` orders it and tells `flush` how far delivery has got."""
+
     seq: int
     topic: str
     key: bytes
@@ -77,8 +79,8 @@ class KafkaEventSink:
         batch_size: int = 500,
         client_id: str = "opencode-collector",
         max_request_size: int = MAX_RECORD_BYTES + 1024 * 1024,
-        # zstd (cramjam): aiokafka's gzip runs at level 9 in the event loop, which held the
-        # sink to ~300 turn records/s (bench/README.md, collector)
+        # zstd (cramjam): aiokafka compresses in the event loop, and its gzip (level 9) is too
+        # slow for the collector's volume (bench/README.md, Collector)
         compression_type: str | None = "zstd",
         linger_ms: int = 10,
         retry_min_s: float = 0.5,

@@ -1,5 +1,6 @@
-"""What the collector remembers per host across restarts: counters, and the per-session
-digests of what it last reported, saved to a state file only after the sink has flushed."""
+"""What the collector keeps per host: `HostStats`, in-memory counters for the metrics module, and
+`HostState`, what it last reported per session, which survives restarts in a state file (one per
+host, written atomically by the `Collector` only after the sink has flushed those records)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ STATE_VERSION = 1
 
 @dataclass
 class HostStats:
-    """Plain counters per host for the metrics module; monotonically increasing except flags."""
+    """Plain counters per host for the metrics module, lost on restart; they only grow, except
+    `connected`, `last_error` and `last_frame_at_ms`, which say how things are now."""
 
     host: str
     connected: bool = False
@@ -53,8 +55,9 @@ class HostState:
     `sessions[id]` = {snapshot_id, last_message_id, last_message_digest, session_updated,
     reported_at}: the last reported turn is known by its final message (id and digest), which
     stays in later listings unchanged, not by `snapshot_id`, whose window moves once a session
-    outgrows `max_messages`. Files from before `last_message_digest` still load (see
-    `already_reported`); `snapshot_id` stays for collectors that predate it.
+    outgrows `max_messages`. An entry without `last_message_digest` is still understood (see
+    `already_reported`), and `snapshot_id` is still written so a collector that reads only it
+    can use the file.
     `watermark_ms` is the newest session `time.updated` handled; reconcile looks at sessions
     updated after it (minus a slack) and at none older, except on first start.
     """
@@ -102,6 +105,7 @@ class HostState:
 
 
 def state_file(state_dir: Path, host: str) -> Path:
+    """Where the state of `host` lives in `state_dir`."""
     # Host names are free text; the hash keeps two names that sanitise alike apart.
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", host)[:64]
     digest = hashlib.sha256(host.encode("utf-8")).hexdigest()[:8]
