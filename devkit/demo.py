@@ -1,4 +1,4 @@
-"""`pipeline demo`: the whole pipeline on this machine, with a live view.
+"""`pipeline-dev demo`: the whole pipeline on this machine, with a live view.
 
 A fresh local Kafka broker, the topics, every stage as its own process, the collector, the
 stub scrubber and panel, two real `opencode serve` daemons whose model is the scripted

@@ -1,7 +1,7 @@
 """A real single-node Apache Kafka broker (KRaft, broker + controller) from Apache's own jars.
 
 The jars come from Maven Central through Maven and are cached outside the repository, so a
-second start downloads nothing. Used by `pipeline kafka up|down|status`, the test fixtures and
+second start downloads nothing. Used by `pipeline-dev kafka up|down|status`, the test fixtures and
 the demo alike, so tests run on exactly what operators run locally.
 """
 
@@ -137,7 +137,7 @@ class LocalBroker:
             if self.answers():
                 return
             raise BrokerError(f"a broker process for {self.data_dir} exists but does not answer; "
-                              "run `pipeline kafka down` first")
+                              "run `pipeline-dev kafka down` first")
         if _port_in_use(self.host, self.port):
             raise BrokerError(f"{self.host}:{self.port} is already in use by another process")
         libs = ensure_jars(self.version, self.cache_dir)

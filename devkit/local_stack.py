@@ -1,5 +1,5 @@
 """Run the pipeline locally as real processes: each stage its own `pipeline worker`, the stub
-panel and scrubber, the collector. Used by `pipeline demo`, the integration and fault tests.
+panel and scrubber, the collector. Used by `pipeline-dev demo`, the integration and fault tests.
 
 Every process is started in its own process group with its output in a log file, and `stop()`
 leaves none behind.

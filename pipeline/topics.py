@@ -12,8 +12,8 @@ DAY_MS = 24 * 3600 * 1000
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 DEAD_LETTER_BYTES = MAX_MESSAGE_BYTES * 4 // 3 + 256 * 1024
 # Producer batches (per partition, per request): aiokafka's 16 KB default is smaller than one
-# 25-message turn (~20 KB), so every such record became a batch and a request of its own
-# (bench/README.md). Every producer of the pipeline, the stages' and the collector's, uses it.
+# 25-message turn (~20 KB), which would make every such record a batch and a request of its
+# own. Every producer of the pipeline, the stages' and the collector's, uses it.
 PRODUCER_BATCH_BYTES = 1024 * 1024
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Kafka broker (the same code as `pipeline kafka up`), on a free port
+"""Shared fixtures: a real Kafka broker (the same code as `pipeline-dev kafka up`), on a free port
 with a fresh data dir, started once per test session and stopped at the end."""
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """Record encoding, schema validation and dead letters: the one helper stages and tests use.
 
-Two optional compiled libraries make the common case fast without changing any answer
-(bench/README.md has the measurements):
-- jsonschema-rs says "valid" ~100x faster than jsonschema; a record it refuses or cannot read
-  is decided by jsonschema, as before, so what is valid stays jsonschema's (the error text is
+Two compiled libraries make the common case fast without changing any answer:
+- jsonschema-rs says "valid"; a record it refuses or cannot read is decided by jsonschema,
+  so what is valid stays jsonschema's (the error text is
   worded from jsonschema's first error without the record's values: see _validate).
-- orjson parses and writes JSON ~3-10x faster; it is used only where it gives exactly what the
+- orjson parses and writes JSON; it is used only where it gives exactly what the
   json module gives (no integer beyond 64 bits in the text it parses; only plain JSON values,
   floats outside the exponent range excepted, in what it writes: see is_plain_json), and json
   does everything else, errors included.

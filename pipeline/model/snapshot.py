@@ -280,7 +280,7 @@ def snapshot_id(host: str, session_id: str, messages: Sequence[Mapping[str, Any]
 
 def _shape_bytes(shape: list[Any]) -> bytes:
     """The hashed text. For plain JSON (records.is_plain_json) orjson writes exactly what
-    json.dumps does (tests/unit/test_snapshot.py checks every code point outside the surrogates)
+    json.dumps does (tests/unit/model/test_snapshot.py checks every code point outside the surrogates)
     in a fraction of the time; anything else, and a lone surrogate orjson refuses, goes through
     json: ids must not change with the path taken."""
     fast = plain_json_bytes(shape, sort_keys=True)

@@ -11,7 +11,7 @@ sessions share through common words. Bands that catch 0.3 reliably (r=2) also re
 of a large window as candidates, so the default banding depends on the window size: windows
 up to RECALL_FIRST_MAX_SIZE use r=2 (recall first; candidates are cheap to check), larger ones
 r=3 (a few % of the window as candidates, at the price of misses between 0.3 and ~0.4).
-bench/novelty.py measures both, tests/unit/test_novelty_accuracy.py the agreement.
+bench/novelty.py measures both, tests/unit/sampling/test_novelty_accuracy.py the agreement.
 
 The index is datasketch's MinHashLSH (banding, insert, remove) with two changes that matter
 at large windows, both checked against MinHashLSH.query by the tests: a bucket storage that
@@ -48,8 +48,8 @@ DEFAULT_THRESHOLD = 0.7
 DEFAULT_WINDOW = 200
 TOKEN_MESSAGES = 8
 RECALL_FIRST_MAX_SIZE = 2048
-# Candidate counts above which scoring first bounds each candidate by its signature's low bytes
-# (bench/README.md: 100 000 entries give up to ~12 000 candidates for an unrelated query).
+# Candidate counts above which scoring first bounds each candidate by its signature's low bytes:
+# a large window returns thousands of candidates for an unrelated query.
 PREFILTER_MIN_CANDIDATES = 256
 LANES_MAX_PERM = 8 * 255  # _bounded sums 0/1 bytes eight to a word: a byte lane holds at most 255
 _MAX32 = 0xFFFFFFFF

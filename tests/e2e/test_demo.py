@@ -1,4 +1,4 @@
-"""`pipeline demo` is the README's main command: it must run, account for every forwarded
+"""`pipeline-dev demo` is the README's main command: it must run, account for every forwarded
 trace, show a panel outage opening the breaker and draining, and leave no process behind."""
 
 from __future__ import annotations
