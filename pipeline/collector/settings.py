@@ -1,62 +1,56 @@
-"""The collector's settings: the `[collector]` section, `maxMessages` and `enabled`."""
+"""The collector's settings: the loaded `[collector]` section, extended.
+
+`CollectorSettings` is `CollectorConfig` (the keys an operator sets, declared in
+pipeline/config/sections.py) plus the top-level `enabled` and `maxMessages` and the collector's
+tuning. The tuning fields (settle backoff, fetch retries, concurrency, bookkeeping bounds, its
+topics) pace the collector's algorithms; they stay out of the configuration because no
+deployment has needed them changed and each one would be one more knob an operator must
+understand. Tests and benchmarks set them directly, checked by the same rules as the keys.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, fields
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Config
-from pipeline.model.envelope import (
-    EventFilter,
-)
+from pipeline.config.keys import NONEMPTY, SECONDS, count, keys_of, same_as, tuning
+from pipeline.config.sections import CollectorConfig, PluginOptions
+from pipeline.model.envelope import EventFilter
 from pipeline.model.records import MAX_RECORD_BYTES
 from pipeline.topics import TOPICS
 
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
 EVENTS_TOPIC = TOPICS["opencode.events"].name
-
-
 DEAD_TOPIC = TOPICS["collector.dead"].name
+_TOP = {spec.attr: spec for spec in keys_of(PluginOptions).values()}
 
 
 @dataclass(frozen=True)
-class CollectorSettings:
-    enabled: bool = True
-    max_messages: int = 25
-    heartbeat_period_s: float = 10.0
-    dead_after_heartbeats: int = 3
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
-    # Silent-stream fallback: reconcile every this many seconds while no session frame comes.
-    poll_interval_s: float = 10.0  # 0 disables
-    settle_initial_s: float = 0.25
-    settle_max_delay_s: float = 2.0
-    settle_timeout_s: float = 10.0
-    fetch_attempts: int = 3
-    max_concurrent_fetches: int = 4  # per host
-    reconcile_max_sessions: int = 100
-    first_start_lookback_s: float = 24 * 3600.0
-    reconcile_slack_s: float = 600.0
-    max_tracked_sessions: int = 2000
-    state_dir: Path | None = None
-    checkpoint_interval_s: float = 5.0
-    shutdown_flush_timeout_s: float = 10.0
-    max_record_bytes: int = MAX_RECORD_BYTES
-    event_filter: EventFilter = field(default_factory=EventFilter)
-    events_topic: str = EVENTS_TOPIC
-    dead_topic: str = DEAD_TOPIC
+class CollectorSettings(CollectorConfig):
+    """What the collector runs with: the `[collector]` keys, two top-level keys, its tuning."""
 
-    def __post_init__(self) -> None:
-        for name in ("heartbeat_period_s", "reconnect_min_s", "reconnect_max_s", "settle_initial_s",
-                     "settle_max_delay_s", "checkpoint_interval_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"collector.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("dead_after_heartbeats", "max_messages", "fetch_attempts",
-                     "max_concurrent_fetches", "reconcile_max_sessions", "max_tracked_sessions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"collector.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.poll_interval_s < 0 or self.settle_timeout_s < 0:
-            raise ValueError("collector.poll_interval_s and settle_timeout_s must be >= 0")
+    # ---- top-level keys: the loaded values come in through from_config
+    enabled: bool = same_as(_TOP["enabled"])
+    max_messages: int = same_as(_TOP["max_messages"])
+
+    # ---- tuning: not config keys
+    settle_initial_s: float = tuning(0.25, SECONDS, "first delay between message listings while a turn settles")
+    settle_max_delay_s: float = tuning(2.0, SECONDS, "longest delay between those listings")
+    fetch_attempts: int = tuning(3, count(100), "tries of one session fetch before it is given up")
+    max_concurrent_fetches: int = tuning(4, count(1000), "session fetches at once, per host")
+    reconcile_slack_s: float = tuning(600.0, SECONDS, "a reconcile looks this far before the last watermark")
+    max_tracked_sessions: int = tuning(2000, count(10_000_000), "sessions remembered per host state file")
+    shutdown_flush_timeout_s: float = tuning(10.0, SECONDS, "how long a shutdown waits for the sink to flush")
+    max_record_bytes: int = tuning(MAX_RECORD_BYTES, count(2**31 - 1), "largest record produced")
+    events_topic: str = tuning(EVENTS_TOPIC, NONEMPTY, "where events go")
+    dead_topic: str = tuning(DEAD_TOPIC, NONEMPTY, "where frames that are no events go")
+
+    @cached_property
+    def event_filter(self) -> EventFilter:
+        return EventFilter.from_config(self.drop_event_types)
 
     @property
     def silence_s(self) -> float:
@@ -64,21 +58,6 @@ class CollectorSettings:
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> CollectorSettings:
-        """From the validated config: its `[collector]` section, `maxMessages`, `enabled`.
-
-        Keys the section does not declare keep their defaults here.
-        """
-        section = config.collector
-        values: dict[str, Any] = {"enabled": config.enabled, "max_messages": config.max_messages}
-        for name in ("heartbeat_period_s", "dead_after_heartbeats", "reconnect_min_s",
-                     "reconnect_max_s", "poll_interval_s", "settle_timeout_s",
-                     "reconcile_max_sessions", "first_start_lookback_s", "checkpoint_interval_s"):
-            value = getattr(section, name, None)
-            if value is not None:
-                values[name] = value
-        state_dir = getattr(section, "state_dir", "")
-        if state_dir:
-            values["state_dir"] = Path(state_dir).expanduser()
-        values["event_filter"] = EventFilter.from_config(getattr(section, "drop_event_types", None))
-        values.update(overrides)
-        return cls(**values)
+        """The loaded `[collector]` section with `enabled` and `maxMessages`, then `overrides`."""
+        section = {f.name: getattr(config.collector, f.name) for f in fields(config.collector)}
+        return cls(**{**section, "enabled": config.enabled, "max_messages": config.max_messages, **overrides})

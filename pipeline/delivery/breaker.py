@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import bisect
 import enum
-import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from pipeline.config.keys import SECONDS, between, tuning
+from pipeline.config.sections import BreakerConfig
 from pipeline.errors import RecordError
 
 ATTEMPT_STATUSES = frozenset({"delivered", "failed", "refused"})
@@ -44,27 +45,18 @@ class OutcomeError(RecordError):
 
 
 @dataclass(frozen=True)
-class BreakerSettings:
-    failure_threshold: int = 3
-    failure_window_s: float = 60.0
-    open_s: float = 300.0
-    mode: Literal["hold", "drop"] = "hold"
-    # A probe whose outcome never arrives (its replica died) must not wedge the breaker.
-    probe_timeout_s: float = 60.0
-    dedupe_capacity: int = 4096
+class BreakerSettings(BreakerConfig):
+    """What a breaker runs with: the `[breaker]` keys and two internal settings."""
 
-    def __post_init__(self) -> None:
-        for name, low in (("failure_threshold", 1), ("dedupe_capacity", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        for name in ("failure_window_s", "open_s", "probe_timeout_s"):
-            value = getattr(self, name)
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            if not (number and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.mode not in ("hold", "drop"):
-            raise ValueError(f"mode must be 'hold' or 'drop', got {self.mode!r}")
+    # A probe whose outcome never arrives (its replica died) must not wedge the breaker.
+    probe_timeout_s: float = tuning(60.0, SECONDS, "how long a probe may go without an outcome")
+    dedupe_capacity: int = tuning(4096, between(0, 10_000_000, int, "an integer between 0 and 10000000"),
+                                  "outcome ids remembered to apply each once (0: none)")
+
+    @classmethod
+    def from_section(cls, section: BreakerConfig, **overrides: Any) -> BreakerSettings:
+        """The loaded `[breaker]` section, then `overrides`."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(section)}, **overrides)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@
     agents                      the stages and the one runtime that binds them to faust
     pipeline.collector          opencode daemons -> Kafka
     pipeline.kafka, .clients    Kafka plumbing; the HTTP clients of opencode, scrubber, panel
-    pipeline.sampling, .delivery, .config
-                                pure rules (sampling policies; breaker, retry, signing); the config
+    pipeline.sampling, .delivery
+                                pure rules: sampling policies; breaker, retry, signing
+    pipeline.config             the one typed configuration (its sections are the rules' settings)
     pipeline.model              records and their pure rules
     pipeline, .errors, .clock, .topics, .metrics
                                 the foundations every layer may use
@@ -26,7 +27,8 @@ from tests.fixtures import REPO
 LAYERS: list[tuple[str, ...]] = [
     ("pipeline", "pipeline.errors", "pipeline.clock", "pipeline.topics", "pipeline.metrics"),
     ("pipeline.model",),
-    ("pipeline.sampling", "pipeline.delivery", "pipeline.config"),
+    ("pipeline.config",),
+    ("pipeline.sampling", "pipeline.delivery"),
     ("pipeline.kafka", "pipeline.clients"),
     ("pipeline.collector",),
     ("agents",),

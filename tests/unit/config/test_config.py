@@ -139,3 +139,72 @@ def test_cli_reports_missing_and_broken_files(tmp_path: Path) -> None:
         proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--config", str(path), "topics", "list"],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and str(path) in proc.stderr
+
+
+@pytest.mark.parametrize(("text", "key", "suggestion"), [
+    ("samplingRat = 0.1", "samplingRat", "samplingRate"),
+    ("[kafka]\nbootstrp = 'k:1'", "kafka.bootstrp", "bootstrap"),
+    ("[kafak]\nbootstrap = 'k:1'", "kafak", "kafka"),
+    ('[[hosts]]\nname = "a"\npasword = "x"', "hosts[0].pasword", "password"),
+])
+def test_unknown_keys_list_the_known_ones_and_suggest_one(tmp_path: Path, text: str, key: str,
+                                                          suggestion: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, text)
+    assert err.value.key == key
+    assert f"did you mean {suggestion!r}?" in str(err.value)
+    assert "known: " in str(err.value)
+
+
+def test_the_unknown_key_error_lists_every_top_level_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, "zzz = 1")
+    known = str(err.value).split("known: ", 1)[1]
+    for name in [*config.TOP, "samplingRate", "kafka", "collector", "breaker", "hosts"]:
+        assert name in known
+    assert "did you mean" not in str(err.value)
+
+
+def test_an_unknown_override_suggests_the_variable() -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load(None, {"PIPELINE_SAMPLNG_RATE": "0.1"})
+    assert err.value.key == "PIPELINE_SAMPLNG_RATE" and "did you mean 'PIPELINE_SAMPLING_RATE'?" in str(err.value)
+
+
+def test_collector_and_breaker_settings_come_from_their_sections(tmp_path: Path) -> None:
+    from pipeline.collector.settings import CollectorSettings
+    from pipeline.delivery.breaker import BreakerSettings
+
+    c = load_text(tmp_path, 'maxMessages = 7\n[collector]\nstate_dir = "~/state"\ndrop_event_types = ["lsp.*"]\n'
+                            '[breaker]\nopen_s = 30\nmode = "drop"\n', {"PANEL_OPENCODE_DISABLED": "1"})
+    settings = CollectorSettings.from_config(c, fetch_attempts=5)
+    assert (settings.max_messages, settings.enabled, settings.fetch_attempts) == (7, False, 5)
+    assert c.collector.state_dir == settings.state_dir == Path("~/state").expanduser()
+    assert settings.drop_event_types == ("lsp.*",) and not settings.event_filter.keeps("lsp.x")
+    breaker = BreakerSettings.from_section(c.breaker)
+    assert (breaker.open_s, breaker.mode, breaker.probe_timeout_s) == (30, "drop", 60.0)
+    assert load_text(tmp_path, '[collector]\nstate_dir = ""\n').collector.state_dir is None
+
+
+def test_settings_built_in_code_obey_the_declared_rules() -> None:
+    from pipeline.collector.settings import CollectorSettings
+    from pipeline.delivery.breaker import BreakerSettings
+
+    with pytest.raises(config.SettingError, match="buffer_max_records"):
+        CollectorSettings(buffer_max_records=10_000_001)
+    with pytest.raises(ValueError, match="maxMessages"):
+        CollectorSettings(max_messages=0)
+    with pytest.raises(ValueError, match="settle_initial_s"):
+        CollectorSettings(settle_initial_s=-1)
+    with pytest.raises(ValueError, match="failure_threshold"):
+        config.BreakerConfig(failure_threshold=10_001)
+    with pytest.raises(ValueError, match="failure_threshold"):
+        BreakerSettings(failure_threshold=0)
+    with pytest.raises(ValueError, match="retry_max_s"):
+        config.ScrubConfig(retry_base_s=2, retry_max_s=1)
+
+
+def test_retry_order_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, "[delivery]\nretry_base_s = 5\nretry_max_s = 1\n")
+    assert err.value.key == "delivery.retry_max_s" and "retry_base_s" in str(err.value)

@@ -1,0 +1,292 @@
+"""The declared keys: the top-level options and every section, one frozen dataclass each.
+
+`pipeline.collector.settings.CollectorSettings` extends `CollectorConfig` with the collector's
+internal tuning, so the collector runs with the loaded section plus what is no config key.
+`BreakerConfig` declares the `[breaker]` keys; the breaker's `BreakerSettings` (a layer the
+config may not import, and which may not import it) is built from it by name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.config.keys import (
+    BOOL,
+    ENV_NAME,
+    MAX_SECONDS,
+    NONEMPTY,
+    PORT,
+    SECONDS,
+    STR,
+    STR_LIST,
+    UNIT,
+    Rule,
+    SettingError,
+    between,
+    check_fields,
+    choice,
+    count,
+    key,
+    optional,
+    positive,
+    show_nothing,
+    show_url,
+    typed,
+    url,
+)
+from pipeline.model.envelope import DEFAULT_DROP_TYPES, EventFilter
+
+SAMPLING_RATE_CAP = 0.25
+SAMPLING_RATE_DEFAULT = 0.05
+# The source topics keep 7 days; an unscrubbed copy may never outlive them.
+MAX_UNSCRUBBED_RETENTION_HOURS = 168.0
+DEFAULT_CACHE_DIR_TEXT = "~/.cache/opencode-panel-pipeline"
+
+
+def _sampling_rate_test(value: Any) -> bool:
+    # below 0 and NaN are accepted here: the loader falls back to the default with a warning
+    if not (isinstance(value, int | float) and not isinstance(value, bool)):
+        return False
+    return (isinstance(value, float) and math.isnan(value)) or value <= 1
+
+
+@dataclass(frozen=True)
+class PluginOptions:
+    """The reference forwarder plugin's options, under its names and with its defaults."""
+
+    panel_url: str = key(
+        "http://127.0.0.1:3015", url(False), "the panel; traces go to `{panelUrl}/api/v1/traces`",
+        name="panelUrl", show=show_url)
+    scrubber_url: str = key(
+        "http://127.0.0.1:3017", url(True),
+        'the scrubber; `""` bypasses scrubbing, accepted only with `allowUnscrubbed = true` (development only; '
+        "logged loudly; nothing is ever attested then, so a panel that requires scrubbing refuses every trace). "
+        "An empty `PIPELINE_SCRUBBER_URL` is a config error, never a bypass",
+        name="scrubberUrl", show=show_url)
+    allow_unscrubbed: bool = key(
+        False, BOOL, 'the explicit switch that lets `scrubberUrl = ""` bypass scrubbing', name="allowUnscrubbed")
+    site_key: str = key("pk_test_thirdparty", NONEMPTY, "site key sent as `X-Panel-Site-Key`; hosts may override it",
+                        name="siteKey")
+    source_agent: str = key("opencode", NONEMPTY, "`source_agent` of every trace", name="sourceAgent")
+    sampling_rate: float = key(
+        SAMPLING_RATE_DEFAULT, Rule("a number between 0 and 1", _sampling_rate_test),
+        f"random baseline rate; above {SAMPLING_RATE_CAP} it is capped (with a warning) unless "
+        f"`samplingRateOverride`; negative or NaN → {SAMPLING_RATE_DEFAULT} (with a warning); a non-number is a "
+        "config error", name="samplingRate")
+    sampling_rate_override: bool = key(False, BOOL, f"allow `samplingRate` above {SAMPLING_RATE_CAP}",
+                                       name="samplingRateOverride")
+    novelty_threshold: float = key(0.7, UNIT, "forward when 1 - max Jaccard ≥ this", name="noveltyThreshold")
+    lru_size: int = key(200, count(10_000_000), "novelty window: the last N forwarded sessions per site",
+                        name="lruSize")
+    max_messages: int = key(25, count(10_000), "messages kept per snapshot and trace", name="maxMessages")
+    enabled: bool = key(True, BOOL, "`PANEL_OPENCODE_DISABLED=1` forces off, `PANEL_OPENCODE_ENABLED=1` forces on")
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """The broker, the topics' shape, and the local development broker."""
+
+    bootstrap: str = key("127.0.0.1:9092", NONEMPTY, "bootstrap servers, `host:port[,host:port...]`")
+    partitions: int = key(4, count(10_000), "partitions of every topic `pipeline topics create` makes")
+    replication: int = key(1, count(100), "replication factor of every topic")
+    local_host: str = key("127.0.0.1", NONEMPTY, "local development broker: the address it listens on")
+    local_port: int = key(9092, PORT, "local development broker: its client port")
+    controller_port: int = key(9093, PORT, "local development broker: its KRaft controller port")
+    local_data_dir: str = key("", STR, "local development broker: its data directory",
+                              doc_default="`{cache_dir}/kafka-data-{local_port}`")
+    cache_dir: str = key("", STR, "where the local broker's download and data live",
+                         doc_default=f"`{DEFAULT_CACHE_DIR_TEXT}`")
+    version: str = key("4.3.1", NONEMPTY, "local development broker: the Kafka release it runs")
+    heap: str = key("512m", NONEMPTY, "local development broker: its JVM heap")
+    session_timeout_s: float = key(
+        10.0, between(6.0, 90.0, (int, float), "seconds between 6 and 90"),
+        "consumer group session timeout: how long a killed replica holds its partitions "
+        "(faust's own 60 s default stalls a stage for a minute after a kill -9)")
+    heartbeat_interval_s: float = key(1.0, SECONDS, "consumer group heartbeat interval")
+    unscrubbed_retention_hours: float = key(
+        MAX_UNSCRUBBED_RETENTION_HOURS,
+        positive(MAX_UNSCRUBBED_RETENTION_HOURS, f"hours > 0 and at most {MAX_UNSCRUBBED_RETENTION_HOURS:g}: "
+                 "it can never be longer than the 7-day source topics"),
+        "how long every topic holding unscrubbed content keeps it, changelogs included (see Security)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def _event_types(value: Any) -> bool | str:
+    if value is None:
+        return True
+    if STR_LIST(value) is not None:  # not a list of strings
+        return False
+    try:
+        EventFilter.from_config(value)
+    except ValueError as exc:
+        return f"a list that keeps the event types ingest needs ({exc})"
+    return True
+
+
+def _drop_list(value: list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(value)
+
+
+def _state_dir(value: str | Path | None) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    """The collector: every `[[hosts]]` daemon's event stream into `opencode.events`."""
+
+    drop_event_types: tuple[str, ...] | None = key(
+        None, Rule("a list of strings", _event_types),
+        "event types not produced: exact types or `family.*` prefixes; a list replaces the default one (even "
+        "empty: keep everything); types ingest needs (`session.idle`, ...) cannot be dropped",
+        parse=_drop_list, doc_default="`" + ", ".join(sorted(DEFAULT_DROP_TYPES)) + "`")
+    heartbeat_period_s: float = key(10.0, SECONDS, "the daemon's heartbeat period")
+    dead_after_heartbeats: int = key(
+        3, count(1000), "a stream silent for this many heartbeat periods is dead: reconnect")
+    reconnect_min_s: float = key(0.5, SECONDS, "first reconnect delay (exponential backoff, full jitter)")
+    reconnect_max_s: float = key(30.0, SECONDS, "longest reconnect delay")
+    buffer_max_records: int = key(
+        10000, count(10_000_000), "records buffered while Kafka is unreachable; past that the host tasks wait")
+    state_dir: Path | None = key(  # noqa: RUF009 - key() returns a dataclasses.field
+        None, Rule("a directory path", lambda v: v is None or isinstance(v, str | Path)),
+        "directory of the per-host state files (reported turns), so a restart neither loses nor repeats; "
+        "unset or empty: kept in memory only", parse=_state_dir)
+    poll_interval_s: float = key(
+        10.0, between(0.0, MAX_SECONDS, (int, float), f"seconds >= 0 and at most {MAX_SECONDS:.0f} (0 turns it off)"),
+        "while no session frame comes (daemons that send only heartbeats), reconcile every this many seconds; "
+        "0 turns polling off")
+    settle_timeout_s: float = key(
+        10.0, SECONDS, "at a turn end, how long to wait for the last assistant message to complete or fail")
+    reconcile_max_sessions: int = key(100, count(100_000), "sessions listed per reconcile pass")
+    first_start_lookback_s: float = key(
+        86400.0, SECONDS, "without a state file, how far back a reconcile looks for turns to backfill")
+    checkpoint_interval_s: float = key(5.0, SECONDS, "how often the state files are written (after a flush)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The novelty sampler's MinHash."""
+
+    num_perm: int = key(128, between(16, 1024, int, "an integer between 16 and 1024"),
+                        "MinHash permutations per session signature")
+    novelty_window_tokens_messages: int = key(8, count(10_000),
+                                              "the last N messages of a session its novelty tokens come from")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def _retry_order(section: ScrubConfig | DeliveryConfig) -> None:
+    if section.retry_max_s < section.retry_base_s:
+        raise SettingError("retry_max_s", f">= retry_base_s ({section.retry_base_s})", repr(section.retry_max_s))
+
+
+@dataclass(frozen=True)
+class ScrubConfig:
+    """The scrub stage's calls to the scrubber."""
+
+    timeout_s: float = key(10.0, SECONDS, "timeout of one scrub request")
+    retry_base_s: float = key(0.5, SECONDS, "first retry delay (exponential backoff, full jitter)")
+    retry_max_s: float = key(30.0, SECONDS, "longest retry delay; at least `retry_base_s`")
+    max_attempts: int = key(
+        8, count(10_000), "with `max_age_s`: the retry budget of one trace the scrubber keeps failing while it "
+        "scrubs others (both must be spent), then `scrub.dead`; while the scrubber fails everything, traces wait")
+    max_age_s: float = key(900.0, SECONDS, "with `max_attempts`: the retry budget of one trace, in seconds")
+    allow_insecure_http: bool = key(
+        False, BOOL, "allow plain http to a non-loopback scrubber (it sends session content in the clear)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        _retry_order(self)
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """One circuit breaker per panel endpoint: failures in a window open it, one probe closes it."""
+
+    failure_threshold: int = key(3, count(10_000), "failures within `failure_window_s` that open the breaker")
+    failure_window_s: float = key(60.0, SECONDS, "the window failures are counted in")
+    open_s: float = key(300.0, SECONDS, "how long an open breaker stays open before one probe is let through")
+    mode: Literal["hold", "drop"] = key(
+        "hold", choice("hold", "drop"),
+        "while open: `hold` blocks the partition on the held trace (the wait shows as lag on `traces.signed`); "
+        "`drop` records a `circuit_open` outcome instead (the reference behaviour)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """The deliver stage's calls to the panel."""
+
+    connect_timeout_s: float = key(5.0, SECONDS, "connect timeout of one delivery")
+    read_timeout_s: float = key(30.0, SECONDS, "read timeout of one delivery")
+    write_timeout_s: float = key(10.0, SECONDS, "write timeout of one delivery")
+    pool_timeout_s: float = key(5.0, SECONDS, "wait for a pooled connection")
+    retry_base_s: float = key(0.5, SECONDS, "first retry delay (exponential backoff, full jitter)")
+    retry_max_s: float = key(30.0, SECONDS, "longest retry delay; at least `retry_base_s`")
+    max_age_s: float = key(3600.0, SECONDS, "with `max_attempts`: the budget before `max_age_exceeded`")
+    max_attempts: int = key(3, count(10_000), "with `max_age_s`: the budget before `max_age_exceeded`")
+    attestation_refresh_s: float = key(
+        120.0, between(1.0, 290.0, (int, float), "seconds between 1 and 290"),
+        "re-mint an attestation older than this before an attempt (the panel refuses one older than 300 s)")
+    allow_insecure_http: bool = key(
+        False, BOOL, "allow plain http to a non-loopback panel (it sends signed traces and the site key in the clear)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        _retry_order(self)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint of every process."""
+
+    port: int = key(0, PORT, "port of the `/metrics` endpoint; 0 turns it off")
+    host: str = key("127.0.0.1", NONEMPTY, "address the `/metrics` endpoint listens on")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def _has_slash(value: Any) -> bool:
+    return isinstance(value, str) and "/" in value
+
+
+@dataclass(frozen=True)
+class HostTable:
+    """The keys of one `[[hosts]]` entry: an `opencode serve` daemon the collector reads.
+
+    Only a declaration: the loader resolves an entry into a `HostConfig` (password looked up,
+    site key defaulted), which is what the collector gets.
+    """
+
+    name: str | None = key(None, optional(typed(str, "a host name")), "the host's name, unique",
+                           doc_default="(required)")
+    base_url: str = key("http://127.0.0.1:4096", url(False),
+                        "the daemon; plain http only to loopback unless `allow_insecure_http`", show=show_url)
+    password: str | None = key(None, optional(STR), "the daemon's password, inline; prefer `password_env`",
+                               show=show_nothing)
+    password_env: str | None = key(
+        None, optional(ENV_NAME), "the name of the environment variable holding the password (e.g. "
+        "`OPENCODE_PASSWORD_BUILD1`): the way to keep it out of the file; not together with `password`")
+    site_key: str | None = key(None, optional(NONEMPTY), "this host's site key", doc_default="`siteKey`")
+    model: str | None = key(None, optional(Rule('"provider/model"', _has_slash)),
+                            'the model its sessions use, `"provider/model"`')
+    agent: str | None = key(None, optional(STR), "the opencode agent its sessions use")
+    allow_insecure_http: bool = key(
+        False, BOOL, "allow plain http to a non-loopback daemon (it edits files and runs commands)")
+
+
+__all__ = ["DEFAULT_CACHE_DIR_TEXT", "MAX_SECONDS", "MAX_UNSCRUBBED_RETENTION_HOURS", "SAMPLING_RATE_CAP",
+           "SAMPLING_RATE_DEFAULT", "BreakerConfig", "CollectorConfig", "DeliveryConfig", "HostTable", "KafkaConfig",
+           "MetricsConfig", "PluginOptions", "SamplerConfig", "ScrubConfig"]
