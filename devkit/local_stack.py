@@ -31,9 +31,10 @@ class PipelineProcess:
     process group, its output in a log file."""
 
     def __init__(self, args: Sequence[str], env: Mapping[str, str], log_dir: Path, name: str,
-                 program: str = "pipeline.cli") -> None:
+                 program: str = "pipeline.cli", python: str = sys.executable, cwd: Path | None = None) -> None:
         self.args = list(args)
         self.program = program
+        self.python, self.cwd = python, cwd
         self.env = {**os.environ, **env}
         self.name = name
         self.log_path = log_dir / f"{name}.log"
@@ -41,7 +42,7 @@ class PipelineProcess:
 
     def start(self) -> PipelineProcess:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", self.program, *self.args], env=self.env,
+            self.proc = subprocess.Popen([self.python, "-m", self.program, *self.args], env=self.env, cwd=self.cwd,
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         return self
@@ -118,6 +119,9 @@ class StackSettings:
     metrics: bool = False  # serve /metrics from every stage and the collector
     worker_loglevel: str = "warn"  # `pipeline worker --loglevel`: the fault suites read info lines on failure
     extra_env: dict[str, str] = field(default_factory=dict)
+    # the interpreter and working directory the product's processes run with (an installed wheel's venv)
+    python: str = sys.executable
+    cwd: Path | None = None
 
 
 class Stack:
@@ -177,7 +181,9 @@ state_dir = "{s.workdir / 'collector-state'}"
 """)
 
     def _start(self, name: str, args: Sequence[str], program: str = "pipeline.cli") -> PipelineProcess:
-        proc = PipelineProcess(args, self.env, self.logs, name, program).start()
+        # the product may run from another interpreter (an installed wheel); the dev kit runs from this one
+        python, cwd = (self.s.python, self.s.cwd) if program == "pipeline.cli" else (sys.executable, None)
+        proc = PipelineProcess(args, self.env, self.logs, name, program, python, cwd).start()
         self.procs[name] = proc
         return proc
 
@@ -209,7 +215,8 @@ state_dir = "{s.workdir / 'collector-state'}"
 
     def start(self, *, collector: bool = False) -> Stack:
         self.write_config()
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "topics", "create"], env={**os.environ, **self.env},
+        subprocess.run([self.s.python, "-m", "pipeline.cli", "topics", "create"], env={**os.environ, **self.env},
+                       cwd=self.s.cwd,
                        check=True, capture_output=True, timeout=120)
         self.start_stubs()
         for stage in self.s.stages:

@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - optional accelerator
 from pipeline.errors import RecordError, SchemaError
 from pipeline.topics import TOPICS
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"  # in the package (a link to schemas/ in a checkout)
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 # orjson reads an integer beyond 64 bits as a float (json: exactly); 19 digits in a row anywhere
 # in the text (in a string too: a false alarm only costs speed) leave it to json. (translate +
