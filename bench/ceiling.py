@@ -39,12 +39,12 @@ from bench.common import (
     local_broker,
     md_table,
     measure_ceiling,
+    publish,
     result_header,
     small_events,
     snapshot_record,
     turn_ended_envelope,
     wait_for_calm,
-    write_result,
 )
 
 
@@ -126,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         with local_broker(workdir) as broker:
             rows = asyncio.run(run(broker.bootstrap, args.records, args.small_records, args.repeats, workdir))
     text = table(rows, args)
-    path = write_result("ceiling", text)
-    print(text)
-    print(f"wrote {path} in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    return 0
+    return publish("ceiling", text, started)
 
 
 if __name__ == "__main__":

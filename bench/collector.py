@@ -44,10 +44,10 @@ from bench.common import (
     loadavg,
     local_broker,
     md_table,
+    publish,
     result_header,
     stop_process,
     wait_for_calm,
-    write_result,
 )
 from pipeline.collector.state import state_file
 from pipeline.collector.turns import completed_turns
@@ -354,10 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = max(row, again, key=lambda r: r["rates"].get("events_in", 0))
                 rows.append(row)
     text = table(rows, args)
-    path = write_result("collector", text)
-    print(text)
-    print(f"wrote {path} in {time.monotonic() - begun:.0f} s", file=sys.stderr)
-    return 0
+    return publish("collector", text, begun)
 
 
 if __name__ == "__main__":

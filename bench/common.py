@@ -103,11 +103,15 @@ def md_table(header: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -
     return lines
 
 
-def write_result(name: str, text: str) -> Path:
+def publish(name: str, text: str, started: float) -> int:
+    """Write a benchmark's result table to bench/results/NAME.md, print it, and say how long the
+    run took (`started`: time.monotonic() at its start). The exit code of every benchmark."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
     path.write_text(text, encoding="utf-8")
-    return path
+    print(text)
+    print(f"wrote {path} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return 0
 
 
 # ---------------------------------------------------------------- records

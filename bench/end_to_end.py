@@ -42,10 +42,10 @@ from bench.common import (
     local_broker,
     md_table,
     producer,
+    publish,
     result_header,
     snapshot_record,
     wait_for_calm,
-    write_result,
 )
 from devkit.local_stack import Stack, StackSettings
 from pipeline.model.records import encode
@@ -232,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 args.duration, 2, args.timeout))
                 panel.client.close()
     text = table(capacity, n, capacity_load, probe, levels, args)
-    path = write_result("end_to_end", text)
-    print(text)
-    print(f"wrote {path} in {time.monotonic() - begun:.0f} s", file=sys.stderr)
-    return 0
+    return publish("end_to_end", text, begun)
 
 
 if __name__ == "__main__":

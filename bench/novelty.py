@@ -40,40 +40,11 @@ from pipeline.sampling.novelty import (
     MinHasher,
     NoveltyWindow,
 )
+from tests.factory import TokenCorpus
 
 RESULTS = Path(__file__).resolve().parent / "results" / "novelty.md"
 TARGET_P99_MS = 2.0
 TARGET_SPEEDUP = 200.0
-
-
-class Corpus:
-    """Token sets: Zipf-distributed common words plus identifiers unique to each session."""
-
-    def __init__(self, seed: int, vocab: int = 20_000, zipf: float = 1.1) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.words = [f"w{i}" for i in range(vocab)]
-        weights = np.arange(1, vocab + 1, dtype=np.float64) ** -zipf
-        self.cdf = np.cumsum(weights) / weights.sum()
-        self.next_id = 0
-
-    def fresh(self, n_common: int, n_ids: int) -> set[str]:
-        picks = np.searchsorted(self.cdf, self.rng.random(n_common))
-        words = {self.words[i] for i in np.minimum(picks, len(self.words) - 1)}
-        words.update(f"id{self.next_id + j}" for j in range(n_ids))
-        self.next_id += n_ids
-        return words
-
-    def session(self) -> frozenset[str]:
-        n_common, n_ids = int(self.rng.integers(150, 500)), int(self.rng.integers(20, 120))
-        return frozenset(self.fresh(n_common, n_ids))
-
-    def near_duplicate(self, base: frozenset[str]) -> frozenset[str]:
-        """Keep 35-98% of `base`, add about as many new tokens: Jaccard ~0.25-0.97."""
-        keep = self.rng.uniform(0.35, 0.98)
-        ordered = sorted(base)
-        kept = {t for t, u in zip(ordered, self.rng.random(len(ordered)), strict=True) if u < keep}
-        added = int((1 - keep) * len(base) * self.rng.uniform(0.5, 1.5))
-        return frozenset(kept | self.fresh(added // 2, added - added // 2))
 
 
 def exact_novelty(query: frozenset[str], window: list[frozenset[str]]) -> float:
@@ -123,7 +94,7 @@ def loadavg() -> str:
 def run(size: int, queries: int, exact_queries: int, seed: int,
         threshold: float) -> dict[str, float | str]:
     load_before = loadavg()
-    corpus = Corpus(seed)
+    corpus = TokenCorpus(seed)
     hasher = MinHasher(DEFAULT_NUM_PERM)
     sets = [corpus.session() for _ in range(size)]
     signatures = [hasher.hashvalues(s) for s in sets]

@@ -55,12 +55,12 @@ from bench.common import (
     local_broker,
     md_table,
     measure_ceiling,
+    publish,
     result_header,
     small_events,
     turn_ended_envelope,
     wait_for_calm,
     watch,
-    write_result,
 )
 from devkit.local_stack import Stack, StackSettings
 from pipeline.topics import STAGES
@@ -369,10 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows = asyncio.run(run(stack, broker.bootstrap, stages, args.records, args.mix_turns, stack.logs,
                                        args.timeout, not args.no_repeat, 1 if args.no_repeat else args.attempts))
     text = table(rows, args)
-    path = write_result("stages", text)
-    print(text)
-    print(f"wrote {path} in {time.monotonic() - begun:.0f} s", file=sys.stderr)
-    return 0
+    return publish("stages", text, begun)
 
 
 if __name__ == "__main__":

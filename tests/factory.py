@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import numpy as np
+
 from pipeline.model.envelope import turn_ended
 from pipeline.model.snapshot import SessionState, build_snapshot
 
@@ -98,3 +100,35 @@ def text_snapshot(i: int, user_text: str, reply_text: str, *, host: str = "h1",
     env = turn_ended(host=host, site_key=site_key, session=session, messages=msgs, trigger="session.idle",
                      received_at_ms=1795236913836 + i)
     return build_snapshot(env, SessionState(), max_messages=25, now_ms=1795236913836 + i)
+
+
+class TokenCorpus:
+    """Seeded token sets of sessions: Zipf-distributed common words (unrelated sessions share ~9% of
+    their tokens, as English prose does) plus identifiers of their own; near-duplicates keep 35-98%
+    of one. The novelty tests and bench/novelty.py draw from it."""
+
+    def __init__(self, seed: int, vocab: int = 20_000, zipf: float = 1.1) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.words = [f"w{i}" for i in range(vocab)]
+        weights = np.arange(1, vocab + 1, dtype=np.float64) ** -zipf
+        self.cdf = np.cumsum(weights) / weights.sum()
+        self.next_id = 0
+
+    def fresh(self, n_common: int, n_ids: int) -> set[str]:
+        picks = np.searchsorted(self.cdf, self.rng.random(n_common))
+        words = {self.words[i] for i in np.minimum(picks, len(self.words) - 1)}
+        words.update(f"id{self.next_id + j}" for j in range(n_ids))
+        self.next_id += n_ids
+        return words
+
+    def session(self) -> frozenset[str]:
+        n_common, n_ids = int(self.rng.integers(150, 500)), int(self.rng.integers(20, 120))
+        return frozenset(self.fresh(n_common, n_ids))
+
+    def near_duplicate(self, base: frozenset[str]) -> frozenset[str]:
+        """Keep 35-98% of `base`, add about as many new tokens: Jaccard ~0.25-0.97."""
+        keep = self.rng.uniform(0.35, 0.98)
+        ordered = sorted(base)
+        kept = {t for t, u in zip(ordered, self.rng.random(len(ordered)), strict=True) if u < keep}
+        added = int((1 - keep) * len(base) * self.rng.uniform(0.5, 1.5))
+        return frozenset(kept | self.fresh(added // 2, added - added // 2))

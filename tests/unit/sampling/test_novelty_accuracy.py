@@ -17,36 +17,9 @@ from pipeline.sampling import (
     novelty,
     shipped_record,
 )
+from tests.factory import TokenCorpus
 
 THRESHOLD = DEFAULT_THRESHOLD  # 0.7: "not novel" is exact Jaccard > 0.3
-
-
-class Corpus:
-    """Seeded sessions: Zipf common words (unrelated sessions share ~9% of their tokens, as
-    English prose does) plus identifiers of their own; near-duplicates keep 35-98% of one."""
-
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-        weights = np.arange(1, 20_001, dtype=np.float64) ** -1.1
-        self.cdf = np.cumsum(weights) / weights.sum()
-        self.next_id = 0
-
-    def fresh(self, n_common: int, n_ids: int) -> set[str]:
-        picks = np.minimum(np.searchsorted(self.cdf, self.rng.random(n_common)), 19_999)
-        words = {f"w{i}" for i in picks} | {f"id{self.next_id + j}" for j in range(n_ids)}
-        self.next_id += n_ids
-        return words
-
-    def session(self) -> frozenset[str]:
-        n_common, n_ids = int(self.rng.integers(150, 500)), int(self.rng.integers(20, 120))
-        return frozenset(self.fresh(n_common, n_ids))
-
-    def near_duplicate(self, base: frozenset[str]) -> frozenset[str]:
-        keep = self.rng.uniform(0.35, 0.98)
-        ordered = sorted(base)
-        kept = {t for t, u in zip(ordered, self.rng.random(len(ordered)), strict=True) if u < keep}
-        added = int((1 - keep) * len(base) * self.rng.uniform(0.5, 1.5))
-        return frozenset(kept | self.fresh(added // 2, added - added // 2))
 
 
 def exact_novelty(queries: list[frozenset[str]], window: list[frozenset[str]]) -> np.ndarray:
@@ -85,7 +58,7 @@ class Case:
 @pytest.fixture(scope="module")
 def case() -> Case:
     """A full window of lruSize 200 and 600 queries: half near-duplicates, half unrelated."""
-    corpus = Corpus(20261121)
+    corpus = TokenCorpus(20261121)
     sets = [corpus.session() for _ in range(200)]
     queries = [corpus.near_duplicate(sets[int(corpus.rng.integers(200))]) if i % 2 == 0
                else corpus.session() for i in range(600)]
@@ -102,7 +75,7 @@ def agreement(window: NoveltyWindow, case: Case) -> tuple[float, float]:
 
 def test_fast_signature_is_datasketch_minhash() -> None:
     hasher = MinHasher(128, seed=1)
-    corpus = Corpus(3)
+    corpus = TokenCorpus(3)
     cases = [corpus.session() for _ in range(5)] + [frozenset({"ünïcødé", "x" * 500, "\ud800"})]
     for tokens in cases:
         reference = MinHash(num_perm=128, seed=1)
@@ -137,7 +110,7 @@ def test_large_window_banding_trades_recall_for_speed(case: Case) -> None:
 
 
 def test_replicas_fed_the_same_records_score_alike() -> None:
-    corpus = Corpus(11)
+    corpus = TokenCorpus(11)
     sets = [corpus.session() for _ in range(60)]
     sets += [corpus.near_duplicate(s) for s in sets[:20]]
     hasher = MinHasher()
@@ -159,7 +132,7 @@ def test_replicas_fed_the_same_records_score_alike() -> None:
 
 
 def test_eviction_at_lru_size() -> None:
-    corpus = Corpus(5)
+    corpus = TokenCorpus(5)
     sets = [corpus.session() for _ in range(6)]
     window = NoveltyWindow("site", size=5)
     records = fill(window, sets)
@@ -172,7 +145,7 @@ def test_eviction_at_lru_size() -> None:
 
 
 def test_same_snapshot_twice_is_one_entry() -> None:
-    corpus = Corpus(6)
+    corpus = TokenCorpus(6)
     window = NoveltyWindow("site", size=3)
     records = fill(window, [corpus.session() for _ in range(3)])
     assert window.apply_shipped(records[0]) is False
@@ -192,7 +165,7 @@ def test_empty_entries_take_a_place_but_match_nothing() -> None:
 def test_candidate_lookup_is_minhashlsh_query(params: tuple[int, int]) -> None:
     # The window reads MinHashLSH's buckets itself (and stores them its own way); this pins
     # it to what MinHashLSH.query answers, through inserts, shared buckets and evictions.
-    corpus = Corpus(8)
+    corpus = TokenCorpus(8)
     sets = [corpus.session() for _ in range(30)]
     sets += [corpus.near_duplicate(s) for s in sets] + [frozenset({"a"}), frozenset({"a"})]
     window = NoveltyWindow("site", size=40, lsh_params=params)
@@ -213,7 +186,7 @@ def test_scoring_many_candidates_is_the_full_comparison(num_perm: int, params: t
     # Above PREFILTER_MIN_CANDIDATES the window compares low bytes first and full values only
     # for the rows that can still be best; the answer (best match, ties to the newest entry)
     # must be the one comparing every candidate in full gives.
-    corpus = Corpus(11)
+    corpus = TokenCorpus(11)
     bases = [corpus.session() for _ in range(6)]
     sets = [corpus.near_duplicate(bases[i % 6]) for i in range(1500)] + bases + bases  # exact twins too
     window = NoveltyWindow("site", size=len(sets), num_perm=num_perm, lsh_params=params)  # r=2: many candidates
