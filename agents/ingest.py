@@ -4,41 +4,37 @@ like the events, so a restarted or rebalanced replica picks up where the last on
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import faust
 
-from agents.base import Meta, Out, bind, make_app, state_table
+from agents.runtime import bind, make_app, staged_table
+from agents.stage import Meta, Out, StagedTable
+from pipeline.clock import Clock, SystemClock
 from pipeline.config import Config
-from pipeline.model.snapshot import Emit, SessionState, apply_event
+from pipeline.model.snapshot import Emit, apply_event
 
 STAGE = "ingest"
 
 
-def build(config: Config, **app_overrides: object) -> faust.App:
-    app = make_app(STAGE, config, **app_overrides)
-    table, table_writable = state_table(app, config, STAGE)
-    # State of records handled but whose snapshots are not yet on the broker: written to the
-    # table only after the batch's outputs are acknowledged (see bind's after_drain).
-    pending: dict[bytes, dict[str, Any]] = {}
+class IngestStage:
+    """Folds each event into its session's state (pipeline.model.snapshot) and emits the
+    snapshots the event ends. The state is written through `state`, so it reaches the table
+    only once the snapshots are on the broker."""
 
-    async def handle(record: dict[str, Any], meta: Meta) -> list[Out]:
-        await table_writable.wait()
+    def __init__(self, config: Config, clock: Clock, state: StagedTable) -> None:
+        self.max_messages, self.clock, self.state = config.max_messages, clock, state
+
+    async def handle(self, record: dict[str, Any], meta: Meta) -> list[Out]:
         key = meta.key or f"{record['host']}:{record['session_id']}".encode()
-        state = pending.get(key) if key in pending else table.get(key)
-        new_state, actions = apply_event(state, record, max_messages=config.max_messages,
-                                         now_ms=int(time.time() * 1000))
-        pending[key] = new_state.to_dict()
+        state = await self.state.get(key)
+        new_state, actions = apply_event(state, record, max_messages=self.max_messages, now_ms=self.clock.now_ms())
+        self.state.stage(key, new_state.to_dict())
         return [Out("sessions.idle", key, a.snapshot) for a in actions if isinstance(a, Emit)]
 
-    def commit_state() -> None:
-        for key, state in pending.items():
-            table[key] = state
-        pending.clear()
 
-    bind(app, STAGE, config, handle, after_drain=commit_state)
+def build(config: Config, **app_overrides: Any) -> faust.App:
+    app = make_app(STAGE, config, **app_overrides)
+    state = staged_table(app, config, STAGE)
+    bind(app, STAGE, config, IngestStage(config, SystemClock(), state).handle, state=state)
     return app
-
-
-__all__ = ["SessionState", "build"]

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import faust
 
-from agents.base import Meta, Out, bind, make_app
+from agents.runtime import bind, make_app
+from agents.stage import Meta, Out
 from pipeline.config import Config
 
 STAGE = "passthrough"
 
 
-def build(config: Config, **app_overrides: object) -> faust.App:
-    app = make_app(STAGE, config, **app_overrides)
-
-    async def handle(record: dict, meta: Meta) -> list[Out]:
+class PassthroughStage:
+    async def handle(self, record: dict[str, Any], meta: Meta) -> list[Out]:
         return [Out("passthrough.out", meta.key, record)]
 
-    bind(app, STAGE, config, handle)
+
+def build(config: Config, **app_overrides: Any) -> faust.App:
+    app = make_app(STAGE, config, **app_overrides)
+    bind(app, STAGE, config, PassthroughStage().handle)
     return app

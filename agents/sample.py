@@ -8,16 +8,19 @@ Repeated snapshot ids (a second idle for the same state) are decided once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import time
 from typing import Any
 
 import faust
 
-from agents.base import Meta, Out, TopicFollower, bind, make_app, state_table
+from agents.runtime import bind, follow, make_app, staged_table
+from agents.stage import Meta, Out, StagedTable
 from pipeline import metrics
+from pipeline.clock import Clock, SystemClock
 from pipeline.config import Config
 from pipeline.errors import RecordError
+from pipeline.kafka.follower import TopicFollower
 from pipeline.model.records import decode
 from pipeline.model.trace import sampled_trace
 from pipeline.sampling import NoveltyWindows, reference_sampler
@@ -29,53 +32,56 @@ DECIDED_PER_SESSION = 32
 log = logging.getLogger(__name__)
 
 
-def build(config: Config, **app_overrides: object) -> faust.App:
-    app = make_app(STAGE, config, **app_overrides)
-    windows = NoveltyWindows(size=config.lru_size, num_perm=config.sampler.num_perm,
-                             threshold=config.novelty_threshold)
-    sampler = reference_sampler(windows, rate=config.sampling_rate, rate_override=config.sampling_rate_override,
-                                max_messages=config.max_messages,
-                                token_messages=config.sampler.novelty_window_tokens_messages)
-    novelty = next(p for p in sampler.policies if isinstance(p, NoveltyPolicy))
-    decided, table_writable = state_table(app, config, STAGE)
-    pending: dict[bytes, list[str]] = {}
+class SampleStage:
+    """Decides each snapshot once (error, novelty, random) and turns a forwarded one into a
+    trace plus the signature every replica adds to its novelty window.
 
-    async def apply_shipped(raw: bytes) -> None:
+    `decided` holds, per session, the snapshot ids already decided, written once the decision's
+    outputs are on the broker; `ready` is set once sampler.shipped has been replayed (`apply_shipped`),
+    so the first decision sees every replica's window."""
+
+    def __init__(self, config: Config, clock: Clock, decided: StagedTable, ready: asyncio.Event | None = None) -> None:
+        self.config, self.clock, self.decided = config, clock, decided
+        self.windows = NoveltyWindows(size=config.lru_size, num_perm=config.sampler.num_perm,
+                                      threshold=config.novelty_threshold)
+        self.sampler = reference_sampler(self.windows, rate=config.sampling_rate,
+                                         rate_override=config.sampling_rate_override,
+                                         max_messages=config.max_messages,
+                                         token_messages=config.sampler.novelty_window_tokens_messages)
+        self.novelty = next(p for p in self.sampler.policies if isinstance(p, NoveltyPolicy))
+        self.ready = ready if ready is not None else asyncio.Event()
+
+    async def apply_shipped(self, raw: bytes) -> None:
+        """One sampler.shipped record (any replica's) into the novelty window."""
         try:
-            windows.apply_shipped(decode(raw, SHIPPED))
+            self.windows.apply_shipped(decode(raw, SHIPPED))
         except (RecordError, ValueError) as exc:
             log.warning("skipping unusable %s record: %s", SHIPPED, exc)
 
-    follower = TopicFollower(config, SHIPPED, apply_shipped)
-
-    @app.task
-    async def follow() -> None:
-        await follower.run()
-
-    async def handle(snapshot: dict[str, Any], meta: Meta) -> list[Out]:
-        await follower.ready.wait()
-        await table_writable.wait()
+    async def handle(self, snapshot: dict[str, Any], meta: Meta) -> list[Out]:
+        await self.ready.wait()
         key = meta.key or f"{snapshot['host']}:{snapshot['session_id']}".encode()
-        seen = pending[key] if key in pending else list(decided.get(key) or [])
+        seen = list(await self.decided.get(key) or [])
         if snapshot["snapshot_id"] in seen:
             metrics.DECISIONS.labels("repeat", "false").inc()
             return []
-        pending[key] = [*seen, snapshot["snapshot_id"]][-DECIDED_PER_SESSION:]
-        decision = sampler.decide(snapshot)
+        self.decided.stage(key, [*seen, snapshot["snapshot_id"]][-DECIDED_PER_SESSION:])
+        decision = self.sampler.decide(snapshot)
         metrics.DECISIONS.labels(decision.reason, str(decision.forward).lower()).inc()
         if not decision.forward:
             return []
-        now = int(time.time() * 1000)
-        trace = sampled_trace(snapshot, decision, config.max_messages, now)
-        shipped = novelty.shipped_record(snapshot, trace["trace_id"], now)
-        windows.apply_shipped(shipped)  # this replica's next decision sees it at once
+        now = self.clock.now_ms()
+        trace = sampled_trace(snapshot, decision, self.config.max_messages, now)
+        shipped = self.novelty.shipped_record(snapshot, trace["trace_id"], now)
+        self.windows.apply_shipped(shipped)  # this replica's next decision sees it at once
         return [Out("traces.sampled", key, trace),
                 Out(SHIPPED, f"{snapshot['site_key']}:{snapshot['snapshot_id']}", shipped)]
 
-    def commit_decided() -> None:
-        for key, ids in pending.items():
-            decided[key] = ids
-        pending.clear()
 
-    bind(app, STAGE, config, handle, after_drain=commit_decided)
+def build(config: Config, **app_overrides: Any) -> faust.App:
+    app = make_app(STAGE, config, **app_overrides)
+    decided = staged_table(app, config, STAGE)
+    core = SampleStage(config, SystemClock(), decided)
+    follow(app, TopicFollower(config, SHIPPED, core.apply_shipped, ready=core.ready))
+    bind(app, STAGE, config, core.handle, state=decided)
     return app

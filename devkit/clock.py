@@ -18,6 +18,7 @@ class FakeClock:
         self._mono = 0.0
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
+        self._watchers: list[asyncio.Future[None]] = []  # wait_for_sleepers, told of every new sleeper
 
     def time(self) -> float:
         return self._wall
@@ -39,7 +40,25 @@ class FakeClock:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._mono + seconds, next(self._order), future))
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
         await future
+
+    async def wait_for_sleepers(self, count: int = 1, timeout_s: float = 10.0) -> None:
+        """Return once at least `count` callers are parked in `sleep`: code that awaits real I/O
+        (a stub server over HTTP) before it sleeps reaches the clock when the I/O is done, not
+        after a number of loop turns. `timeout_s` (real time) only keeps a broken test from
+        hanging."""
+
+        async def parked() -> None:
+            while self.sleeping < count:
+                watcher: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._watchers.append(watcher)
+                await watcher
+
+        await asyncio.wait_for(parked(), timeout_s)
 
     async def advance(self, seconds: float) -> None:
         """Move time forward by `seconds`, waking each sleeper whose deadline passes, in order,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import logging
 import signal
@@ -63,13 +62,12 @@ def cmd_topics(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 def cmd_worker(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     import faust
 
+    from agents.registry import STAGE_BUILDERS, build_stage
     from pipeline import metrics
-    from pipeline.topics import STAGES
 
-    if args.stage not in STAGES:
-        raise ConfigError(f"unknown stage {args.stage!r} (stages: {', '.join(STAGES)})", "STAGE")
-    module = importlib.import_module(f"agents.{args.stage}")
-    app = module.build(cfg)
+    if args.stage not in STAGE_BUILDERS:
+        raise ConfigError(f"unknown stage {args.stage!r} (stages: {', '.join(STAGE_BUILDERS)})", "STAGE")
+    app = build_stage(args.stage, cfg)
 
     from pipeline.kafka.lag import export_lag_forever
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from agents.base import Encoded, _shrunk, withhold
+from agents.runtime import Encoded, _shrunk, withhold
 from pipeline.kafka.deadletters import DeadLetter, _unfit, redrive_target, shown
 from pipeline.model.records import dead_letter, encode, validate
 from pipeline.topics import STAGES, TOPICS, dead_letter_topics

@@ -1,4 +1,5 @@
-"""The one stage factory and the one agent loop every stage uses.
+"""The one place stages meet faust: the app factory, the output sinks, the state table, the
+followers, and the one agent loop every stage's core (agents/stage.py) is bound to.
 
 At least once, exactly: an input offset is committed only after every output of its record is
 acknowledged by the broker, or the record is in the stage's dead-letter topic with its reason.
@@ -20,24 +21,36 @@ import json
 import logging
 import os
 import random
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka import errors as kafka_errors
 
 from agents import consumer_drain
+from agents.stage import (
+    Encoded,
+    Handler,
+    Meta,
+    Out,
+    StagedTable,
+    encode_output,
+    key_bytes,
+    process_record,
+    publisher,
+)
 from pipeline import metrics
+from pipeline.clock import SystemClock
 from pipeline.config import Config
+from pipeline.delivery.breaker import BreakerSettings
+from pipeline.delivery.gate import OUTCOMES, BreakerGate, Role, replay_horizon_ms
 from pipeline.delivery.retry import RetryPolicy
-from pipeline.errors import RecordError
-from pipeline.kafka.admin import topic_partitions
+from pipeline.kafka.follower import TopicFollower
 from pipeline.kafka.partitioner import key_partitioner
-from pipeline.model.records import dead_letter, decode, encode, is_plain_json, original_bytes, validate_for_topic
+from pipeline.model.records import dead_letter, encode, original_bytes
 from pipeline.topics import (
     DEAD_LETTER_BYTES,
     MAX_MESSAGE_BYTES,
@@ -57,26 +70,6 @@ PRODUCER_LINGER_S = 0.005
 # before it fails: a deleted topic or a missing ACL would hold a batch in silence for 20 minutes.
 PRODUCER_REQUEST_TIMEOUT_S = 60.0
 EXIT_AGENT_FAILED = 70  # EX_SOFTWARE
-
-
-@dataclass(frozen=True)
-class Meta:
-    """Where an input record came from."""
-
-    key: bytes | None
-    partition: int
-    offset: int
-    raw: bytes
-
-
-@dataclass(frozen=True)
-class Out:
-    topic: str
-    key: str | bytes | None
-    value: dict[str, Any]
-
-
-Handler = Callable[[dict[str, Any], Meta], Awaitable[Sequence[Out]]]
 
 
 def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
@@ -121,19 +114,6 @@ def topic(app: faust.App, name: str, config: Config) -> faust.TopicT:
                      partitions=partitions_of(spec, config.kafka.partitions))
 
 
-def _key_bytes(key: str | bytes | None) -> bytes | None:
-    return key.encode("utf-8") if isinstance(key, str) else key
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """An output validated against its topic's schema and written to bytes, ready to produce."""
-
-    topic: str
-    key: bytes | None
-    data: bytes
-
-
 # What the broker says of a record itself (it can never be written as it is): the record's input
 # is dead-lettered. Every other failure to produce (unknown topic, authorization, timeouts, a
 # broker gone) is about the deployment: the batch waits, uncommitted, and is sent again.
@@ -170,12 +150,7 @@ class Sinks:
     def encoded(self, out: Out, plain: bool | None = None) -> Encoded:
         """`out` checked (an output of this stage, valid for its topic) and written to bytes;
         RecordError when it cannot be written."""
-        if out.topic not in self._counted:
-            raise KeyError(f"{out.topic} is not an output of stage {self.stage.name}")
-        if plain is None:
-            plain = is_plain_json(out.value)
-        validate_for_topic(out.topic, out.value, plain=plain)
-        return Encoded(out.topic, _key_bytes(out.key), _encoded(out, plain))
+        return encode_output(self.stage, out, plain)
 
     async def send(self, out: Out) -> None:
         item = self.encoded(out)
@@ -265,7 +240,7 @@ class Sinks:
                                    f"{type(error).__name__}",
                              key=meta.key, partition=meta.partition, offset=meta.offset,
                              detail={"refused_topic": refused.topic, "refused_bytes": len(refused.data)})
-        return Encoded(self.stage.dead, _key_bytes(meta.key), encode(letter))
+        return Encoded(self.stage.dead, key_bytes(meta.key), encode(letter))
 
     async def _hold(self, attempt: int, items: Sequence[Encoded], errors: Sequence[BaseException]) -> None:
         topics = sorted({item.topic for item in items})
@@ -325,16 +300,6 @@ def _refused(error: BaseException) -> bool:
     return isinstance(error, REFUSED_AS_RECORD)
 
 
-def _encoded(out: Out, plain: bool | None) -> bytes:
-    try:
-        data = encode(out.value, plain=plain)
-    except (UnicodeEncodeError, ValueError, TypeError) as exc:
-        raise RecordError("unencodable_output", f"{out.topic}: {type(exc).__name__}: {exc}"[:300]) from None
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise RecordError("output_too_large", f"{out.topic}: {len(data)} bytes > {MAX_MESSAGE_BYTES}")
-    return data
-
-
 def withhold(events: Sequence[faust.EventT]) -> None:
     """Keep `events` from being committed: faust acknowledges a batch taken with take_events
     when the agent leaves it for any reason (an exception, a cancellation at shutdown), and its
@@ -347,13 +312,15 @@ def withhold(events: Sequence[faust.EventT]) -> None:
 
 def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *,
          sinks: Sinks | None = None, batch: int = 200, within_s: float = 0.05,
-         parallel: bool = False, after_drain: Callable[[], None] | None = None) -> Sinks:
+         parallel: bool = False, state: StagedTable | None = None,
+         after_drain: Callable[[], None] | None = None) -> Sinks:
     """Register the stage's agent: decode + validate, handle, route outputs or dead letters.
 
     `parallel` runs the handler for every record of a batch at once (for stages that wait on
-    a remote service); outputs are still sent in input order. `after_drain` runs once a
-    batch's outputs are on the broker: state that says "already emitted" is written there,
-    so a crash in between re-emits (a duplicate the next stage recognises) instead of losing.
+    a remote service); outputs are still sent in input order. `state` is flushed, and then
+    `after_drain` runs, once a batch's outputs are on the broker: state that says "already
+    emitted" is written there, so a crash in between re-emits (a duplicate the next stage
+    recognises) instead of losing.
     """
     stage = STAGES[stage] if isinstance(stage, str) else stage
     source = topic(app, stage.input, config)
@@ -361,27 +328,10 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
     records_in = metrics.RECORDS_IN.labels(stage.name)
 
     async def process(event: faust.EventT) -> tuple[Meta, list[Encoded]]:
-        """The record's outputs, each validated and encoded, or its dead letter."""
         message = event.message
         raw = message.value if isinstance(message.value, bytes) else b""
         meta = Meta(message.key, message.partition, message.offset, raw)
-        detail: dict[str, Any] | None = None
-        try:
-            record = decode(raw, stage.input)
-            # validated and encoded here, inside the try: an output that cannot be written (a
-            # lone surrogate, over the topic's size) dead-letters its input instead of crashing
-            # the agent on send, which would stall the stage on the same record for ever
-            return meta, [sinks.encoded(out) for out in await handler(record, meta)]
-        except RecordError as exc:
-            reason, error, detail = exc.reason, exc.detail, exc.data
-        except Exception as exc:  # a bug must not lose the record: park it where an operator sees it
-            log.exception("stage %s: unexpected error on %s[%d]@%d", stage.name, stage.input,
-                          meta.partition, meta.offset)
-            reason, error = "internal_error", f"{type(exc).__name__}: {exc}"
-        metrics.DEAD_LETTERS.labels(stage.dead, reason).inc()
-        letter = dead_letter(stage=stage.name, source_topic=stage.input, raw=raw, reason=reason, error=error,
-                             key=meta.key, partition=meta.partition, offset=meta.offset, detail=detail)
-        return meta, [Encoded(stage.dead, _key_bytes(meta.key), encode(letter))]
+        return meta, await process_record(stage, handler, meta)
 
     @app.agent(source, name=f"{stage.name}-agent")
     async def agent(stream: faust.StreamT) -> None:
@@ -394,6 +344,8 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
                     results = [await process(e) for e in events]
                 await sinks.put(results)
                 await sinks.drain()  # what handlers sent on their own (outcome records)
+                if state is not None:
+                    state.flush()
                 if after_drain:
                     after_drain()
             except asyncio.CancelledError:  # shutdown or rebalance: what was not written comes again
@@ -416,7 +368,8 @@ def state_table(app: faust.App, config: Config, stage: Stage | str) -> tuple[Any
     """A stage's changelog-backed table, keyed like its input records (raw bytes, JSON values),
     and an event set once the table may be written (see changelog_known).
 
-    Tables here are written after a batch's outputs are on the broker (bind's after_drain),
+    Tables here are written after a batch's outputs are on the broker (bind flushes the
+    stage's StagedTable after the drain),
     outside stream iteration, so the key picks the changelog partition with the same
     partitioner as the producers (use_partitioner)."""
     stage = STAGES[stage] if isinstance(stage, str) else stage
@@ -448,41 +401,32 @@ async def changelog_known(app: faust.App, table: Any) -> None:
     await app.producer._ensure_producer().partitions_for(table.changelog_topic.get_topic_name())
 
 
-class TopicFollower:
-    """Reads a whole topic outside any consumer group (every replica sees every record), from
-    `horizon_ms` ago or from the start, into `apply`; `ready` is set once it has caught up.
-    This is how replicas share a decision state (novelty window, breaker) through a topic."""
+def staged_table(app: faust.App, config: Config, stage: Stage | str) -> StagedTable:
+    """The stage's state table as its core reads and writes it: writes wait for the batch's
+    outputs (pass it to `bind(state=...)`), reads wait for the table to be writable."""
+    table, writable = state_table(app, config, stage)
+    return StagedTable(table, writable)
 
-    def __init__(self, config: Config, name: str, apply: Callable[[bytes], Awaitable[None]],
-                 horizon_ms: int | None = None) -> None:
-        self.config, self.name, self.apply, self.horizon_ms = config, name, apply, horizon_ms
-        self.ready = asyncio.Event()
-        self.applied = 0
 
-    async def run(self) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.config.kafka.bootstrap, group_id=None,
-                                    enable_auto_commit=False, auto_offset_reset="earliest",
-                                    max_partition_fetch_bytes=16 * 1024 * 1024)
-        await consumer.start()
-        try:
-            parts = await topic_partitions(consumer, [self.name]) or [TopicPartition(self.name, 0)]
-            consumer.assign(parts)
-            ends = await consumer.end_offsets(parts)
-            if self.horizon_ms is None:
-                await consumer.seek_to_beginning(*parts)
-            else:
-                since = int(time.time() * 1000) - self.horizon_ms
-                starts = await consumer.offsets_for_times({tp: since for tp in parts})
-                for tp in parts:
-                    consumer.seek(tp, starts[tp].offset if starts.get(tp) else ends[tp])
-            while True:
-                batch = await consumer.getmany(timeout_ms=100)
-                for msgs in batch.values():
-                    for msg in msgs:
-                        await self.apply(msg.value)
-                        self.applied += 1
-                if not self.ready.is_set() and all([await consumer.position(tp) >= ends[tp] for tp in parts]):
-                    self.ready.set()
-                    log.info("caught up with %s (%d records)", self.name, self.applied)
-        finally:
-            await consumer.stop()
+def follow(app: faust.App, follower: TopicFollower) -> TopicFollower:
+    """Run `follower` for as long as the app runs (every replica reads the whole topic)."""
+
+    @app.task
+    async def run_follower() -> None:
+        await follower.run()
+
+    return follower
+
+
+def breaker_settings(config: Config) -> BreakerSettings:
+    """The configured breaker settings (the `[breaker]` section)."""
+    return BreakerSettings.from_section(config.breaker)
+
+
+def breaker_gate(app: faust.App, config: Config, sinks: Sinks, stage: str, role: Role) -> BreakerGate:
+    """The stage's breaker gate, publishing its outcomes through `sinks` and fed by a follower of
+    every delivery.outcomes record since the replay horizon (every replica builds the same
+    breaker state); it admits nothing before the follower has caught up."""
+    gate = BreakerGate(breaker_settings(config), SystemClock(), publisher(sinks, OUTCOMES), stage=stage, role=role)
+    follow(app, TopicFollower(config, OUTCOMES, gate.apply_raw, replay_horizon_ms(gate.settings), ready=gate.ready))
+    return gate

@@ -1,0 +1,162 @@
+"""What a stage's logic is made of, without faust or a broker.
+
+A stage core is a plain object with `async handle(record, meta) -> Sequence[Out]`: it gets its
+clock, its state and its sinks when it is built, so a unit test runs it in-process
+(devkit/harness.py) and agents/runtime.py binds the same object to faust. `process_record` is
+the one path from an input record's bytes to what is written for it (outputs, or its dead
+letter): the runtime and the harness both use it, so a test sees what the broker would get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pipeline import metrics
+from pipeline.errors import RecordError
+from pipeline.model.records import dead_letter, decode, encode, is_plain_json, validate_for_topic
+from pipeline.topics import MAX_MESSAGE_BYTES, Stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """Where an input record came from."""
+
+    key: bytes | None
+    partition: int
+    offset: int
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class Out:
+    topic: str
+    key: str | bytes | None
+    value: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An output validated against its topic's schema and written to bytes, ready to produce."""
+
+    topic: str
+    key: bytes | None
+    data: bytes
+
+
+Handler = Callable[[dict[str, Any], Meta], Awaitable[Sequence[Out]]]
+
+
+class StageCore(Protocol):
+    """A stage's logic: the outputs of one input record (RecordError dead-letters it)."""
+
+    async def handle(self, record: dict[str, Any], meta: Meta) -> Sequence[Out]: ...
+
+
+class Emitter(Protocol):
+    """Outputs a core must publish before it returns (outcome records other replicas wait
+    for): `send` puts one on its way, `drain` returns once all sent are acknowledged."""
+
+    async def send(self, out: Out) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
+class Table(Protocol):
+    """The key-value state a stage keeps between records (a faust Table, or a dict in tests)."""
+
+    def get(self, key: bytes, default: Any = None) -> Any: ...
+
+    def __setitem__(self, key: bytes, value: Any) -> None: ...
+
+
+class StagedTable:
+    """A stage's table, read through pending writes that reach it only after the batch's outputs
+    are acknowledged.
+
+    State that says "already emitted" must not be in the table (its changelog) before what it
+    says was emitted is on the broker: a crash in between would lose the output for good. So a
+    core `stage`s its writes, reads see them at once, and the runtime calls `flush` after the
+    batch is drained: a crash before that re-emits (a duplicate the next stage recognises)
+    instead of losing. `ready` is set once the table may be read and written (its changelog
+    known; see runtime.changelog_known)."""
+
+    def __init__(self, table: Table, ready: asyncio.Event | None = None) -> None:
+        self._table = table
+        self._pending: dict[bytes, Any] = {}
+        self._ready = ready
+
+    async def get(self, key: bytes) -> Any:
+        if self._ready is not None:
+            await self._ready.wait()
+        return self._pending[key] if key in self._pending else self._table.get(key)
+
+    def stage(self, key: bytes, value: Any) -> None:
+        self._pending[key] = value
+
+    @property
+    def pending(self) -> Mapping[bytes, Any]:
+        return self._pending
+
+    def flush(self) -> None:
+        for key, value in self._pending.items():
+            self._table[key] = value
+        self._pending.clear()
+
+
+def key_bytes(key: str | bytes | None) -> bytes | None:
+    return key.encode("utf-8") if isinstance(key, str) else key
+
+
+def encode_output(stage: Stage, out: Out, plain: bool | None = None) -> Encoded:
+    """`out` checked (an output of this stage, valid for its topic) and written to bytes;
+    RecordError when it cannot be written."""
+    if out.topic not in stage.outputs and out.topic != stage.dead:
+        raise KeyError(f"{out.topic} is not an output of stage {stage.name}")
+    if plain is None:
+        plain = is_plain_json(out.value)
+    validate_for_topic(out.topic, out.value, plain=plain)
+    try:
+        data = encode(out.value, plain=plain)
+    except (UnicodeEncodeError, ValueError, TypeError) as exc:
+        raise RecordError("unencodable_output", f"{out.topic}: {type(exc).__name__}: {exc}"[:300]) from None
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise RecordError("output_too_large", f"{out.topic}: {len(data)} bytes > {MAX_MESSAGE_BYTES}")
+    return Encoded(out.topic, key_bytes(out.key), data)
+
+
+async def process_record(stage: Stage, handler: Handler, meta: Meta) -> list[Encoded]:
+    """The record's outputs, each validated and encoded, or its dead letter: never an exception,
+    since faust acknowledges a record whose agent raised and the record would be lost."""
+    detail: dict[str, Any] | None = None
+    try:
+        record = decode(meta.raw, stage.input)
+        # validated and encoded here, inside the try: an output that cannot be written (a lone
+        # surrogate, over the topic's size) dead-letters its input instead of crashing the agent
+        # on send, which would stall the stage on the same record for ever
+        return [encode_output(stage, out) for out in await handler(record, meta)]
+    except RecordError as exc:
+        reason, error, detail = exc.reason, exc.detail, exc.data
+    except Exception as exc:  # a bug must not lose the record: park it where an operator sees it
+        log.exception("stage %s: unexpected error on %s[%d]@%d", stage.name, stage.input, meta.partition, meta.offset)
+        reason, error = "internal_error", f"{type(exc).__name__}: {exc}"
+    metrics.DEAD_LETTERS.labels(stage.dead, reason).inc()
+    letter = dead_letter(stage=stage.name, source_topic=stage.input, raw=meta.raw, reason=reason, error=error,
+                         key=meta.key, partition=meta.partition, offset=meta.offset, detail=detail)
+    return [Encoded(stage.dead, key_bytes(meta.key), encode(letter))]
+
+
+def publisher(emitter: Emitter, topic: str) -> Callable[[dict[str, Any]], Awaitable[None]]:
+    """Publish a record keyed by its endpoint on `topic` at once: sent, and acknowledged before
+    the call returns (an outcome other replicas must see before they decide)."""
+
+    async def publish(record: dict[str, Any]) -> None:
+        await emitter.send(Out(topic, record["endpoint"], record))
+        await emitter.drain()
+
+    return publish
