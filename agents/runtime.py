@@ -48,8 +48,10 @@ from pipeline.config import Config
 from pipeline.delivery.breaker import BreakerSettings
 from pipeline.delivery.gate import OUTCOMES, BreakerGate, Role, replay_horizon_ms
 from pipeline.delivery.retry import RetryPolicy
+from pipeline.health import Liveness, lasting
 from pipeline.kafka.follower import TopicFollower
 from pipeline.kafka.partitioner import key_partitioner
+from pipeline.logs import log_context
 from pipeline.model.records import dead_letter, encode, original_bytes
 from pipeline.topics import (
     DEAD_LETTER_BYTES,
@@ -70,6 +72,8 @@ PRODUCER_LINGER_S = 0.005
 # before it fails: a deleted topic or a missing ACL would hold a batch in silence for 20 minutes.
 PRODUCER_REQUEST_TIMEOUT_S = 60.0
 EXIT_AGENT_FAILED = 70  # EX_SOFTWARE
+# A rebalance takes seconds; a worker out of its group for this long is stuck (restart it).
+OUT_OF_GROUP_S = 120.0
 
 
 def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
@@ -105,7 +109,34 @@ def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
     }
     settings.update(overrides)
     Path(settings["datadir"]).mkdir(parents=True, exist_ok=True)
-    return faust.App(stage.app_id, **settings)
+    app = faust.App(stage.app_id, **settings)
+    watch_liveness(app)
+    return app
+
+
+def watch_liveness(app: faust.App) -> Liveness:
+    """The app's answer to /healthz: its loop beats, its Kafka consumer has not crashed, and it
+    is not stuck out of its consumer group (`bind` adds: its agent still runs)."""
+    liveness = Liveness()
+    app.liveness = liveness
+
+    @app.task
+    async def beat() -> None:
+        await liveness.run_beats()
+
+    liveness.probe("consumer", lambda: _consumer_crash(app))
+    liveness.probe("group", lasting(lambda: bool(app.rebalancing), OUT_OF_GROUP_S, "not in the consumer group"))
+    return liveness
+
+
+def _consumer_crash(app: faust.App) -> str | None:
+    if app.crashed:
+        return f"the app crashed: {app.crash_reason!r}"
+    consumer = app._consumer  # only once started: the property would create one, here in the HTTP thread
+    thread = getattr(consumer, "_thread", None)  # faust's aiokafka consumer runs in a thread of its own
+    if thread is not None and thread.crashed:
+        return f"the Kafka consumer crashed: {thread.crash_reason!r}"
+    return None
 
 
 def topic(app: faust.App, name: str, config: Config) -> faust.TopicT:
@@ -331,10 +362,26 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
         message = event.message
         raw = message.value if isinstance(message.value, bytes) else b""
         meta = Meta(message.key, message.partition, message.offset, raw)
-        return meta, await process_record(stage, handler, meta)
+        # every line logged while this record is handled says which record it was
+        with log_context(stage=stage.name, topic=stage.input, partition=meta.partition, offset=meta.offset):
+            return meta, await process_record(stage, handler, meta)
+
+    stopped: list[str | None] = [None]  # why the agent is not running, once it stopped on its own
+    app.liveness.probe("agent", lambda: stopped[0])
 
     @app.agent(source, name=f"{stage.name}-agent")
     async def agent(stream: faust.StreamT) -> None:
+        stopped[0] = None
+        try:
+            await run(stream)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            stopped[0] = f"stopped: {type(exc).__name__}: {exc}"
+            raise
+        stopped[0] = "stopped: its stream ended"
+
+    async def run(stream: faust.StreamT) -> None:
         async for events in stream.take_events(batch, within=within_s):
             try:
                 records_in.inc(len(events))

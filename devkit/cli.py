@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
 from devkit.kafka_local import LocalBroker
 from pipeline import config as config_mod
+from pipeline import logs
 from pipeline.cli.errors import FAILURE_EXITS, report_failure
 
 
@@ -59,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML config file (default: $PIPELINE_CONFIG, else built-in defaults)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     k = sub.add_parser("kafka", help="run a real local Kafka broker (KRaft) from Apache's jars")
@@ -80,8 +81,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_format, args.verbose)
     try:
         return int(args.run(args, config_mod.load(args.config)))
     except tuple(FAILURE_EXITS) as exc:

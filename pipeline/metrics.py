@@ -3,7 +3,13 @@ against this module by tests/unit/test_metrics_doc.py."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
 RECORDS_IN = Counter("pipeline_records_in_total", "Records read by a stage", ["stage"])
 RECORDS_OUT = Counter("pipeline_records_out_total", "Records written by a stage, per output topic",
@@ -27,13 +33,46 @@ BREAKER_TRANSITIONS = Counter("pipeline_breaker_transitions_total", "Breaker sta
                               ["endpoint", "to"])
 CONSUMER_LAG = Gauge("pipeline_consumer_lag", "Records behind the end of the input partition",
                      ["stage", "topic", "partition"])
+# Set beside CONSUMER_LAG by whatever reads lag (every replica for its own stage, and
+# `pipeline lag --serve` for all of them), so an alert can tell "no lag" from "lag unknown" and
+# see a stage whose every replica is gone. Labelled by stage so no process exports them unset.
+CONSUMER_LAG_DRAIN = Gauge("pipeline_consumer_lag_drain_seconds",
+                           "Seconds to consume the stage's lag at its measured rate (+Inf: stalled)", ["stage"])
+CONSUMER_GROUP_MEMBERS = Gauge("pipeline_consumer_group_members",
+                               "Members of the stage's consumer group, as the group coordinator reports them",
+                               ["stage"])
+LAG_EXPORT_OK = Gauge("pipeline_lag_export_ok",
+                      "1 when the last reading of the stage's lag succeeded, 0 when it failed", ["stage"])
+LAG_EXPORT_TIMESTAMP = Gauge("pipeline_lag_export_timestamp_seconds",
+                             "Unix time of the last successful reading of the stage's lag", ["stage"])
 COLLECTOR_CONNECTED = Gauge("pipeline_collector_connected", "1 while the host's event stream is up",
                             ["host"])
 COLLECTOR_EVENTS = Counter("pipeline_collector_events_total", "Collector events by outcome",
                            ["host", "outcome"])
 
 
-def serve(port: int, host: str = "127.0.0.1") -> None:
-    """Expose /metrics on `port` (0 disables)."""
-    if port:
-        start_http_server(port, addr=host)
+def serve(port: int, host: str = "127.0.0.1", health: Callable[[], tuple[bool, str]] | None = None) -> None:
+    """Serve /metrics on `port` (0 disables), and /healthz: 200 "ok", or 503 with the reason
+    `health` gives (a process without a health check answers 200 while it serves)."""
+    if not port:
+        return
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/healthz":
+            return metrics_app(environ, start_response)
+        ok, why = health() if health is not None else (True, "ok")
+        start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+        return [why.encode() + b"\n"]
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+
+
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scrape never holds the process open
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # a line per scrape would drown the logs
+        pass

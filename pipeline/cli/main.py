@@ -12,8 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline import config as config_mod
+from pipeline import logs
 from pipeline.cli.errors import FAILURE_EXITS, report_failure
 from pipeline.errors import ConfigError
+from pipeline.health import Liveness
 from pipeline.topics import hours_ms
 
 log = logging.getLogger("pipeline")
@@ -75,8 +77,11 @@ def cmd_worker(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     async def export_lag() -> None:
         # every replica exports its group's lag; dashboards take max by (stage, topic, partition)
         await export_lag_forever(cfg.kafka.bootstrap, args.stage, interval_s=15.0)
-    metrics.serve(args.metrics_port if args.metrics_port is not None else cfg.metrics.port, cfg.metrics.host)
-    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
+    metrics.serve(args.metrics_port if args.metrics_port is not None else cfg.metrics.port, cfg.metrics.host,
+                  health=app.liveness.check)
+    # faust's worker replaces the root logger's handlers when it starts: hand it the chosen format
+    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True,
+                          logging_config=logs.dict_config(args.log_format, args.verbose))
     # faust's terminal spinner, when on, sets the root logger to DEBUG so that it can spin on
     # every record: each debug line of faust and aiokafka is then formatted (a third of a
     # worker's CPU in bench/stages.py)
@@ -115,7 +120,9 @@ def cmd_collect(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         return 0
     if not cfg.hosts:
         raise ConfigError("no opencode hosts configured: add [[hosts]] entries", "hosts")
-    metrics.serve(args.metrics_port if args.metrics_port is not None else cfg.metrics.port, cfg.metrics.host)
+    liveness = Liveness()
+    metrics.serve(args.metrics_port if args.metrics_port is not None else cfg.metrics.port, cfg.metrics.host,
+                  health=liveness.check)
     settings = CollectorSettings.from_config(cfg)
 
     async def run() -> None:
@@ -125,11 +132,13 @@ def cmd_collect(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, collector.stop)
             exporter = asyncio.create_task(_export_collector_metrics(collector))
+            beats = asyncio.create_task(liveness.run_beats())
             log.info("collecting from %d hosts: %s", len(cfg.hosts), ", ".join(h.name for h in cfg.hosts))
             try:
                 await collector.run()
             finally:
                 exporter.cancel()
+                beats.cancel()
 
     asyncio.run(run())
     return 0
@@ -213,6 +222,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     p.add_argument("--config", help="TOML config file (default: $PIPELINE_CONFIG, else built-in defaults)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="text for people (default), json for log shippers: one object a line")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("topics", help="create or list the topic table on the broker")
@@ -256,8 +267,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_format, args.verbose)
     try:
         cfg = config_mod.load(args.config)
         return COMMANDS[args.command](args, cfg)

@@ -13,11 +13,12 @@ works whether or not a stage is running.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -401,44 +402,109 @@ def render_table(report: LagReport) -> Table:
     return table
 
 
-# ---------------------------------------------------------------- worker export
+# ---------------------------------------------------------------- export (workers and `pipeline lag --serve`)
 
 
 def export_report(report: LagReport) -> None:
-    """Set `pipeline_consumer_lag` for every partition in the report."""
+    """Set the lag gauges for every stage in the report.
+
+    `pipeline_consumer_lag` per partition; beside it, per stage, whether the reading worked,
+    when it last did, the group's members and the time to drain. A stage whose reading failed
+    (coordinator error, missing input topic) keeps its last lag numbers and says so through
+    `pipeline_lag_export_ok` = 0 and an ageing timestamp, so alerts can tell "caught up" from
+    "unknown"."""
     for s in report.stages:
         for p in s.partitions:
             metrics.CONSUMER_LAG.labels(s.stage, s.topic, str(p.partition)).set(p.lag)
+        ok = s.topic_exists and not s.error
+        metrics.LAG_EXPORT_OK.labels(s.stage).set(1 if ok else 0)
+        if ok:
+            metrics.LAG_EXPORT_TIMESTAMP.labels(s.stage).set(report.taken_at)
+        if s.members is not None:
+            metrics.CONSUMER_GROUP_MEMBERS.labels(s.stage).set(s.members)
+        drain = s.drain_s
+        if drain is None:
+            # Unknown (no rate yet, or no reading): no sample rather than a made-up number.
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG_DRAIN.remove(s.stage)
+        else:
+            metrics.CONSUMER_LAG_DRAIN.labels(s.stage).set(drain)  # +Inf when stalled
 
 
-async def export_lag_forever(bootstrap: str, stage_name: str, interval_s: float = 15.0) -> None:
-    """Keep `pipeline_consumer_lag{stage=stage_name}` current, every `interval_s` seconds.
+def export_failure(stages: Iterable[Stage]) -> None:
+    """The broker did not answer: every stage's reading failed. The lag numbers stay as they
+    were; `pipeline_lag_export_ok` drops to 0 and the timestamp stops moving."""
+    for stage in stages:
+        metrics.LAG_EXPORT_OK.labels(stage.name).set(0)
 
-    Run inside a worker: every replica exports the same numbers for its group, so dashboards
-    take `max by (stage, topic, partition)`. A broker hiccup is logged and retried; lag
-    export never takes the worker down. Cancel the task to stop it.
+
+class _RateWindow:
+    """Rates over at least `window_s`: one interval of a few seconds catches faust's once a
+    second commits mid-flight, so a short span makes time to drain jumpy."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._history: collections.deque[LagReport] = collections.deque()
+
+    def add(self, report: LagReport) -> LagReport:
+        """`report` with rates against the newest earlier report at least `window_s` old
+        (or the oldest one kept, until one is)."""
+        self._history.append(report)
+        while len(self._history) > 2 and report.monotonic - self._history[1].monotonic >= self.window_s:
+            self._history.popleft()
+        oldest = self._history[0]
+        return with_rates(report, oldest) if oldest is not report else report
+
+
+async def export_stages_forever(bootstrap: str, stages: Sequence[Stage], interval_s: float = 15.0, *,
+                                rate_window_s: float = 60.0, name: str = "lag export",
+                                **client_options: Any) -> None:
+    """Keep the lag gauges (`export_report`) current for `stages`, every `interval_s` seconds.
+
+    The one export loop: a worker runs it for its own stage, `pipeline lag --serve` for every
+    stage, so both export the same series. A broker that cannot be reached is reported
+    (`export_failure`, a warning when the problem changes) and retried with backoff; this
+    never raises but for cancellation, so the process serving /metrics stays up and says
+    what is wrong. Cancel the task to stop it.
     """
-    stage = STAGES[stage_name]
+    rates = _RateWindow(rate_window_s)
     backoff = 1.0
     problem: str | None = None  # logged when it changes, not every interval
+
+    def note(now: str | None) -> None:
+        nonlocal problem
+        if now != problem:
+            log.log(logging.WARNING if now else logging.INFO, "%s: %s", name, now or "ok")
+            problem = now
+
     while True:
-        collector = LagCollector(bootstrap, coordinator_wait_s=min(interval_s, 15.0))
+        collector = LagCollector(bootstrap, coordinator_wait_s=min(interval_s, 15.0), **client_options)
         try:
             await collector.start()
             backoff = 1.0
             while True:
-                report = await collector.sample([stage])
+                report = rates.add(await collector.sample(stages))
                 export_report(report)
-                s = report.stages[0]
-                now = s.error or (None if s.topic_exists else f"input topic {s.topic} does not exist")
-                if now != problem:
-                    log.log(logging.WARNING if now else logging.INFO, "lag export for %s: %s", stage_name,
-                            now or "ok")
-                    problem = now
+                troubles = [f"{s.stage}: {s.error or f'input topic {s.topic} does not exist'}"
+                            for s in report.stages if s.error or not s.topic_exists]
+                note("; ".join(troubles) or None)
                 await asyncio.sleep(interval_s)
         except (TimeoutError, KafkaError, BrokerError, OSError) as exc:
-            log.warning("lag export for %s: %s; retrying in %.0fs", stage_name, exc, backoff)
+            export_failure(stages)
+            note(f"{exc}; retrying")
+            log.debug("%s: retrying in %.0fs", name, backoff)
         finally:
             await collector.close()
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, max(interval_s, 1.0) * 4)
+
+
+async def export_lag_forever(bootstrap: str, stage_name: str, interval_s: float = 15.0) -> None:
+    """Keep `pipeline_consumer_lag{stage=stage_name}` (and its companions) current, every
+    `interval_s` seconds.
+
+    Run inside a worker: every replica exports the same numbers for its group, so dashboards
+    take `max by (stage, topic, partition)`. When every replica is down nothing exports the
+    stage's lag from here: `pipeline lag --serve` is the exporter that survives that.
+    """
+    await export_stages_forever(bootstrap, [STAGES[stage_name]], interval_s, name=f"lag export for {stage_name}")

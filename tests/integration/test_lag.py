@@ -1,5 +1,6 @@
 """`pipeline lag` on the real broker: per-partition committed / end / lag numbers, rates,
-the bottleneck, groups and topics that do not exist, the JSON command and the lag gauge.
+the bottleneck, groups and topics that do not exist, the JSON command, the lag gauge and the
+lag exporter (`--serve`) that reports every stage whether or not a replica runs.
 
 The exact-number tests use stages and topics of their own (unique names), because the
 session broker is shared: other tests run the real stages and commit for their groups.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -16,17 +18,22 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import REGISTRY
 
+from devkit.kafka_local import free_port
 from pipeline.cli import lag as lag_cli
 from pipeline.kafka import admin
 from pipeline.kafka.lag import LagCollector, collect_lag, export_lag_forever, render_table, to_json
-from pipeline.topics import STAGES, TOPICS, Stage, partitions_of
+from pipeline.topics import PIPELINE_STAGES, STAGES, TOPICS, Stage, partitions_of
 
 pytestmark = pytest.mark.integration
 
@@ -187,6 +194,9 @@ def test_export_lag_forever_sets_the_gauge(kafka, monkeypatch: pytest.MonkeyPatc
                 assert not task.done(), task.exception()
                 assert time.monotonic() < deadline, f"gauge is {(gauge(0), gauge(1))}, want (4, 3)"
                 await asyncio.sleep(0.1)
+            # beside it: the reading worked, and the group has no member (nothing joined it)
+            assert REGISTRY.get_sample_value("pipeline_lag_export_ok", {"stage": stage.name}) == 1.0
+            assert REGISTRY.get_sample_value("pipeline_consumer_group_members", {"stage": stage.name}) == 0.0
             # and it follows the group as it commits
             await commit(bootstrap, stage.app_id, {TopicPartition(topic, 0): 5, TopicPartition(topic, 1): 3})
             while (gauge(0), gauge(1)) != (0.0, 0.0):
@@ -307,3 +317,140 @@ def test_rates_and_lag_edge_cases_without_a_broker() -> None:
     assert s.rate == 4 / 2.0 and s.in_rate == 2 / 2.0
     # An error on either side leaves the rate unknown rather than 0.
     assert with_rates(report(102.0, error="boom"), before).stages[0].rate is None
+
+
+# ---------------------------------------------------------------- the lag exporter (`--serve`)
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """/metrics of a process as {(name, labels): value}; {} while it does not answer yet."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return {}
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+@contextlib.contextmanager
+def exporter(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A lag exporter process, ended with SIGINT (how an operator or compose stops it)."""
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+        assert proc.poll() is None, f"the exporter exited: {log.read_text(errors='replace')}"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, log.read_text(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def wait_for(port: int, proc: subprocess.Popen[bytes], log: Path, ready: Callable[[dict[Any, float]], bool],
+             what: str) -> dict[Any, float]:
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        samples = scrape(port)
+        if samples and ready(samples):
+            return samples
+        assert proc.poll() is None, f"the exporter exited: {log.read_text(errors='replace')}"
+        assert time.monotonic() < deadline, f"{what}; /metrics has {sorted(k for k in samples if 'lag' in k[0])}"
+        time.sleep(0.2)
+
+
+def test_lag_exporter_serves_every_stage_with_no_replica_running(kafka, kafka_env, kafka_config,
+                                                                tmp_path: Path) -> None:
+    """`python -m pipeline.cli.lag --serve`, as compose runs it: no stage runs here, yet every
+    deployed stage's lag is on /metrics, equal to what `pipeline lag` reads, with 0 members."""
+    asyncio.run(admin.create_topics(kafka.bootstrap, kafka_config.kafka.partitions, 1))
+    port, log = free_port(), tmp_path / "exporter.log"
+    cmd = [sys.executable, "-m", "pipeline.cli.lag", "--serve", "--metrics-port", str(port), "--interval", "0.5"]
+    with exporter(cmd, {**os.environ, **kafka_env}, log) as proc:
+        samples = wait_for(port, proc, log, lambda m: all(
+            value(m, "pipeline_lag_export_ok", stage=s) == 1.0 for s in PIPELINE_STAGES), "no reading for every stage")
+        expected = asyncio.run(collect_lag(kafka.bootstrap, [STAGES[s] for s in PIPELINE_STAGES]))
+        for s in expected.stages:
+            assert s.members == 0 and value(samples, "pipeline_consumer_group_members", stage=s.stage) == 0.0
+            assert len(s.partitions) == partitions_of(TOPICS[s.topic], kafka_config.kafka.partitions)
+            for p in s.partitions:
+                assert value(samples, "pipeline_consumer_lag", stage=s.stage, topic=s.topic,
+                             partition=str(p.partition)) == p.lag, (s.stage, p)
+            assert abs(value(samples, "pipeline_lag_export_timestamp_seconds", stage=s.stage) - time.time()) < 60
+        # passthrough, the wiring check, is never deployed: not exported unless asked for
+        assert not [k for k in samples if ("stage", "passthrough") in k[1]]
+
+
+def test_lag_exporter_numbers_for_a_group_that_is_down(kafka, tmp_path: Path) -> None:
+    """Exact numbers, on a stage and topic of this test's own (the shared broker's stage topics
+    are read by other tests): the group committed once and has no member; the exporter shows its
+    lag, follows a commit, and time to drain appears once two readings give a rate. The stage
+    is added to the topic table in the exporter's own process, which then runs the same main()
+    as `python -m pipeline.cli.lag`."""
+    uid = uuid.uuid4().hex[:8]
+    topic, name = f"lagtest.{uid}.serve", f"lt{uid}-serve"
+    stage = Stage(name, topic, (), "x", "test")
+    tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+
+    async def setup() -> None:
+        await create_topic(kafka.bootstrap, topic, 2)
+        await produce_to(kafka.bootstrap, topic, {0: 5, 1: 3})
+        await commit(kafka.bootstrap, stage.app_id, {tp0: 1})
+
+    asyncio.run(setup())
+    port, log = free_port(), tmp_path / "exporter.log"
+    program = ("import sys; from pipeline.topics import STAGES, Stage; "
+               f"STAGES[{name!r}] = Stage({name!r}, {topic!r}, (), 'x', 'test'); "
+               "from pipeline.cli.lag import main; sys.exit(main())")
+    cmd = [sys.executable, "-c", program, "--serve", "--metrics-port", str(port), "--interval", "0.3",
+           "--stage", name]
+    env = {**os.environ, "PIPELINE_KAFKA__BOOTSTRAP": kafka.bootstrap}
+
+    def lag(m: dict[Any, float], partition: int) -> float | None:
+        return value(m, "pipeline_consumer_lag", stage=name, topic=topic, partition=str(partition))
+
+    with exporter(cmd, env, log) as proc:
+        samples = wait_for(port, proc, log, lambda m: (lag(m, 0), lag(m, 1)) == (4.0, 3.0), "lag (4, 3)")
+        assert value(samples, "pipeline_consumer_group_members", stage=name) == 0.0
+        assert value(samples, "pipeline_lag_export_ok", stage=name) == 1.0
+        # Nothing consumes: once two readings give a rate, the drain time is +Inf (stalled).
+        samples = wait_for(port, proc, log, lambda m: value(m, "pipeline_consumer_lag_drain_seconds", stage=name)
+                           is not None, "no drain time")
+        assert value(samples, "pipeline_consumer_lag_drain_seconds", stage=name) == math.inf
+        asyncio.run(commit(kafka.bootstrap, stage.app_id, {tp0: 5, tp1: 3}))
+        samples = wait_for(port, proc, log, lambda m: (lag(m, 0), lag(m, 1)) == (0.0, 0.0), "lag (0, 0)")
+        wait_for(port, proc, log, lambda m: value(m, "pipeline_consumer_lag_drain_seconds", stage=name) == 0.0,
+                 "drain time 0 once caught up")
+
+
+def test_lag_exporter_keeps_serving_while_the_broker_is_down(tmp_path: Path) -> None:
+    """No broker at all: /metrics answers, every stage's reading is reported failed, and the
+    process stays up retrying (it needs no broker, so no fixture)."""
+    port, log = free_port(), tmp_path / "exporter.log"
+    dead = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "pipeline.cli.lag", "--serve", "--metrics-port", str(port), "--interval", "0.3"]
+    env = {**os.environ, "PIPELINE_KAFKA__BOOTSTRAP": dead}
+    with exporter(cmd, env, log) as proc:
+        samples = wait_for(port, proc, log, lambda m: all(
+            value(m, "pipeline_lag_export_ok", stage=s) == 0.0 for s in PIPELINE_STAGES), "no failure reported")
+        assert not [k for k in samples if k[0] == "pipeline_lag_export_timestamp_seconds"]
+        time.sleep(2)  # a few retries later, still up and still saying so
+        assert value(scrape(port), "pipeline_lag_export_ok", stage="sign") == 0.0
+    assert "lag exporter" in log.read_text(errors="replace")
+
+
+def test_lag_exporter_options_are_checked() -> None:
+    for argv, option in ([["--serve", "--metrics-port", "0"], "--metrics-port"],
+                         [["--serve", "--watch", "--metrics-port", "1"], "--serve"],
+                         [["--serve", "--interval", "0", "--metrics-port", "1"], "--interval"]):
+        bad = subprocess.run([sys.executable, "-m", "pipeline.cli.lag", *argv], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "PIPELINE_KAFKA__BOOTSTRAP": "127.0.0.1:1"})
+        assert bad.returncode == 2 and option in bad.stderr, (argv, bad.stderr)
