@@ -4,6 +4,8 @@ when a record goes through it."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -63,7 +65,8 @@ def worker(kafka, kafka_env, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     asyncio.run(admin.create_topics(kafka.bootstrap, int(kafka_env["PIPELINE_KAFKA__PARTITIONS"]), 1))
     port = free_port()
     log_dir: Path = tmp_path_factory.mktemp("metrics-worker")
-    with PipelineProcess(["worker", STAGE, "--metrics-port", str(port)], kafka_env, log_dir,
+    with PipelineProcess(["--log-format", "json", "worker", STAGE, "--metrics-port", str(port), "--loglevel", "info"],
+                         kafka_env, log_dir,
                          name="metrics-worker") as proc:
         scraper = Scraper(port, proc)
         wait_for(scraper.text, 60, what=f"{scraper.url} to answer")
@@ -111,3 +114,35 @@ def test_worker_exports_its_consumer_lag(worker: Scraper) -> None:
 
     wait_for(caught_up, TIMEOUT_S, interval_s=1.0,
              what=f"pipeline_consumer_lag{{stage={STAGE!r}}} on every partition of {stage.input}, summing to 0")
+
+
+def test_worker_answers_healthz_while_its_agent_runs(worker: Scraper) -> None:
+    def health() -> tuple[int, str] | None:
+        try:
+            with urllib.request.urlopen(worker.url.replace("/metrics", "/healthz"), timeout=5) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read().decode()
+        except OSError:
+            return None
+
+    # unhealthy until the group is joined and the loop turns; then healthy, and it stays so
+    assert wait_for(lambda: health() == (200, "ok\n"), TIMEOUT_S, what="/healthz 200 ok")
+    time.sleep(2)
+    assert health() == (200, "ok\n")
+
+
+def test_worker_logs_one_json_object_a_line(worker: Scraper) -> None:
+    def json_lines() -> list[dict]:
+        found = []
+        for line in worker.worker.log().splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                found.append(doc)
+        return found
+
+    lines = wait_for(json_lines, TIMEOUT_S, what="a JSON log line from the worker")
+    assert all({"time", "level", "logger", "message"} <= set(doc) for doc in lines), lines[:3]
