@@ -96,10 +96,10 @@ def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
         "broker_heartbeat_interval": config.kafka.heartbeat_interval_s,
         "stream_wait_empty": False,
         "producer_max_request_size": DEAD_LETTER_BYTES,  # a dead letter is the largest record
-        # Batches of records per produce request (bench/README.md): a 25-message turn is ~20 KB,
-        # past faust's 16 KB default batch, so every record went out as its own batch; and with
-        # no linger the sender shipped each record as soon as the agent yielded, one request
-        # per record. The agent awaits the acks once per batch of records anyway.
+        # Batches of records per produce request: a 25-message turn is ~20 KB, past faust's 16 KB
+        # default batch, which would send every record as its own batch; and with no linger the
+        # sender would ship each record as soon as the agent yields, one request per record. The
+        # agent awaits the acks once per batch of records anyway.
         "producer_max_batch_size": PRODUCER_BATCH_BYTES,
         "producer_linger": PRODUCER_LINGER_S,
         "producer_request_timeout": PRODUCER_REQUEST_TIMEOUT_S,

@@ -83,8 +83,7 @@ def cmd_worker(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     worker = faust.Worker(app, loglevel=args.loglevel, quiet=True,
                           logging_config=logs.dict_config(args.log_format, args.verbose))
     # faust's terminal spinner, when on, sets the root logger to DEBUG so that it can spin on
-    # every record: each debug line of faust and aiokafka is then formatted (a third of a
-    # worker's CPU in bench/stages.py)
+    # every record: each debug line of faust and aiokafka would then be formatted
     worker.spinner = None
     tune_gc()
     worker.execute_from_commandline()
@@ -97,7 +96,7 @@ def tune_gc() -> None:
     A batch of decoded records (a 21 KB snapshot is ~1 500 objects) outlives several of the
     default 700-allocation young collections, is promoted, and keeps triggering collections
     of the older generations, each walking every long-lived object of faust, aiokafka and the
-    imported modules: it doubled the cost of decoding a record in a worker (bench/README.md).
+    imported modules.
     Freezing what start-up allocated takes those objects out of every later collection, and a
     larger young generation lets a batch die young. Reference cycles are still collected."""
     import gc

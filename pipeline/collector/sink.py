@@ -80,7 +80,7 @@ class KafkaEventSink:
         client_id: str = "opencode-collector",
         max_request_size: int = MAX_RECORD_BYTES + 1024 * 1024,
         # zstd (cramjam): aiokafka compresses in the event loop, and its gzip (level 9) is too
-        # slow for the collector's volume (bench/README.md, Collector)
+        # slow for the collector's volume
         compression_type: str | None = "zstd",
         linger_ms: int = 10,
         retry_min_s: float = 0.5,
