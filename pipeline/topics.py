@@ -153,3 +153,27 @@ def unscrubbed_topics() -> list[str]:
 
 def hours_ms(hours: float) -> int:
     return int(hours * 3600 * 1000)
+
+
+def topic_table() -> list[dict[str, object]]:
+    """The table as plain data, for what is not Python (the Helm chart's files/topics.json):
+    every topic, then the stages' table changelogs. `partitions` None means the configured default
+    (`kafka.partitions`); `configs` are at the table's own retention, which an `unscrubbed` topic
+    caps at `kafka.unscrubbed_retention_hours`."""
+    rows: list[dict[str, object]] = [
+        {"name": t.name, "partitions": t.partitions, "compacted": t.compacted, "retention_ms": t.retention_ms,
+         "unscrubbed": t.unscrubbed, "configs": t.configs()}
+        for t in TOPICS.values()]
+    # a changelog has its table's input's partitions (faust requires it), and holds that input's content
+    for stage in TABLES:
+        source = TOPICS[STAGES[stage].input]
+        rows.append({"name": changelog_topic(stage), "partitions": source.partitions, "compacted": True,
+                     "retention_ms": source.retention_ms, "unscrubbed": True,
+                     "configs": changelog_configs(source.retention_ms)})
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(topic_table(), indent=2))

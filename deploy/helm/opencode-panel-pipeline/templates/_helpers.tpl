@@ -1,0 +1,239 @@
+{{/* Names and labels */}}
+{{- define "opp.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "opp.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "opp.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "opp.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "opp.labels" -}}
+{{ include "opp.selectorLabels" . }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: opencode-panel-pipeline
+{{- end -}}
+
+{{- define "opp.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The stages, in pipeline order: pipeline.topics.PIPELINE_STAGES, with their input topic
+     (pipeline.topics.STAGES[name].input) and consumer group (STAGES[name].app_id). */}}
+{{- define "opp.stages" -}}
+{{- toJson (list
+  (dict "name" "ingest" "input" "opencode.events")
+  (dict "name" "sample" "input" "sessions.idle")
+  (dict "name" "scrub" "input" "traces.sampled")
+  (dict "name" "sign" "input" "traces.scrubbed")
+  (dict "name" "breaker" "input" "traces.signed")
+  (dict "name" "deliver" "input" "traces.outbox")) -}}
+{{- end -}}
+
+{{- define "opp.consumerGroup" -}}
+{{- printf "panel-pipeline-%s" . -}}
+{{- end -}}
+
+{{/* The topic table, from files/topics.json (`python -m pipeline.topics`). */}}
+{{- define "opp.topics" -}}
+{{- .Files.Get "files/topics.json" -}}
+{{- end -}}
+
+{{/* Partitions of one topic: the table's, or kafka.partitions. Args: (list $ topicName) */}}
+{{- define "opp.partitions" -}}
+{{- $root := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- $found := "" -}}
+{{- range (include "opp.topics" $root | fromJsonArray) -}}
+{{- if eq .name $name -}}
+{{- $found = ternary $root.Values.kafka.partitions .partitions (kindIs "invalid" .partitions) | int | toString -}}
+{{- end -}}
+{{- end -}}
+{{- if not $found -}}
+{{- fail (printf "topic %s is not in files/topics.json: regenerate it with `python -m pipeline.topics`" $name) -}}
+{{- end -}}
+{{- $found -}}
+{{- end -}}
+
+{{/* The most replicas of a stage: maxReplicas, or its input's partitions; fails above that.
+     Args: (list $ stage) where stage is a dict from opp.stages */}}
+{{- define "opp.maxReplicas" -}}
+{{- $root := index . 0 -}}
+{{- $stage := index . 1 -}}
+{{- $values := index $root.Values.stages $stage.name -}}
+{{- $partitions := include "opp.partitions" (list $root $stage.input) | int -}}
+{{- $max := $partitions -}}
+{{- if not (kindIs "invalid" $values.maxReplicas) -}}
+{{- $max = $values.maxReplicas | int -}}
+{{- end -}}
+{{- if gt $max $partitions -}}
+{{- fail (printf "stages.%s.maxReplicas is %d but its input topic %s has %d partitions: a consumer group never has more active members than partitions (raise kafka.partitions, or lower maxReplicas)" $stage.name $max $stage.input $partitions) -}}
+{{- end -}}
+{{- if gt ($values.minReplicas | int) $max -}}
+{{- fail (printf "stages.%s.minReplicas (%d) is above its maxReplicas (%d)" $stage.name ($values.minReplicas | int) $max) -}}
+{{- end -}}
+{{- $max -}}
+{{- end -}}
+
+{{/* pipeline.toml for the stages (no hosts) or for one collector. Args: (list $ hosts) with
+     hosts a list of host entries or nil for the stages. */}}
+{{- define "opp.pipelineToml" -}}
+{{- $root := index . 0 -}}
+{{- $hosts := index . 1 -}}
+{{- $cfg := deepCopy $root.Values.config -}}
+{{- $kafka := get $cfg "kafka" | default dict -}}
+{{- $_ := set $kafka "bootstrap" $root.Values.kafka.bootstrapServers -}}
+{{- $_ := set $kafka "partitions" ($root.Values.kafka.partitions | int) -}}
+{{- $_ := set $kafka "replication" ($root.Values.kafka.replication | int) -}}
+{{- $_ := set $cfg "kafka" $kafka -}}
+{{- $_ := set $cfg "metrics" (dict "host" "0.0.0.0" "port" 9100) -}}
+{{- if kindIs "slice" $hosts -}}
+{{- $collector := get $cfg "collector" | default dict -}}
+{{- $_ := set $collector "state_dir" "/var/lib/pipeline/collector" -}}
+{{- $_ := set $cfg "collector" $collector -}}
+{{- $entries := list -}}
+{{- range $hosts -}}
+{{- $entries = append $entries (omit . "passwordSecret") -}}
+{{- end -}}
+{{- $_ := set $cfg "hosts" $entries -}}
+{{- end -}}
+{{- include "opp.wholeNumbers" $cfg -}}
+{{- toToml $cfg -}}
+{{- end -}}
+
+{{/* YAML values reach templates as float64: 25 would be written `25.0`, which an integer key
+     refuses. Rewrites, in place, every whole number of a map (and of its maps and lists) as an
+     integer; a float key accepts an integer. */}}
+{{- define "opp.wholeNumbers" -}}
+{{- $map := . -}}
+{{- range $key, $value := $map -}}
+{{- if kindIs "map" $value -}}
+{{- include "opp.wholeNumbers" $value -}}
+{{- else if kindIs "slice" $value -}}
+{{- $items := list -}}
+{{- range $value -}}
+{{- if kindIs "map" . -}}
+{{- include "opp.wholeNumbers" . -}}
+{{- $items = append $items . -}}
+{{- else if and (kindIs "float64" .) (eq (. | int64 | float64) .) -}}
+{{- $items = append $items (. | int64) -}}
+{{- else -}}
+{{- $items = append $items . -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $map $key $items -}}
+{{- else if and (kindIs "float64" $value) (eq ($value | int64 | float64) $value) -}}
+{{- $_ := set $map $key ($value | int64) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The collectors: a list of {name, hosts: [host entries]}; fails unless every host is in
+     exactly one collector. */}}
+{{- define "opp.collectors" -}}
+{{- $byName := dict -}}
+{{- range .Values.hosts -}}
+{{- if hasKey $byName .name -}}
+{{- fail (printf "hosts: %s is listed twice" .name) -}}
+{{- end -}}
+{{- $_ := set $byName .name . -}}
+{{- end -}}
+{{- $collectors := list -}}
+{{- if .Values.collectors -}}
+{{- $assigned := dict -}}
+{{- $names := dict -}}
+{{- range .Values.collectors -}}
+{{- if hasKey $names .name -}}
+{{- fail (printf "collectors: %s is listed twice" .name) -}}
+{{- end -}}
+{{- $_ := set $names .name true -}}
+{{- $entries := list -}}
+{{- $collector := .name -}}
+{{- range .hosts -}}
+{{- if not (hasKey $byName .) -}}
+{{- fail (printf "collectors[%s].hosts: %s is not in hosts" $collector .) -}}
+{{- end -}}
+{{- if hasKey $assigned . -}}
+{{- fail (printf "collectors: host %s is in both %s and %s (two collectors would forward its turns twice)" . (get $assigned .) $collector) -}}
+{{- end -}}
+{{- $_ := set $assigned . $collector -}}
+{{- $entries = append $entries (get $byName .) -}}
+{{- end -}}
+{{- $collectors = append $collectors (dict "name" .name "hosts" $entries) -}}
+{{- end -}}
+{{- range .Values.hosts -}}
+{{- if not (hasKey $assigned .name) -}}
+{{- fail (printf "collectors: host %s is in no collector (nothing would read it)" .name) -}}
+{{- end -}}
+{{- end -}}
+{{- else if .Values.hosts -}}
+{{- $collectors = list (dict "name" "main" "hosts" .Values.hosts) -}}
+{{- end -}}
+{{- toJson $collectors -}}
+{{- end -}}
+
+{{/* The pod's security context and the container's: non-root uid 10001, read-only root. */}}
+{{- define "opp.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "opp.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end -}}
+
+{{- define "opp.probes" -}}
+startupProbe:
+  httpGet: {path: /healthz, port: metrics}
+  periodSeconds: {{ .Values.probes.startup.periodSeconds }}
+  failureThreshold: {{ .Values.probes.startup.failureThreshold }}
+livenessProbe:
+  httpGet: {path: /healthz, port: metrics}
+  periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
+  timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
+  failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
+readinessProbe:
+  httpGet: {path: /healthz, port: metrics}
+  periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
+  timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
+  failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
+{{- end -}}
+
+{{- define "opp.podExtras" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}

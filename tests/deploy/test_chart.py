@@ -1,0 +1,374 @@
+"""The Helm chart (deploy/helm/opencode-panel-pipeline), checked without a cluster.
+
+tools/chartcheck renders it with Helm's own library (values.schema.json included, as `helm
+template` does) and decodes every object strictly into the Kubernetes, KEDA and Strimzi types;
+here its summary is held against the topic table and the stages, and the rendered pipeline.toml
+files against the config loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline import config as config_mod
+from pipeline.topics import PIPELINE_STAGES, STAGES, TOPICS, partitions_of, topic_table
+from tests.fixtures import REPO
+
+pytestmark = pytest.mark.deploy
+
+CHART = REPO / "deploy" / "helm" / "opencode-panel-pipeline"
+PRODUCTION = CHART / "ci" / "production-values.yaml"
+TOOL = REPO / "tools" / "chartcheck"
+GO_FALLBACK = Path("/usr/local/go/bin/go")
+
+
+def _go() -> str | None:
+    return shutil.which("go") or (str(GO_FALLBACK) if GO_FALLBACK.exists() else None)
+
+
+@pytest.fixture(scope="session")
+def chartcheck() -> Path:
+    """tools/chartcheck built into the cache dir (rebuilt when its sources are newer)."""
+    built = config_mod.DEFAULT_CACHE_DIR / "chartcheck"
+    sources = [TOOL / "main.go", TOOL / "go.mod", TOOL / "go.sum"]
+    stale = not built.exists() or built.stat().st_mtime < max(s.stat().st_mtime for s in sources)
+    go = _go()
+    if stale and go is None:
+        pytest.skip("Go is not installed (needed to build tools/chartcheck, the chart's validator)")
+    if stale:
+        built.parent.mkdir(parents=True, exist_ok=True)
+        build = subprocess.run([go, "build", "-o", str(built), "."], cwd=TOOL,  # type: ignore[list-item]
+                               env={**os.environ, "GOFLAGS": "-mod=readonly"}, capture_output=True, text=True,
+                               timeout=1200)
+        if build.returncode != 0:
+            pytest.fail(f"building tools/chartcheck failed:\n{build.stderr[-3000:]}")
+    return built
+
+
+def render(tool: Path, *values: Path, chart: Path = CHART) -> subprocess.CompletedProcess[str]:
+    flags = [arg for v in values for arg in ("-f", str(v))]
+    return subprocess.run([str(tool), *flags, "-namespace", "pipeline", "-release", "panel", str(chart)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def summary(tool: Path, *values: Path) -> dict[str, Any]:
+    proc = render(tool, *values)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def of_kind(doc: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    return {o["name"]: o["object"] for o in doc["objects"] if o["kind"] == kind}
+
+
+def values_of(*files: Path) -> dict[str, Any]:
+    """The merged values (a shallow-enough merge for these files: maps merge, the rest replaces)."""
+    def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+        return out
+    merged: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+    for f in files:
+        merged = merge(merged, yaml.safe_load(f.read_text()))
+    return merged
+
+
+def write(tmp_path: Path, name: str, doc: Any) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc) if not isinstance(doc, str) else doc)
+    return path
+
+
+def stage_of(deployment: dict[str, Any]) -> str:
+    return deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    [c] = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def assert_stages(doc: dict[str, Any], values: dict[str, Any]) -> None:
+    deployments = of_kind(doc, "Deployment")
+    by_stage = {stage_of(d): (name, d) for name, d in deployments.items() if stage_of(d) != "collector"}
+    assert set(by_stage) == set(PIPELINE_STAGES)
+    scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in of_kind(doc, "ScaledObject").values()}
+    pdbs = of_kind(doc, "PodDisruptionBudget")
+    default_partitions = values["kafka"]["partitions"]
+    for stage in PIPELINE_STAGES:
+        name, deployment = by_stage[stage]
+        assert container(deployment)["args"] == ["worker", stage, "--metrics-port", "9100"]
+        # KEDA: one ScaledObject per stage, on its consumer group and its input topic
+        so = scaled.pop(name)
+        assert so["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+        [trigger] = so["spec"]["triggers"]
+        meta = trigger["metadata"]
+        assert trigger["type"] == "kafka"
+        assert meta["consumerGroup"] == STAGES[stage].app_id
+        assert meta["topic"] == STAGES[stage].input
+        assert meta["bootstrapServers"] == values["kafka"]["bootstrapServers"]
+        stage_values = values["stages"][stage]
+        assert int(meta["lagThreshold"]) == stage_values["lagThreshold"]
+        partitions = partitions_of(TOPICS[STAGES[stage].input], default_partitions)
+        assert so["spec"]["maxReplicaCount"] == stage_values.get("maxReplicas", partitions) <= partitions
+        assert so["spec"]["minReplicaCount"] == stage_values["minReplicas"]
+        assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
+        # a PDB selecting exactly this stage's pods
+        selector = pdbs[name]["spec"]["selector"]["matchLabels"]
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= pod_labels.items() and selector["app.kubernetes.io/component"] == stage
+    assert not scaled, f"ScaledObjects for no stage: {sorted(scaled)}"
+
+
+def assert_pods(doc: dict[str, Any]) -> None:
+    for name, deployment in of_kind(doc, "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        c = container(deployment)
+        assert c["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}], name
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, (name, probe)
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], name
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts["/var/lib/pipeline"]], name
+        assert "configMap" in volumes[mounts["/etc/pipeline"]], name
+        # secrets only by reference: the only literal env values are the two paths
+        for env in c.get("env", []):
+            assert "valueFrom" in env or env["name"] in {"PIPELINE_CONFIG", "PIPELINE_KAFKA__CACHE_DIR"}, env
+        for source in c.get("envFrom", []):
+            assert set(source) == {"secretRef"}
+
+
+def config_text(doc: dict[str, Any], key: str) -> str:
+    return of_kind(doc, "ConfigMap")["panel-opencode-panel-pipeline-config"]["data"][key]
+
+
+def load_config(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> config_mod.Config:
+    path = tmp_path / "pipeline.toml"
+    path.write_text(text)
+    return config_mod.load(path, env=env or {})
+
+
+# --- the topic table has one source -----------------------------------------------------------
+
+def test_files_topics_json_is_the_topic_table() -> None:
+    shipped = json.loads((CHART / "files" / "topics.json").read_text())
+    assert shipped == json.loads(json.dumps(topic_table())), (
+        "deploy/helm/opencode-panel-pipeline/files/topics.json is stale: regenerate it with "
+        "`python -m pipeline.topics > deploy/helm/opencode-panel-pipeline/files/topics.json`")
+    assert {row["name"] for row in shipped} >= set(TOPICS)
+
+
+def test_python_m_pipeline_topics_prints_the_table() -> None:
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "pipeline.topics"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads((CHART / "files" / "topics.json").read_text())
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+def test_default_values_render_a_stage_deployment_scaledobject_and_pdb_each(chartcheck: Path, tmp_path: Path) -> None:
+    doc = summary(chartcheck)
+    values = values_of()
+    assert_stages(doc, values)
+    assert_pods(doc)
+    # no hosts by default: no collector, and NOTES say how to add them
+    assert not [d for d in of_kind(doc, "Deployment").values() if stage_of(d) == "collector"]
+    assert "hosts` is empty" in doc["notes"]
+    # topics: the hook Job (`pipeline topics create`), not Strimzi
+    assert not of_kind(doc, "KafkaTopic")
+    [job] = of_kind(doc, "Job").values()
+    assert container(job)["args"] == ["topics", "create"]
+    assert {o["kind"] for o in doc["objects"] if o["hook"]} == {"Job", "ConfigMap"}
+    # the stages' pipeline.toml is a valid config with the chart's kafka and metrics settings, no hosts
+    cfg = load_config(tmp_path, config_text(doc, "pipeline.toml"))
+    assert cfg.kafka.bootstrap == values["kafka"]["bootstrapServers"]
+    assert cfg.kafka.partitions == values["kafka"]["partitions"] and cfg.metrics.port == 9100
+    assert cfg.hosts == () and cfg.lru_size == 10000 and cfg.max_messages == 25
+
+
+def test_production_values_split_hosts_over_collectors(chartcheck: Path, tmp_path: Path) -> None:
+    doc = summary(chartcheck, PRODUCTION)
+    values = values_of(PRODUCTION)
+    assert_stages(doc, values)
+    assert_pods(doc)
+    deployments = of_kind(doc, "Deployment")
+    collectors = {n: d for n, d in deployments.items() if stage_of(d) == "collector"}
+    assert len(deployments) == len(PIPELINE_STAGES) + len(values["collectors"])
+    passwords = {h["password_env"]: "pw" for h in values["hosts"]}
+    read_by: dict[str, str] = {}
+    for wanted in values["collectors"]:
+        name = f"panel-opencode-panel-pipeline-collector-{wanted['name']}"
+        deployment = collectors[name]
+        assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+        assert container(deployment)["args"] == ["collect", "--metrics-port", "9100"]
+        [config_volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
+        [item] = config_volume["configMap"]["items"]
+        cfg = load_config(tmp_path, config_text(doc, item["key"]), passwords)
+        assert [h.name for h in cfg.hosts] == wanted["hosts"]
+        assert str(cfg.collector.state_dir) == "/var/lib/pipeline/collector"
+        assert cfg.kafka.unscrubbed_retention_hours == 72 and cfg.lru_size == 20000
+        for host in cfg.hosts:
+            read_by[host.name] = name
+        state = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "state"]
+        assert state[0]["persistentVolumeClaim"]["claimName"] in of_kind(doc, "PersistentVolumeClaim")
+    assert sorted(read_by) == sorted(h["name"] for h in values["hosts"]), "every host read by one collector"
+    # a host with passwordSecret gets exactly its own secretKeyRef
+    pool = container(collectors["panel-opencode-panel-pipeline-collector-pool"])
+    assert {"name": "OPENCODE_PASSWORD_POOL",
+            "valueFrom": {"secretKeyRef": {"name": "pool-daemon", "key": "password"}}} in pool["env"]
+    # one principal per stage: a stage's kafkaSecret replaces the shared one
+    scrub = container(deployments["panel-opencode-panel-pipeline-scrub"])
+    assert scrub["envFrom"] == [{"secretRef": {"name": "pipeline-kafka-scrub"}},
+                                {"secretRef": {"name": "pipeline-scrubber"}}]
+    for so in of_kind(doc, "ScaledObject").values():
+        assert so["spec"]["triggers"][0]["authenticationRef"] == {"name": "pipeline-kafka-lag",
+                                                                  "kind": "ClusterTriggerAuthentication"}
+    assert not of_kind(doc, "Job"), "Strimzi owns the topics: no topics Job"
+
+
+def test_strimzi_kafkatopics_are_the_topic_table(chartcheck: Path) -> None:
+    doc = summary(chartcheck, PRODUCTION)
+    values = values_of(PRODUCTION)
+    topics = of_kind(doc, "KafkaTopic")
+    table = {row["name"]: row for row in topic_table()}
+    assert set(topics) == set(table)
+    cap_ms = 72 * 3600 * 1000
+    for name, topic in topics.items():
+        row = table[name]
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "panel-kafka"
+        assert topic["metadata"]["namespace"] == "kafka"
+        spec = topic["spec"]
+        assert spec["topicName"] == name and spec["replicas"] == 3
+        assert spec["partitions"] == (row["partitions"] or values["kafka"]["partitions"])
+        wanted = dict(row["configs"])
+        if row["unscrubbed"]:
+            wanted["retention.ms"] = str(min(int(row["retention_ms"]), cap_ms))
+        assert spec["config"] == wanted, name
+    assert topics["opencode.events"]["spec"]["config"]["retention.ms"] == str(cap_ms)
+    assert topics["sampler.shipped"]["spec"]["partitions"] == 1
+    assert topics["sampler.shipped"]["spec"]["config"]["cleanup.policy"] == "compact,delete"
+
+
+# --- what must be refused ----------------------------------------------------------------------
+
+def refused(tool: Path, tmp_path: Path, doc: Any, *, base: Path | None = None) -> str:
+    files = [base] if base else []
+    proc = render(tool, *files, write(tmp_path, "values.yaml", doc))
+    assert proc.returncode != 0, f"accepted:\n{proc.stdout[:2000]}"
+    assert proc.stdout == ""
+    return proc.stderr
+
+
+def test_unknown_value_key_is_refused(chartcheck: Path, tmp_path: Path) -> None:
+    err = refused(chartcheck, tmp_path, {"stages": {"scrub": {"lagTreshold": 5}}})
+    assert "lagTreshold" in err and "schema" in err
+    err = refused(chartcheck, tmp_path, {"kafka": {"bootstrap": "kafka:9092"}})
+    assert "bootstrap" in err
+
+
+def test_wrong_value_type_is_refused(chartcheck: Path, tmp_path: Path) -> None:
+    err = refused(chartcheck, tmp_path, {"stages": {"deliver": {"lagThreshold": "lots"}}})
+    assert "lagThreshold" in err
+    err = refused(chartcheck, tmp_path, {"kafka": {"partitions": 0}})
+    assert "partitions" in err
+
+
+def test_chart_managed_config_keys_are_refused(chartcheck: Path, tmp_path: Path) -> None:
+    err = refused(chartcheck, tmp_path, {"config": {"kafka": {"bootstrap": "elsewhere:9092"}}})
+    assert "/config/kafka" in err
+
+
+def test_more_replicas_than_partitions_is_refused(chartcheck: Path, tmp_path: Path) -> None:
+    err = refused(chartcheck, tmp_path, {"stages": {"sign": {"maxReplicas": 13}}})
+    assert "stages.sign.maxReplicas is 13" in err and "traces.scrubbed has 12 partitions" in err
+    # the bound follows kafka.partitions
+    err = refused(chartcheck, tmp_path, {"stages": {"ingest": {"maxReplicas": 24}}, "kafka": {"partitions": 16}})
+    assert "opencode.events has 16 partitions" in err
+    proc = render(chartcheck, write(tmp_path, "ok.yaml", {"stages": {"ingest": {"maxReplicas": 16}},
+                                                          "kafka": {"partitions": 16}}))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_host_in_two_collectors_or_none_is_refused(chartcheck: Path, tmp_path: Path) -> None:
+    hosts = [{"name": "a", "base_url": "https://a.example:4096"}, {"name": "b", "base_url": "https://b.example:4096"}]
+    err = refused(chartcheck, tmp_path, {"hosts": hosts, "collectors": [{"name": "east", "hosts": ["a", "b"]},
+                                                                        {"name": "west", "hosts": ["b"]}]})
+    assert "host b is in both east and west" in err
+    err = refused(chartcheck, tmp_path, {"hosts": hosts, "collectors": [{"name": "east", "hosts": ["a"]}]})
+    assert "host b is in no collector" in err
+    err = refused(chartcheck, tmp_path, {"hosts": [{**hosts[0], "password_env": "PW_A"}]})
+    assert "PW_A comes from nowhere" in err
+    err = refused(chartcheck, tmp_path, {"hosts": [{**hosts[0], "password": "inline"}]})
+    assert "password" in err
+
+
+def test_default_collector_reads_every_host(chartcheck: Path, tmp_path: Path) -> None:
+    hosts = [{"name": "a", "base_url": "https://a.example:4096"}, {"name": "b", "base_url": "https://b.example:4096"}]
+    doc = summary(chartcheck, write(tmp_path, "v.yaml", {"hosts": hosts}))
+    collectors = [n for n, d in of_kind(doc, "Deployment").items() if stage_of(d) == "collector"]
+    assert collectors == ["panel-opencode-panel-pipeline-collector-main"]
+    cfg = load_config(tmp_path, config_text(doc, "collector-main.toml"))
+    assert [h.name for h in cfg.hosts] == ["a", "b"]
+
+
+# --- chartcheck itself: strict, so the checks above mean something -----------------------------
+
+def tiny_chart(tmp_path: Path, manifest: str) -> Path:
+    chart = tmp_path / "tiny"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: tiny\nversion: 0.1.0\n")
+    (chart / "templates" / "x.yaml").write_text(manifest)
+    return chart
+
+
+DEPLOYMENT = """apiVersion: apps/v1
+kind: Deployment
+metadata: {name: x}
+spec:
+  %s
+  selector: {matchLabels: {app: x}}
+  template:
+    metadata: {labels: {app: x}}
+    spec:
+      containers: [{name: x, image: x}]
+"""
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    (DEPLOYMENT % "replica: 2", 'unknown field "spec.replica"'),
+    (DEPLOYMENT % "replicas: two", "spec.replicas"),
+    ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {a: 1}\n", "data"),
+    ("apiVersion: keda.sh/v1alpha1\nkind: ScaledObject\nmetadata: {name: x}\n"
+     "spec: {scaleTargetRef: {name: x}, triggers: [{type: kafka, metadata: {lagThreshold: 5}}]}\n",
+     "spec.triggers.metadata of type string"),
+    ("apiVersion: kafka.strimzi.io/v1beta2\nkind: KafkaTopic\nmetadata: {name: x}\n"
+     "spec: {partitions: 1, replicas: 1, retention: 5}\n", 'unknown field "spec.retention"'),
+    ("apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: x}\n", 'unknown kind "Widget"'),
+    ("apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: x}\n"
+     "spec: {maxUnavailable: 1, selector: {matchLabels: {app: nothing}}}\n", "selects no rendered Deployment"),
+])
+def test_chartcheck_refuses_what_a_cluster_refuses(chartcheck: Path, tmp_path: Path, manifest: str,
+                                                   message: str) -> None:
+    proc = render(chartcheck, chart=tiny_chart(tmp_path, manifest))
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+
+
+def test_chartcheck_accepts_a_well_formed_object(chartcheck: Path, tmp_path: Path) -> None:
+    proc = render(chartcheck, chart=tiny_chart(tmp_path, DEPLOYMENT % "replicas: 2"))
+    assert proc.returncode == 0, proc.stderr
+    [obj] = json.loads(proc.stdout)["objects"]
+    assert (obj["kind"], obj["name"], obj["object"]["spec"]["replicas"]) == ("Deployment", "x", 2)
