@@ -106,7 +106,7 @@ def assert_stages(doc: dict[str, Any], values: dict[str, Any]) -> None:
     default_partitions = values["kafka"]["partitions"]
     for stage in PIPELINE_STAGES:
         name, deployment = by_stage[stage]
-        assert container(deployment)["args"] == ["worker", stage, "--metrics-port", "9100"]
+        assert container(deployment)["args"] == ["--log-format", "json", "worker", stage, "--metrics-port", "9100"]
         # KEDA: one ScaledObject per stage, on its consumer group and its input topic
         so = scaled.pop(name)
         assert so["spec"]["scaleTargetRef"]["kind"] == "Deployment"
@@ -140,6 +140,7 @@ def assert_pods(doc: dict[str, Any]) -> None:
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], name
+        assert c["args"][:2] == ["--log-format", "json"], (name, c["args"])  # logs for the cluster's shipper
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert "emptyDir" in volumes[mounts["/var/lib/pipeline"]], name
@@ -191,7 +192,7 @@ def test_default_values_render_a_stage_deployment_scaledobject_and_pdb_each(char
     # topics: the hook Job (`pipeline topics create`), not Strimzi
     assert not of_kind(doc, "KafkaTopic")
     [job] = of_kind(doc, "Job").values()
-    assert container(job)["args"] == ["topics", "create"]
+    assert container(job)["args"] == ["--log-format", "json", "topics", "create"]
     assert {o["kind"] for o in doc["objects"] if o["hook"]} == {"Job", "ConfigMap"}
     # the stages' pipeline.toml is a valid config with the chart's kafka and metrics settings, no hosts
     cfg = load_config(tmp_path, config_text(doc, "pipeline.toml"))
@@ -214,7 +215,7 @@ def test_production_values_split_hosts_over_collectors(chartcheck: Path, tmp_pat
         name = f"panel-opencode-panel-pipeline-collector-{wanted['name']}"
         deployment = collectors[name]
         assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
-        assert container(deployment)["args"] == ["collect", "--metrics-port", "9100"]
+        assert container(deployment)["args"] == ["--log-format", "json", "collect", "--metrics-port", "9100"]
         [config_volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
         [item] = config_volume["configMap"]["items"]
         cfg = load_config(tmp_path, config_text(doc, item["key"]), passwords)
