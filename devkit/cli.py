@@ -16,8 +16,7 @@ from collections.abc import Sequence
 
 from devkit.kafka_local import LocalBroker
 from pipeline import config as config_mod
-from pipeline import logs
-from pipeline.cli.errors import FAILURE_EXITS, report_failure
+from pipeline.cli.errors import run_command
 
 
 def local_broker(cfg: config_mod.Config) -> LocalBroker:
@@ -81,13 +80,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logs.configure(args.log_format, args.verbose)
-    try:
-        return int(args.run(args, config_mod.load(args.config)))
-    except tuple(FAILURE_EXITS) as exc:
-        return report_failure("pipeline-dev", exc)
-    except KeyboardInterrupt:
-        return 130
+    return run_command("pipeline-dev", args, args.run)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from pipeline.kafka.admin import topic_partitions
+from pipeline.topics import MAX_MESSAGE_BYTES
 
 
 async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
@@ -48,6 +49,37 @@ async def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 6
             batch = await consumer.getmany(timeout_ms=500)
             for msgs in batch.values():
                 out.extend(m for m in msgs if keep is None or keep(m))
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def read_to_end(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[ConsumerRecord]:
+    """Every record on `topic` up to its end offsets as they are now. Done by offsets, not by
+    silence: a slow read must not pass for "nothing there" (TimeoutError instead)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                auto_offset_reset="earliest", max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES,
+                                fetch_max_bytes=4 * MAX_MESSAGE_BYTES)
+    await consumer.start()
+    try:
+        tps = await topic_partitions(consumer, [topic])
+        deadline = time.monotonic() + 10
+        while not tps and time.monotonic() < deadline:  # a topic a stage creates itself
+            await asyncio.sleep(0.2)
+            tps = await topic_partitions(consumer, [topic])
+        consumer.assign(tps)
+        ends, starts = await consumer.end_offsets(tps), await consumer.beginning_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        todo = {tp for tp in tps if ends[tp] > starts[tp]}
+        out: list[ConsumerRecord] = []
+        deadline = time.monotonic() + timeout_s
+        while todo:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: could not read up to {ends}")
+            for tp, msgs in (await consumer.getmany(*todo, timeout_ms=500)).items():
+                out.extend(m for m in msgs if m.offset < ends[tp])
+                if msgs and msgs[-1].offset >= ends[tp] - 1:
+                    todo.discard(tp)
         return out
     finally:
         await consumer.stop()

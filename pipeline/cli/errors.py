@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 
+from pipeline import config as config_mod
+from pipeline import logs
 from pipeline.clients.opencode import OpencodeError
 from pipeline.errors import BrokerError, ConfigError, PipelineError
 
@@ -27,3 +31,16 @@ def report_failure(prog: str, exc: Exception) -> int:
     raise exc
 
 
+
+
+def run_command(prog: str, args: argparse.Namespace,
+                command: Callable[[argparse.Namespace, config_mod.Config], int]) -> int:
+    """What every command line does once its arguments are parsed: set up the logs, load the
+    configuration, run `command`, and turn a failure into one line and an exit code."""
+    logs.configure(args.log_format, args.verbose)
+    try:
+        return int(command(args, config_mod.load(args.config)))
+    except tuple(FAILURE_EXITS) as exc:
+        return report_failure(prog, exc)
+    except KeyboardInterrupt:
+        return 130

@@ -157,10 +157,7 @@ def _console() -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m pipeline.cli.lag [--config F] [lag options]`: the same command without the rest of the CLI."""
-    from pipeline import config as config_mod
-    from pipeline import logs
-    from pipeline.cli.errors import report_failure
-    from pipeline.errors import BrokerError
+    from pipeline.cli.errors import run_command
 
     p = argparse.ArgumentParser(prog="python -m pipeline.cli.lag", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,12 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines (default: text)")
     p.add_argument("-v", "--verbose", action="store_true")
     _add_options(p)
-    args = p.parse_args(argv)
-    logs.configure(args.log_format, args.verbose)
-    try:
-        return run(args, config_mod.load(args.config))
-    except (ConfigError, BrokerError) as exc:
-        return report_failure("pipeline lag", exc)
+    return run_command("pipeline lag", p.parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline import config as config_mod
 from pipeline import logs
-from pipeline.cli.errors import FAILURE_EXITS, report_failure
+from pipeline.cli.errors import run_command
 from pipeline.errors import ConfigError
 from pipeline.health import Liveness
 from pipeline.topics import hours_ms
@@ -266,14 +266,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logs.configure(args.log_format, args.verbose)
-    try:
-        cfg = config_mod.load(args.config)
-        return COMMANDS[args.command](args, cfg)
-    except tuple(FAILURE_EXITS) as exc:
-        return report_failure("pipeline", exc)
-    except KeyboardInterrupt:
-        return 130
+    return run_command("pipeline", args, COMMANDS[args.command])
 
 
 if __name__ == "__main__":

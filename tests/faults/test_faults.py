@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from devkit.local_stack import Stack, hosts_toml, wait_for
@@ -48,6 +48,7 @@ from pipeline.sampling.base import Decision
 from pipeline.topics import PIPELINE_STAGES
 from tests.factory import SEEDED_ASSIGNMENT, SEEDED_SECRETS, snapshot, turn_ended_envelope
 from tests.faults.conftest import FAST_TOML, fault_stack, own_broker, warm_up
+from tests.kafka_util import read_to_end, values
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -169,40 +170,8 @@ class Feeder:
 # ---------------------------------------------------------------- reading what happened
 
 
-async def _read(bootstrap: str, topic: str) -> list[dict[str, Any]]:
-    """Every record on `topic` up to its end offsets now, decoded."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        deadline = time.monotonic() + 10
-        while not parts and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        ends, starts = await consumer.end_offsets(tps), await consumer.beginning_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        # done by offsets, not by silence: a slow read must not pass for "nothing there"
-        todo = {tp for tp in tps if ends[tp] > starts[tp]}
-        out: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 60
-        while todo:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}: could not read up to {ends}")
-            for tp, msgs in (await consumer.getmany(*todo, timeout_ms=500)).items():
-                out.extend(json.loads(m.value) for m in msgs if m.offset < ends[tp])
-                if msgs and msgs[-1].offset >= ends[tp] - 1:
-                    todo.discard(tp)
-        return out
-    finally:
-        await consumer.stop()
-
-
 def read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
-    return asyncio.run(_read(bootstrap, topic))
+    return values(asyncio.run(read_to_end(bootstrap, topic, timeout_s=60)))
 
 
 def forwarded(bootstrap: str, hosts: Iterable[str]) -> list[dict[str, Any]]:

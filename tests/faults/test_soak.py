@@ -62,7 +62,7 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
@@ -79,6 +79,7 @@ from tests.factory import SEEDED_SECRETS, snapshot, turn_ended_envelope
 from tests.faults import invariants as inv
 from tests.faults.conftest import FAST_GROUP_ENV, own_broker
 from tests.faults.test_faults import FORBIDDEN, RESULTS, RESULTS_HEADER, Feeder
+from tests.kafka_util import read_to_end
 
 # ---------------------------------------------------------------- settings
 
@@ -361,41 +362,8 @@ class Health:
 # ---------------------------------------------------------------- reading the broker
 
 
-async def _read_values(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes]]:
-    """(key, value) of every record on `topic` up to its end offsets now, undecoded (poison
-    records are on these topics too)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                auto_offset_reset="earliest", max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES,
-                                fetch_max_bytes=4 * MAX_MESSAGE_BYTES)
-    await consumer.start()
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        deadline = time.monotonic() + 10
-        while not parts and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        ends, starts = await consumer.end_offsets(tps), await consumer.beginning_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        todo = {tp for tp in tps if ends[tp] > starts[tp]}
-        out: list[tuple[bytes | None, bytes]] = []
-        deadline = time.monotonic() + 180
-        while todo:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}: could not read up to {ends}")
-            for tp, msgs in (await consumer.getmany(*todo, timeout_ms=500)).items():
-                out.extend((m.key, m.value or b"") for m in msgs if m.offset < ends[tp])
-                if msgs and msgs[-1].offset >= ends[tp] - 1:
-                    todo.discard(tp)
-        return out
-    finally:
-        await consumer.stop()
-
-
 def read_values(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes]]:
-    return asyncio.run(_read_values(bootstrap, topic))
+    return [(m.key, m.value or b"") for m in asyncio.run(read_to_end(bootstrap, topic, timeout_s=180))]
 
 
 def read_json(bootstrap: str, topic: str) -> list[dict[str, Any]]:
