@@ -7,6 +7,7 @@ that run no stage never import faust.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -17,55 +18,26 @@ if TYPE_CHECKING:
 
 Build = Callable[..., "faust.App"]  # build(config, **app_overrides) -> faust.App
 
-
-def _passthrough() -> Build:
-    from agents.passthrough import build
-    return build
-
-
-def _ingest() -> Build:
-    from agents.ingest import build
-    return build
-
-
-def _sample() -> Build:
-    from agents.sample import build
-    return build
-
-
-def _scrub() -> Build:
-    from agents.scrub import build
-    return build
-
-
-def _sign() -> Build:
-    from agents.sign import build
-    return build
-
-
-def _breaker() -> Build:
-    from agents.breaker import build
-    return build
-
-
-def _deliver() -> Build:
-    from agents.deliver import build
-    return build
-
-
-STAGE_BUILDERS: dict[str, Callable[[], Build]] = {
-    "passthrough": _passthrough,
-    "ingest": _ingest,
-    "sample": _sample,
-    "scrub": _scrub,
-    "sign": _sign,
-    "breaker": _breaker,
-    "deliver": _deliver,
+# stage -> the module whose `build` makes its app: a fixed table, so no other name can load a module
+STAGE_MODULES: dict[str, str] = {
+    "passthrough": "agents.passthrough",
+    "ingest": "agents.ingest",
+    "sample": "agents.sample",
+    "scrub": "agents.scrub",
+    "sign": "agents.sign",
+    "breaker": "agents.breaker",
+    "deliver": "agents.deliver",
 }
+
+
+def builder(stage: str) -> Build:
+    """The `build` function of `stage`, imported now."""
+    build: Build = importlib.import_module(STAGE_MODULES[stage]).build
+    return build
 
 
 def build_stage(stage: str, config: Config, **app_overrides: Any) -> faust.App:
     """The faust App of `stage`; KeyError naming the known stages for any other name."""
-    if stage not in STAGE_BUILDERS:
-        raise KeyError(f"unknown stage {stage!r} (stages: {', '.join(STAGE_BUILDERS)})")
-    return STAGE_BUILDERS[stage]()(config, **app_overrides)
+    if stage not in STAGE_MODULES:
+        raise KeyError(f"unknown stage {stage!r} (stages: {', '.join(STAGE_MODULES)})")
+    return builder(stage)(config, **app_overrides)

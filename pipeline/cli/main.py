@@ -64,11 +64,11 @@ def cmd_topics(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 def cmd_worker(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     import faust
 
-    from agents.registry import STAGE_BUILDERS, build_stage
+    from agents.registry import STAGE_MODULES, build_stage
     from pipeline import metrics
 
-    if args.stage not in STAGE_BUILDERS:
-        raise ConfigError(f"unknown stage {args.stage!r} (stages: {', '.join(STAGE_BUILDERS)})", "STAGE")
+    if args.stage not in STAGE_MODULES:
+        raise ConfigError(f"unknown stage {args.stage!r} (stages: {', '.join(STAGE_MODULES)})", "STAGE")
     app = build_stage(args.stage, cfg)
 
     from pipeline.kafka.lag import export_lag_forever

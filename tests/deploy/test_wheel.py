@@ -8,6 +8,7 @@ and nowhere else: every other suite imports the checkout.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.deploy
 
 HOST = "wheel-check"
 DELIVERY_PATH = ("sample", "scrub", "sign", "breaker", "deliver")
+# what the product's wheel is built from (the Dockerfile copies the same)
+PRODUCT = ("pyproject.toml", "README.md", "pipeline", "agents", "schemas")
 
 
 def run(cmd: list[str], cwd: Path, timeout_s: float = 600, env: dict[str, str] | None = None) -> str:
@@ -38,8 +41,17 @@ def run(cmd: list[str], cwd: Path, timeout_s: float = 600, env: dict[str, str] |
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The python of a fresh virtualenv holding the built wheel and what it depends on, nothing else."""
     root = tmp_path_factory.mktemp("wheel")
+    # built from a copy of what the wheel is made of: setuptools writes its build/ beside the sources
+    source = root / "source"
+    source.mkdir()
+    for name in PRODUCT:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(REPO / name, source / name)
     wheels = root / "wheels"
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)], cwd=root)
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)], cwd=root)
     built = sorted(wheels.glob("opencode_panel_pipeline-*.whl"))
     assert len(built) == 1, built
     run([sys.executable, "-m", "venv", str(root / "venv")], cwd=root)

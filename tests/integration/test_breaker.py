@@ -32,12 +32,12 @@ from aiokafka.structs import OffsetAndMetadata
 
 from devkit.kafka_local import LocalBroker
 from devkit.local_stack import PipelineProcess, Stack, StackSettings, wait_for
-from pipeline.kafka.admin import create_topics, topic_partitions
+from pipeline.kafka.admin import create_topics
 from pipeline.model.records import encode
 from pipeline.model.trace import trace_id
 from pipeline.topics import STAGES
 from tests.factory import snapshot
-from tests.kafka_util import committed, end_offsets, produce
+from tests.kafka_util import committed, end_offsets, produce, read_to_end
 
 pytestmark = pytest.mark.integration
 
@@ -163,40 +163,9 @@ def forward(stack: Stack, snaps: Sequence[dict[str, Any]]) -> set[str]:
     return ids
 
 
-async def _consumer(bootstrap: str, topic: str) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
-    # earliest: assign() starts an offset reset of its own, which can land after a seek
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    return consumer, await topic_partitions(consumer, [topic])
-
-
-async def _read_to_end(bootstrap: str, topic: str) -> list[ConsumerRecord]:
-    consumer, tps = await _consumer(bootstrap, topic)
-    try:
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        starts = await consumer.beginning_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        # Done by the offsets seen: a read that stops early must not pass for "not there".
-        todo = {tp for tp in tps if ends[tp] > starts[tp]}
-        out: list[ConsumerRecord] = []
-        deadline = time.monotonic() + 60
-        while todo:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}: could not read up to {ends}")
-            for tp, msgs in (await consumer.getmany(*todo, timeout_ms=500)).items():
-                out.extend(m for m in msgs if m.offset < ends[tp])
-                if msgs and msgs[-1].offset >= ends[tp] - 1:
-                    todo.discard(tp)
-        return out
-    finally:
-        await consumer.stop()
-
-
 def read_topic(bootstrap: str, topic: str) -> list[ConsumerRecord]:
     """Every record on `topic` now (up to the end offsets when called)."""
-    return asyncio.run(_read_to_end(bootstrap, topic))
+    return asyncio.run(read_to_end(bootstrap, topic))
 
 
 def read_values(bootstrap: str, topic: str) -> list[dict[str, Any]]:

@@ -5,18 +5,18 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from agents.registry import STAGE_BUILDERS, build_stage
+from agents.registry import STAGE_MODULES, build_stage, builder
 from pipeline.topics import STAGES
 from tests.fixtures import REPO
 
 
 def test_every_stage_of_the_topic_table_has_a_builder_and_nothing_else_does() -> None:
-    assert list(STAGE_BUILDERS) == list(STAGES)
+    assert list(STAGE_MODULES) == list(STAGES)
 
 
 def test_each_builder_is_its_stage_modules_build() -> None:
-    for name, builder in STAGE_BUILDERS.items():
-        build = builder()
+    for name in STAGE_MODULES:
+        build = builder(name)
         assert build.__module__ == f"agents.{name}" and build.__name__ == "build"
 
 
