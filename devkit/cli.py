@@ -4,7 +4,9 @@
     pipeline-dev stub panel|scrubber ...   a contract-enforcing stub service
     pipeline-dev demo [--duration S]       everything, locally, with a live view
 
-They read the same configuration as `pipeline` and report failures the same way.
+They read the same configuration as `pipeline` and report failures the same way: exit 0 done,
+1 failed (one line says why; `kafka status`: the broker does not answer), 2 a usage or
+configuration mistake. `--config`, `-v` and `--log-format` go before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 from devkit.kafka_local import LocalBroker
 from pipeline import config as config_mod
+from pipeline.cli.common import add_global_options, subcommand_options
 from pipeline.cli.errors import run_command
 
 
@@ -56,25 +59,29 @@ def cmd_demo(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline-dev", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="TOML config file (default: $PIPELINE_CONFIG, else built-in defaults)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    add_global_options(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = subcommand_options()
 
-    k = sub.add_parser("kafka", help="run a real local Kafka broker (KRaft) from Apache's jars")
-    k.add_argument("action", choices=["up", "down", "status"])
-    k.set_defaults(run=cmd_kafka)
+    k = sub.add_parser("kafka", help="run a real local Kafka broker (KRaft) from Apache's jars", parents=[common],
+                       description="up: download (once) and start the local broker, wait until it answers. "
+                                   "down: stop it. status: whether it answers (exit 0) or not (exit 1).")
+    k.add_argument("action", choices=["up", "down", "status"], help="start, stop, or report the local broker")
+    k.set_defaults(run=cmd_kafka, usage_parser=k, long_running=True)
 
-    s = sub.add_parser("stub", help="run a stub panel or scrubber that enforces the real contract")
-    s.add_argument("service", choices=["panel", "scrubber"])
+    s = sub.add_parser("stub", help="run a stub panel or scrubber that enforces the real contract", parents=[common],
+                       description="Run a stub service until Ctrl-C. Options after the service name are the "
+                                   "stub's own (`pipeline-dev stub panel --help` lists them).")
+    s.add_argument("service", choices=["panel", "scrubber"], help="which stub to run")
     s.add_argument("stub_args", nargs=argparse.REMAINDER, help="the stub's own options (--port, ...)")
-    s.set_defaults(run=cmd_stub)
+    s.set_defaults(run=cmd_stub, usage_parser=s, long_running=True)
 
-    m = sub.add_parser("demo", help="everything, locally, with a live view (the README's main command)")
+    m = sub.add_parser("demo", help="everything, locally, with a live view (the README's main command)",
+                       parents=[common])
     m.add_argument("--duration", type=float, default=None, help="seconds of workload (default: until Ctrl-C)")
     m.add_argument("--panel-outage", type=float, default=None, metavar="SECONDS",
                    help="fail the panel for this long, a quarter into the run: the breaker opens and holds")
-    m.set_defaults(run=cmd_demo)
+    m.set_defaults(run=cmd_demo, usage_parser=m, long_running=True)
     return p
 
 

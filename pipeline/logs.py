@@ -11,6 +11,12 @@ configuration (the formatter has no access to either), so secrets stay out of th
 as messages keep them out, which the rest of the code already does. Context values are limited
 to `CONTEXT_FIELDS` for the same reason: a mistaken `log_context(config=cfg)` fails at once
 instead of shipping a config object to the log store.
+
+Libraries are quiet by default: httpx, httpcore, aiokafka, faust and mode log at WARNING and
+above (one INFO line per HTTP request is noise before a command's answer); `-v` lets their
+DEBUG lines through, and a worker's `--loglevel` sets their level. A one-shot command that
+reports an unreachable broker itself (one line, exit 1) also drops aiokafka's own "Unable
+connect to ..." lines, which would only say the same thing first.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextvars
 import json
 import logging
 import logging.config
+import re
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -31,6 +38,11 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # The fields a context may carry, in the order a JSON line lists them.
 CONTEXT_FIELDS = ("stage", "host", "session", "trace_id", "topic", "partition", "offset")
+
+# The libraries whose INFO lines are not the operator's business unless asked for (-v).
+LIBRARY_LOGGERS = ("httpx", "httpcore", "aiokafka", "faust", "mode")
+# aiokafka's lines about a broker it cannot reach: a one-shot command reports that itself.
+_BROKER_UNREACHABLE = re.compile(r"^Unable (connect to|to request metadata|to update metadata|to bootstrap)")
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("pipeline_log_context", default=_EMPTY)
@@ -87,6 +99,18 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class ReportedByCommand(logging.Filter):
+    """Drops aiokafka's warnings and errors about a broker it cannot reach. For one-shot
+    commands only: they turn that failure into their own one line (naming the bootstrap and
+    what to check), so aiokafka's line before it says the same thing twice. A long-running
+    process (a worker, the collector) keeps them: there they are how an outage shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("aiokafka") and record.levelno >= logging.WARNING:
+            return not _BROKER_UNREACHABLE.match(str(record.msg))
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line. Only the record's own fields are read: the message, its logger,
     level and time, the exception, and the `CONTEXT_FIELDS` it carries."""
@@ -114,26 +138,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
-def dict_config(fmt: LogFormat, verbose: bool = False, stream: str = "ext://sys.stderr") -> dict[str, Any]:
+def dict_config(fmt: LogFormat, verbose: bool = False, stream: str = "ext://sys.stderr", *,
+                library_level: str | None = None, one_shot: bool = False) -> dict[str, Any]:
     """The `logging.config.dictConfig` dict `configure` applies. faust's worker (mode) replaces
     the root logger's handlers when it starts: pass this as `faust.Worker(..., logging_config=...)`
-    so a worker keeps the chosen format."""
+    so a worker keeps the chosen format (and its `--loglevel`, as `library_level`).
+
+    `library_level`: the level of `LIBRARY_LOGGERS` (default WARNING, DEBUG with `verbose`).
+    `one_shot`: drop aiokafka's unreachable-broker lines (`ReportedByCommand`) unless `verbose`."""
     if fmt not in ("text", "json"):
         raise ValueError(f"log format: expected 'text' or 'json', got {fmt!r}")
     level = "DEBUG" if verbose else "INFO"
+    libraries = (library_level or ("DEBUG" if verbose else "WARNING")).upper()
     formatter: dict[str, Any] = {"()": f"{__name__}.JsonFormatter"} if fmt == "json" else {"format": TEXT_FORMAT}
+    filters = ["context", "reported"] if one_shot and not verbose else ["context"]
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"context": {"()": f"{__name__}.ContextFilter"}},
+        "filters": {"context": {"()": f"{__name__}.ContextFilter"},
+                    "reported": {"()": f"{__name__}.ReportedByCommand"}},
         "formatters": {"default": formatter},
+        # the loggers decide what passes (a library may be more verbose than the root)
         "handlers": {"default": {"class": "logging.StreamHandler", "stream": stream, "formatter": "default",
-                                 "filters": ["context"], "level": level}},
+                                 "filters": filters, "level": "DEBUG"}},
+        "loggers": {name: {"level": libraries} for name in LIBRARY_LOGGERS},
         "root": {"level": level, "handlers": ["default"]},
     }
 
 
-def configure(fmt: LogFormat = "text", verbose: bool = False) -> None:
-    """Log to stderr in `fmt`, DEBUG with `verbose` else INFO, replacing the root logger's
-    handlers (so calling it twice does not print every line twice)."""
-    logging.config.dictConfig(dict_config(fmt, verbose))
+def configure(fmt: LogFormat = "text", verbose: bool = False, *, one_shot: bool = False) -> None:
+    """Log to stderr in `fmt`, DEBUG with `verbose` else INFO (libraries: WARNING unless
+    `verbose`), replacing the root logger's handlers (so calling it twice does not print every
+    line twice). `one_shot`: see `dict_config`."""
+    logging.config.dictConfig(dict_config(fmt, verbose, one_shot=one_shot))

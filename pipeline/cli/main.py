@@ -1,4 +1,11 @@
-"""The `pipeline` command: everything an operator does, one subcommand each."""
+"""The `pipeline` command: everything an operator does, one subcommand each.
+
+Exit codes: 0 done, 1 failed (one line on stderr says why: a broker or an opencode host that
+cannot be reached, ...), 2 a usage or configuration mistake. `pipeline lag` adds 3 (a stage
+has no running member) and 4 (a stage over --max-lag / --max-drain-s); `pipeline opencode`
+adds 3 (the turn ended in an error). Library logs (httpx, aiokafka, faust) show warnings only;
+-v shows everything. `--config`, `-v` and `--log-format` go before or after the subcommand.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +13,32 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline import config as config_mod
 from pipeline import logs
-from pipeline.cli.errors import run_command
-from pipeline.errors import ConfigError
-from pipeline.health import Liveness
+from pipeline.cli.common import add_global_options, subcommand_options
+from pipeline.cli.errors import UsageError, run_command
+from pipeline.cli.progress import waiting
+from pipeline.errors import PipelineError
 from pipeline.topics import hours_ms
 
 log = logging.getLogger("pipeline")
 # Young-generation collection threshold for long-running processes (tune_gc); CPython's is 700.
 GC_YOUNG_THRESHOLD = 50_000
 
+# The worker's --loglevel names (faust's) and the logging level each sets on the libraries.
+LOGLEVELS = {"crit": "CRITICAL", "error": "ERROR", "warn": "WARNING", "info": "INFO", "debug": "DEBUG"}
+EXIT_TURN_FAILED = 3  # `pipeline opencode`: the turn ended in an error (the model's API, a failed tool)
+
 Command = Callable[[argparse.Namespace, config_mod.Config], int]
 COMMANDS: dict[str, Command] = {}
 
+
 def command(name: str) -> Callable[[Command], Command]:
+    """Register `fn` as the `pipeline NAME` subcommand."""
     def register(fn: Command) -> Command:
         COMMANDS[name] = fn
         return fn
@@ -38,8 +51,10 @@ def cmd_topics(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from pipeline.kafka import admin
     bootstrap, parts = cfg.kafka.bootstrap, cfg.kafka.partitions
     if args.action == "create":
-        result = asyncio.run(admin.create_topics(bootstrap, parts, cfg.kafka.replication,
-                                                 hours_ms(cfg.kafka.unscrubbed_retention_hours)))
+        with waiting(f"creating the topic table on Kafka at {bootstrap}"):
+            result = asyncio.run(admin.create_topics(bootstrap, parts, cfg.kafka.replication,
+                                                     hours_ms(cfg.kafka.unscrubbed_retention_hours),
+                                                     timeout_s=args.timeout))
         if result["created"]:
             print(f"created {len(result['created'])} topics: {', '.join(result['created'])}")
         if result["updated"]:
@@ -49,7 +64,8 @@ def cmd_topics(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         for line in result["mismatched"]:
             print(f"warning: {line}", file=sys.stderr)
         return 0
-    states = asyncio.run(admin.topic_states(bootstrap, parts))
+    with waiting(f"reading topics from Kafka at {bootstrap}"):
+        states = asyncio.run(admin.topic_states(bootstrap, parts, timeout_s=args.timeout))
     if args.json:
         print(json.dumps([s.__dict__ | {"exists": s.exists} for s in states], indent=2))
         return 0
@@ -64,12 +80,10 @@ def cmd_topics(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 def cmd_worker(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     import faust
 
-    from agents.registry import STAGE_MODULES, build_stage
+    from agents.registry import build_stage
     from pipeline import metrics
 
-    if args.stage not in STAGE_MODULES:
-        raise ConfigError(f"unknown stage {args.stage!r} (stages: {', '.join(STAGE_MODULES)})", "STAGE")
-    app = build_stage(args.stage, cfg)
+    app = build_stage(args.stage, cfg)  # argparse already refused a stage not in STAGE_MODULES
 
     from pipeline.kafka.lag import export_lag_forever
 
@@ -79,9 +93,13 @@ def cmd_worker(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         await export_lag_forever(cfg.kafka.bootstrap, args.stage, interval_s=15.0)
     metrics.serve(args.metrics_port if args.metrics_port is not None else cfg.metrics.port, cfg.metrics.host,
                   health=app.liveness.check)
-    # faust's worker replaces the root logger's handlers when it starts: hand it the chosen format
-    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True,
-                          logging_config=logs.dict_config(args.log_format, args.verbose))
+    # faust's worker replaces the root logger's handlers when it starts: hand it the chosen format,
+    # and --loglevel as the level of faust, mode and aiokafka (the dict is applied as given, so
+    # faust's own loglevel argument would not reach them)
+    loglevel = args.loglevel or ("debug" if args.verbose else "warn")
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True,
+                          logging_config=logs.dict_config(args.log_format, args.verbose,
+                                                          library_level=LOGLEVELS[loglevel]))
     # faust's terminal spinner, when on, sets the root logger to DEBUG so that it can spin on
     # every record: each debug line of faust and aiokafka would then be formatted
     worker.spinner = None
@@ -108,61 +126,33 @@ def tune_gc() -> None:
 
 @command("collect")
 def cmd_collect(args: argparse.Namespace, cfg: config_mod.Config) -> int:
-    from pipeline import metrics
-    from pipeline.collector.collector import Collector
-    from pipeline.collector.settings import CollectorSettings
-    from pipeline.collector.sink import KafkaEventSink
+    from pipeline.collector import service
 
-    if not cfg.enabled:
-        print("pipeline collect: disabled (PANEL_OPENCODE_DISABLED=1 or enabled = false): shipping nothing",
-              file=sys.stderr)
-        return 0
-    if not cfg.hosts:
-        raise ConfigError("no opencode hosts configured: add [[hosts]] entries", "hosts")
-    liveness = Liveness()
-    metrics.serve(args.metrics_port if args.metrics_port is not None else cfg.metrics.port, cfg.metrics.host,
-                  health=liveness.check)
-    settings = CollectorSettings.from_config(cfg)
-
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        async with KafkaEventSink(cfg.kafka.bootstrap, max_buffered=cfg.collector.buffer_max_records) as sink:
-            collector = Collector(cfg.hosts, sink, settings=settings)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, collector.stop)
-            exporter = asyncio.create_task(_export_collector_metrics(collector))
-            beats = asyncio.create_task(liveness.run_beats())
-            log.info("collecting from %d hosts: %s", len(cfg.hosts), ", ".join(h.name for h in cfg.hosts))
-            try:
-                await collector.run()
-            finally:
-                exporter.cancel()
-                beats.cancel()
-
-    asyncio.run(run())
-    return 0
+    return service.run(cfg, args.metrics_port)
 
 
-async def _export_collector_metrics(collector: Any) -> None:
-    from pipeline import metrics
+@command("hosts")
+def cmd_hosts(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from pipeline.cli import hosts as hosts_cli
 
-    last: dict[tuple[str, str], int] = {}
-    while True:
-        for host, stats in collector.stats.items():
-            metrics.COLLECTOR_CONNECTED.labels(host).set(1 if stats.connected else 0)
-            for field in ("events_in", "events_out", "events_filtered", "events_malformed", "turns_emitted",
-                          "backfills", "reconnects", "fetch_failures", "oversize_drops"):
-                value = int(getattr(stats, field))
-                delta = value - last.get((host, field), 0)
-                if delta > 0:
-                    metrics.COLLECTOR_EVENTS.labels(host, field).inc(delta)
-                last[(host, field)] = value
-        await asyncio.sleep(1.0)
+    return hosts_cli.run(args, cfg)
 
 
 @command("opencode")
 def cmd_opencode(args: argparse.Namespace, cfg: config_mod.Config) -> int:
-    from pipeline.clients.opencode import OpencodeClient
+    """Run one turn on a configured host and say how it ended.
+
+    `prompt` answers with the turn's last message only, and a turn that failed (the model's
+    API answered an error, a tool failed) still answers 200: so the turn's messages are read
+    back and checked, and a failed turn exits EXIT_TURN_FAILED with each error on stderr
+    instead of printing an empty answer and exiting 0."""
+    from pipeline.clients.opencode import (
+        OpencodeAuthError,
+        OpencodeClient,
+        OpencodeUnavailable,
+        turn_errors,
+        turn_messages,
+    )
 
     host = cfg.host(args.host)
     client = OpencodeClient(host.base_url, host.password.reveal() if host.password else None,
@@ -170,17 +160,35 @@ def cmd_opencode(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
     async def run() -> dict[str, Any]:
         async with client:
-            if args.action == "run-task":
-                return dict(await client.run_task(args.prompt, title=args.title))
-            return dict(await client.continue_session(args.session_id, args.prompt))
+            with waiting(f"connecting to opencode host {host.name} at {host.base_url}") as say:
+                session_id = args.session_id if args.action == "continue" else None
+                if session_id is None:
+                    session_id = str((await client.create_session(title=args.title, agent=host.agent))["id"])
+                say(f"waiting for the turn to end on host {host.name} (session {session_id})")
+                result = dict(await client.continue_session(session_id, args.prompt))
+                say(f"reading the turn's messages from host {host.name}")
+                result["messages"] = turn_messages(await client.messages(session_id), result["response"])
+                return result
 
-    result = asyncio.run(run())
+    try:
+        result = asyncio.run(run())
+    except (OpencodeUnavailable, OpencodeAuthError) as exc:
+        what = "check [[hosts]] password / password_env" if isinstance(exc, OpencodeAuthError) else \
+            "check that `opencode serve` runs there and that [[hosts]] base_url names it"
+        raise PipelineError(f"opencode host {host.name} at {host.base_url}: {exc}; {what}") from None
+    errors = turn_errors(result["messages"])
     if args.json:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps({"session_id": result["session_id"], "ok": not errors, "errors": errors,
+                          "reply": result["reply"], "messages": result["messages"],
+                          "response": result["response"]}, indent=2, default=str))
     else:
         print(f"session {result['session_id']}")
-        print(result["reply"])
-    return 0
+        if result["reply"]:
+            print(result["reply"])
+    for line in errors:
+        print(f"pipeline opencode: the turn ended in an error: {line} (session {result['session_id']})",
+              file=sys.stderr)
+    return EXIT_TURN_FAILED if errors else 0
 
 
 @command("lag")
@@ -193,7 +201,10 @@ def cmd_lag(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 def cmd_dead(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from pipeline.kafka import deadletters
     if args.action == "list":
-        letters = asyncio.run(deadletters.read(cfg.kafka.bootstrap, args.topic))
+        if args.id or args.all:
+            raise UsageError("--id and --all are for `dead redrive`")
+        with waiting(f"reading dead letters from Kafka at {cfg.kafka.bootstrap}"):
+            letters = asyncio.run(deadletters.read(cfg.kafka.bootstrap, args.topic, timeout_s=args.timeout))
         # the original bytes are session content (unscrubbed up to the scrub stage): shown only on request
         shown = [deadletters.shown(d, original=args.show_original) for d in letters]
         if args.json:
@@ -209,58 +220,120 @@ def cmd_dead(args: argparse.Namespace, cfg: config_mod.Config) -> int:
                 print(f"    original: {r.get('original')}")
         return 0
     if not args.topic or not (args.id or args.all):
-        raise ConfigError("dead redrive needs --topic T and one of --id ID or --all", "--topic")
-    done = asyncio.run(deadletters.redrive(cfg.kafka.bootstrap, args.topic, dead_id=args.id))
+        raise UsageError("dead redrive needs --topic T and one of --id ID or --all")
+    if args.show_original:
+        raise UsageError("--show-original is for `dead list`")
+    target = deadletters.redrive_target(args.topic)
+    if target is None:
+        raise UsageError(f"{args.topic} cannot be redriven: nothing reads its letters again "
+                         "(inspect them with `pipeline dead list`)")
+    with waiting(f"redriving {args.topic} to {target} on Kafka at {cfg.kafka.bootstrap}"):
+        done = asyncio.run(deadletters.redrive(cfg.kafka.bootstrap, args.topic, dead_id=args.id,
+                                               timeout_s=args.timeout))
     for d in done:
         print(f"redrove {d.record.get('dead_id')} ({d.record.get('reason')}) -> {deadletters.redrive_target(d.topic)}")
     print(f"{len(done)} redriven")
     return 0
 
 
+def _timeout(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
+def _add_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=_timeout, default=10.0, metavar="S",
+                   help="seconds to wait for the broker to answer before giving up (default 10)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline", description=__doc__)
-    p.add_argument("--config", help="TOML config file (default: $PIPELINE_CONFIG, else built-in defaults)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("--log-format", choices=["text", "json"], default="text",
-                   help="text for people (default), json for log shippers: one object a line")
+    """The `pipeline` parser. Cheap to build: no aiokafka, faust or httpx import."""
+    from agents.registry import STAGE_MODULES
+    from pipeline.topics import dead_letter_topics
+
+    p = argparse.ArgumentParser(prog="pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_global_options(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = subcommand_options()
 
-    t = sub.add_parser("topics", help="create or list the topic table on the broker")
-    t.add_argument("action", choices=["create", "list"])
-    t.add_argument("--json", action="store_true")
+    def add(name: str, parent: Any = sub, **kwargs: Any) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, parents=[common], **kwargs)
+        sp.set_defaults(usage_parser=sp)
+        return sp
 
-    w = sub.add_parser("worker", help="run one stage (its own consumer group)")
-    w.add_argument("stage")
-    w.add_argument("--metrics-port", type=int, default=None)
-    w.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
+    t = add("topics", help="create or list the topic table on the broker",
+            description="create: make every topic of the table that is missing and bring the retention of "
+                        "existing ones to the table's (idempotent). list: the table against the broker. "
+                        "Exit 0 done, 1 the broker cannot be reached, 2 a usage or configuration mistake.")
+    t.add_argument("action", choices=["create", "list"], help="create the missing topics, or list the table")
+    t.add_argument("--json", action="store_true", help="list: print JSON instead of a table")
+    _add_timeout(t)
 
-    c = sub.add_parser("collect", help="attach to every configured opencode host and feed opencode.events")
-    c.add_argument("--metrics-port", type=int, default=None)
+    w = add("worker", help="run one stage (its own consumer group) until stopped",
+            description="Run one stage's faust worker until SIGTERM or Ctrl-C. Exit 0 stopped, "
+                        "2 a configuration mistake (a missing secret is named).")
+    w.add_argument("stage", choices=list(STAGE_MODULES),
+                   help="the stage to run (passthrough is the wiring check, never deployed)")
+    w.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve /metrics and /healthz on PORT (default: [metrics] port; 0: off)")
+    w.add_argument("--loglevel", default=None, choices=list(LOGLEVELS),
+                   help="level of faust, mode and aiokafka log lines (default: warn, debug with -v); "
+                        "the pipeline's own lines are info (debug with -v)")
+    w.set_defaults(long_running=True)
 
-    o = sub.add_parser("opencode", help="run a coding task on a configured opencode host")
-    osub = o.add_subparsers(dest="action", required=True)
-    rt = osub.add_parser("run-task", help="create a session, send the prompt, wait for the turn")
-    rt.add_argument("--host", required=True)
-    rt.add_argument("--title")
-    rt.add_argument("--json", action="store_true")
-    rt.add_argument("prompt")
-    co = osub.add_parser("continue", help="send a prompt to an existing session")
-    co.add_argument("--host", required=True)
-    co.add_argument("--json", action="store_true")
-    co.add_argument("session_id")
-    co.add_argument("prompt")
+    c = add("collect", help="follow this replica's share of the opencode hosts (all of them when alone)",
+            description="Publish the config's [[hosts]] to collector.hosts, join the collector group, and read "
+                        "the events of the hosts this replica is given into opencode.events until SIGTERM or "
+                        "Ctrl-C. Exit 0 stopped, 1 broker unreachable, 2 a configuration mistake.")
+    c.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve /metrics and /healthz on PORT (default: [metrics] port; 0: off)")
+    c.set_defaults(long_running=True)
 
-    d = sub.add_parser("dead", help="inspect and redrive dead letters")
-    d.add_argument("action", choices=["list", "redrive"])
-    d.add_argument("--topic", help="one dead-letter topic (default: all of them)")
-    d.add_argument("--id", help="redrive this dead letter")
-    d.add_argument("--all", action="store_true", help="redrive every dead letter not redriven before")
-    d.add_argument("--json", action="store_true")
+    turn_codes = ("Exit 0 the turn ended well, 1 the host cannot be reached or refused the request, "
+                  "2 a usage or configuration mistake (an unknown --host), 3 the turn ended in an error "
+                  "(the model's API failed, a tool failed): each error on stderr.")
+    o = add("opencode", help="run a coding task on a configured opencode host",
+            description="Send a prompt to an [[hosts]] daemon and wait for the turn to end. " + turn_codes)
+    osub = o.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rt = add("run-task", osub, help="create a session, send the prompt, wait for the turn",
+             description="Create a session on the host, send the prompt, wait for the turn to end and print "
+                         "the session id and the reply. " + turn_codes)
+    co = add("continue", osub, help="send a prompt to an existing session, wait for the turn",
+             description="Send the prompt to an existing session, wait for the turn to end and print the "
+                         "session id and the reply. " + turn_codes)
+    for op in (rt, co):
+        op.add_argument("--host", required=True, metavar="NAME", help="the [[hosts]] entry's name")
+        op.add_argument("--json", action="store_true",
+                        help="print the turn as JSON: session_id, ok, errors, reply and the turn's messages")
+    rt.add_argument("--title", help="the new session's title")
+    co.add_argument("session_id", metavar="SESSION_ID", help="the session to continue (ses_...)")
+    for op in (rt, co):
+        op.add_argument("prompt", help="what to ask (the prompt text)")
+
+    d = add("dead", help="inspect and redrive dead letters",
+            description="list: every dead letter (reason, error, where it would go back to). redrive: put "
+                        "letters back on the topic of the stage that failed them. Exit 0 done, 1 the broker "
+                        "cannot be reached or nothing could be redriven (a missing --id, letters that do not "
+                        "fit their target), 2 a usage or configuration mistake.")
+    d.add_argument("action", choices=["list", "redrive"], help="list the letters, or redrive them")
+    d.add_argument("--topic", choices=dead_letter_topics(), metavar="TOPIC",
+                   help=f"one dead-letter topic (list: default all; redrive: required); one of "
+                        f"{', '.join(dead_letter_topics())}")
+    which = d.add_mutually_exclusive_group()
+    which.add_argument("--id", help="redrive: this dead letter (its dead_id)")
+    which.add_argument("--all", action="store_true", help="redrive: every dead letter not redriven before")
+    d.add_argument("--json", action="store_true", help="list: print JSON instead of text")
     d.add_argument("--show-original", action="store_true",
                    help="list: include each letter's original bytes (session content, unscrubbed before scrub)")
+    _add_timeout(d)
 
+    from pipeline.cli import hosts as hosts_cli
     from pipeline.cli import lag as lag_cli
     lag_cli.add_parser(sub)
+    hosts_cli.add_parser(sub)
     return p
 
 

@@ -47,6 +47,8 @@ __all__ = [
     "is_loopback_host",
     "reply_text",
     "split_model",
+    "turn_errors",
+    "turn_messages",
     "unwrap_event",
 ]
 
@@ -143,6 +145,50 @@ def reply_text(message: Mapping[str, Any]) -> str:
         for p in parts
         if isinstance(p, dict) and p.get("type") == "text" and not p.get("ignored")
     )
+
+
+def turn_messages(listing: list[dict[str, Any]], last: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The messages of the turn that ended with `last` (the assistant message a prompt
+    returned): the user message that started it and every message after it, up to `last`.
+    ``prompt`` answers with the last message only; a turn's failed tools sit in the earlier
+    ones. When `last` is not in `listing` (deleted meanwhile), just ``[last]``."""
+    last_id = last.get("info", {}).get("id")
+    ids = [m.get("info", {}).get("id") for m in listing]
+    if last_id not in ids:
+        return [dict(last)]
+    end = ids.index(last_id)
+    start = end
+    while start > 0 and listing[start].get("info", {}).get("role") != "user":
+        start -= 1
+    return listing[start:end + 1]
+
+
+def turn_errors(messages: list[dict[str, Any]]) -> list[str]:
+    """What went wrong in a turn, one line each: an assistant message that ended in an error
+    (``info.error``: its name and message, e.g. the model's API answering 400) and every tool
+    call that failed (its tool name and error). Empty for a turn that ended well."""
+    found: list[str] = []
+    for message in messages:
+        info = message.get("info") or {}
+        if info.get("role") != "assistant":
+            continue
+        for part in message.get("parts") or []:
+            state = part.get("state") if isinstance(part, dict) and part.get("type") == "tool" else None
+            if isinstance(state, dict) and state.get("status") == "error":
+                found.append(f"tool {part.get('tool') or '?'} failed: {_one_line(state.get('error'))}")
+        error = info.get("error")
+        if isinstance(error, dict):
+            data = error.get("data") if isinstance(error.get("data"), dict) else {}
+            status = f" (HTTP {data['statusCode']})" if isinstance(data.get("statusCode"), int) else ""
+            detail = data.get("message") or data or ""
+            found.append(f"{error.get('name') or 'error'}{status}: {_one_line(detail)}".rstrip(": "))
+        elif error:
+            found.append(f"error: {_one_line(error)}")
+    return found
+
+
+def _one_line(value: Any) -> str:
+    return _snippet(str(value if value is not None else ""))
 
 
 def unwrap_event(frame: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
-from pipeline.errors import ConfigError, RecordError
-from pipeline.kafka.admin import topic_partitions
+from pipeline.errors import ConfigError, PipelineError, RecordError
+from pipeline.kafka.admin import DEFAULT_TIMEOUT_S, broker_calls, start_client, topic_partitions
 from pipeline.model.records import decode, original_bytes
 from pipeline.topics import TOPICS, dead_letter_topics
 
@@ -60,37 +60,51 @@ def shown(letter: DeadLetter, *, original: bool) -> dict[str, Any]:
     return record
 
 
-async def read(bootstrap: str, topic: str | None = None, *, group: str | None = None) -> list[DeadLetter]:
-    """Every dead letter (or, with `group`, those after the group's committed offsets)."""
+async def read(bootstrap: str, topic: str | None = None, *, group: str | None = None,
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> list[DeadLetter]:
+    """Every dead letter (or, with `group`, those after the group's committed offsets).
+    A broker that cannot be reached within `timeout_s` raises BrokerError (one line)."""
+    topics = _topics(topic)  # an unknown topic is named before any connection
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    out: list[DeadLetter] = []
+                                auto_offset_reset="earliest", request_timeout_ms=int(timeout_s * 1000))
+    await start_client(consumer, bootstrap, timeout_s)
     try:
-        tps = await topic_partitions(consumer, _topics(topic))
-        if not tps:
-            return []
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            committed = await consumer.committed(tp) if group else None
-            consumer.seek(tp, committed or 0)
-        # a list, not a generator: `await` inside a generator expression makes it an async
-        # generator, which any() cannot iterate
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-            for tp, msgs in (await consumer.getmany(timeout_ms=1000)).items():
-                for m in msgs:
-                    try:
-                        record = json.loads(m.value)
-                    except (ValueError, TypeError):
-                        record = {"dead_id": f"unreadable@{m.offset}", "reason": "unreadable_dead_letter"}
-                    out.append(DeadLetter(tp.topic, tp.partition, m.offset, record))
-        return out
+        async with broker_calls(bootstrap, timeout_s):
+            return await _read(consumer, topics, group)
     finally:
         await consumer.stop()
 
 
-async def redrive(bootstrap: str, topic: str, *, dead_id: str | None = None) -> list[DeadLetter]:
+async def _read(consumer: AIOKafkaConsumer, topics: list[str], group: str | None) -> list[DeadLetter]:
+    out: list[DeadLetter] = []
+    tps = await topic_partitions(consumer, topics)
+    if not tps:
+        return []
+    consumer.assign(tps)
+    ends = await consumer.end_offsets(tps)
+    for tp in tps:
+        committed = await consumer.committed(tp) if group else None
+        consumer.seek(tp, committed or 0)
+    # a list, not a generator: `await` inside a generator expression makes it an async
+    # generator, which any() cannot iterate
+    while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+        for tp, msgs in (await consumer.getmany(timeout_ms=1000)).items():
+            for m in msgs:
+                try:
+                    record = json.loads(m.value)
+                except (ValueError, TypeError):
+                    record = {"dead_id": f"unreadable@{m.offset}", "reason": "unreadable_dead_letter"}
+                out.append(DeadLetter(tp.topic, tp.partition, m.offset, record))
+    return out
+
+
+class NothingToRedrive(PipelineError):
+    """The letter asked for is not there, or letters are not fit to go back: nothing was
+    redriven. Not a configuration error: the command was right, the topic's content is not."""
+
+
+async def redrive(bootstrap: str, topic: str, *, dead_id: str | None = None,
+                  timeout_s: float = DEFAULT_TIMEOUT_S) -> list[DeadLetter]:
     """Put dead letters back where they failed. `dead_id`: that one (wherever it is); otherwise
     every letter not redriven before (tracked by the redrive consumer group's offsets)."""
     target = redrive_target(topic) if topic in dead_letter_topics() else None
@@ -98,27 +112,30 @@ async def redrive(bootstrap: str, topic: str, *, dead_id: str | None = None) -> 
     if target is None:
         raise ConfigError(f"{topic} cannot be redriven: nothing reads its letters again (inspect them with "
                           "`pipeline dead list`)", "--topic")
-    letters = await read(bootstrap, topic, group=None if dead_id else REDRIVE_GROUP)
+    letters = await read(bootstrap, topic, group=None if dead_id else REDRIVE_GROUP, timeout_s=timeout_s)
     chosen = [d for d in letters if dead_id is None or d.record.get("dead_id") == dead_id]
     if dead_id and not chosen:
-        raise ConfigError(f"no dead letter with id {dead_id!r} in {topic}", "--id")
+        raise NothingToRedrive(f"no dead letter with id {dead_id!r} in {topic} (see `pipeline dead list --topic "
+                               f"{topic}`)")
     refused = [(d, why) for d in chosen if (why := _unfit(d, target)) is not None]
     if refused:
         lines = "; ".join(f"{d.record.get('dead_id')}: {why}" for d, why in refused[:5])
-        raise ConfigError(f"{len(refused)} letter(s) in {topic} are not valid {target} records and were not "
-                          f"redriven (nothing was): {lines}", "--id" if dead_id else "--all")
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
-    await producer.start()
+        raise NothingToRedrive(f"{len(refused)} letter(s) in {topic} are not valid {target} records and were not "
+                               f"redriven (nothing was): {lines}")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all",
+                                request_timeout_ms=int(timeout_s * 1000))
+    await start_client(producer, bootstrap, timeout_s)
     try:
-        for d in chosen:
-            key = d.record.get("key")
-            await producer.send(target, value=original_bytes(d.record),
-                                key=key.encode("utf-8") if isinstance(key, str) else None)
-        await producer.flush()
+        async with broker_calls(bootstrap, timeout_s):
+            for d in chosen:
+                key = d.record.get("key")
+                await producer.send(target, value=original_bytes(d.record),
+                                    key=key.encode("utf-8") if isinstance(key, str) else None)
+            await producer.flush()
     finally:
         await producer.stop()
     if dead_id is None and letters:
-        await _commit(bootstrap, letters)
+        await _commit(bootstrap, letters, timeout_s)
     return chosen
 
 
@@ -133,15 +150,21 @@ def _unfit(letter: DeadLetter, target: str) -> str | None:
     return None
 
 
-async def _commit(bootstrap: str, letters: list[DeadLetter]) -> None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=REDRIVE_GROUP, enable_auto_commit=False)
-    await consumer.start()
+async def _commit(bootstrap: str, letters: list[DeadLetter], timeout_s: float) -> None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=REDRIVE_GROUP, enable_auto_commit=False,
+                                request_timeout_ms=int(timeout_s * 1000))
+    await start_client(consumer, bootstrap, timeout_s)
     try:
-        last: dict[TopicPartition, int] = {}
-        for d in letters:
-            tp = TopicPartition(d.topic, d.partition)
-            last[tp] = max(last.get(tp, -1), d.offset)
-        consumer.assign(list(last))
-        await consumer.commit({tp: OffsetAndMetadata(o + 1, "") for tp, o in last.items()})
+        async with broker_calls(bootstrap, timeout_s):
+            await _commit_offsets(consumer, letters)
     finally:
         await consumer.stop()
+
+
+async def _commit_offsets(consumer: AIOKafkaConsumer, letters: list[DeadLetter]) -> None:
+    last: dict[TopicPartition, int] = {}
+    for d in letters:
+        tp = TopicPartition(d.topic, d.partition)
+        last[tp] = max(last.get(tp, -1), d.offset)
+    consumer.assign(list(last))
+    await consumer.commit({tp: OffsetAndMetadata(o + 1, "") for tp, o in last.items()})

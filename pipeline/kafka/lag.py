@@ -37,6 +37,7 @@ from rich.text import Text
 
 from pipeline import metrics
 from pipeline.errors import BrokerError
+from pipeline.kafka.admin import DEFAULT_TIMEOUT_S, start_client, unreachable
 from pipeline.topics import STAGES, Stage
 
 log = logging.getLogger(__name__)
@@ -169,12 +170,15 @@ class LagCollector:
     """Holds one admin client and one group-less consumer, so `--watch` and the worker's
     exporter do not reconnect on every sample."""
 
-    def __init__(self, bootstrap: str, *, request_timeout_ms: int = 15000, coordinator_wait_s: float = 15.0,
-                 **client_options: Any) -> None:
-        """`client_options` go to both aiokafka clients: security_protocol, ssl_context,
-        sasl_mechanism, sasl_plain_username, ... for a cluster that needs them."""
+    def __init__(self, bootstrap: str, *, request_timeout_ms: int = int(DEFAULT_TIMEOUT_S * 1000),
+                 coordinator_wait_s: float = 15.0, **client_options: Any) -> None:
+        """`request_timeout_ms` bounds starting (a listener that accepts and never answers
+        included) and every request after. `client_options` go to both aiokafka clients:
+        security_protocol, ssl_context, sasl_mechanism, sasl_plain_username, ... for a
+        cluster that needs them."""
         self.bootstrap = bootstrap
         self.coordinator_wait_s = coordinator_wait_s
+        self.timeout_s = request_timeout_ms / 1000
         common = {"bootstrap_servers": bootstrap, "request_timeout_ms": request_timeout_ms,
                   "client_id": "pipeline-lag", **client_options}
         self._admin = AIOKafkaAdminClient(**common)
@@ -182,12 +186,14 @@ class LagCollector:
         self._consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **common)
 
     async def start(self) -> LagCollector:
+        """Connect both clients; BrokerError (one line, naming the bootstrap) when the broker
+        cannot be reached or does not answer within the request timeout."""
         try:
-            await self._admin.start()
-            await self._consumer.start()
-        except (KafkaError, OSError) as exc:
+            await start_client(self._admin, self.bootstrap, self.timeout_s)
+            await start_client(self._consumer, self.bootstrap, self.timeout_s)
+        except BaseException:
             await self.close()
-            raise BrokerError(f"cannot reach Kafka at {self.bootstrap}: {_explain(exc)}") from None
+            raise
         return self
 
     async def close(self) -> None:
@@ -209,8 +215,8 @@ class LagCollector:
         """One snapshot, without rates. Raises BrokerError when the cluster stops answering."""
         try:
             return await self._sample(_stage_list(stages))
-        except (TimeoutError, KafkaError) as exc:
-            raise BrokerError(f"reading offsets from {self.bootstrap}: {_explain(exc)}") from None
+        except (TimeoutError, KafkaError, OSError) as exc:
+            raise unreachable(self.bootstrap, exc, self.timeout_s) from None
 
     async def _sample(self, wanted: list[Stage]) -> LagReport:
         # All topics in one metadata request. Naming a missing topic in a metadata request

@@ -215,8 +215,10 @@ def test_lag_command_json_lists_every_stage(kafka, kafka_env, kafka_config, caps
     parser = argparse.ArgumentParser()
     lag_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["lag", "--json", "--interval", "0.5"])
-    assert lag_cli.run(args, kafka_config) == 0
+    # no stage runs here: exit 3, every deployed stage named as having no running member
+    assert lag_cli.run(args, kafka_config) == 3
     doc = json.loads(capsys.readouterr().out)
+    assert doc["health"]["exit_code"] == 3 and doc["health"]["no_members"] == list(PIPELINE_STAGES)
     assert doc["bootstrap"] == kafka.bootstrap and doc["interval_s"] >= 0.5
     assert [s["stage"] for s in doc["stages"]] == list(STAGES)
     for s in doc["stages"]:
@@ -233,17 +235,18 @@ def test_lag_command_json_lists_every_stage(kafka, kafka_env, kafka_config, caps
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli.lag", "--json", "--interval", "0",
                            "--stage", "sign", "--stage", "deliver"],
                           env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 3, proc.stderr
     doc = json.loads(proc.stdout)
     assert [s["stage"] for s in doc["stages"]] == ["sign", "deliver"] and doc["interval_s"] is None
+    assert proc.stderr == "pipeline lag: no running member in stage(s): sign, deliver (nothing consumes their input)\n"
 
     # A table, for people.
     args = parser.parse_args(["lag", "--interval", "0"])
-    assert lag_cli.run(args, kafka_config) == 0
+    assert lag_cli.run(args, kafka_config) == 3
     out = capsys.readouterr().out
     assert all(name in out for name in STAGES)
 
-    # An unknown stage is a config error naming the option, before any broker call.
+    # An unknown stage is a usage error naming the option, before any broker call.
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli.lag", "--stage", "nope"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--stage" in bad.stderr and "nope" in bad.stderr
