@@ -88,6 +88,7 @@ class FakeHost:
         self.h, self.rate = h, rate
         self.turns = {sid_of(h, s): FIRST_TURNS for s in range(SESSIONS_PER_HOST)}
         self.ids = itertools.count()
+        self.paused = False
 
     def frame(self, kind: str, props: dict[str, Any]) -> bytes:
         body = {"directory": "/home/dev/project", "project": "global",
@@ -132,6 +133,10 @@ class FakeHost:
             while True:
                 due = int((loop.time() - start) * self.rate) - sent
                 chunk: list[bytes] = []
+                if self.paused and not pending:  # between turns: only a heartbeat now and then
+                    start, sent, due = loop.time(), 0, 0
+                    if next(self.ids) % 100 == 0:
+                        chunk.append(self.frame("server.heartbeat", {}))
                 while len(chunk) < due:
                     if not pending:
                         s = next(order)
@@ -152,7 +157,17 @@ class FakeHost:
         from aiohttp import web
 
         async def sessions(request: web.Request) -> web.Response:
-            return web.json_response([])  # nothing to reconcile: the state files say all is reported
+            # as opencode lists them, newest first: a reconcile skips what the state says is reported,
+            # and finds the turns whose idle a collector killed mid-turn never read
+            infos = sorted((self.session(sid) for sid in self.turns), key=lambda i: -i["time"]["updated"])
+            return web.json_response(infos)
+
+        async def turns(request: web.Request) -> web.Response:
+            return web.json_response(self.turns)
+
+        async def pause(request: web.Request) -> web.Response:
+            self.paused = request.query.get("on", "1") == "1"
+            return web.json_response({"paused": self.paused})
 
         async def status(request: web.Request) -> web.Response:
             return web.json_response({})
@@ -177,6 +192,8 @@ class FakeHost:
         app.router.add_get("/session/status", status)
         app.router.add_get("/session/{id}", session)
         app.router.add_get("/session/{id}/message", listing_route)
+        app.router.add_get("/bench/turns", turns)  # the tests' view: turns ended per session
+        app.router.add_post("/bench/pause", pause)  # no more turns (heartbeats only) until resumed
         return app
 
 

@@ -175,7 +175,6 @@ partitions = {s.partitions}
 cache_dir = "{s.workdir / 'cache'}"
 
 [collector]
-state_dir = "{s.workdir / 'collector-state'}"
 {s.extra_toml}
 {s.hosts_toml}
 """)

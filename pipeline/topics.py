@@ -65,6 +65,8 @@ class Stage:
 
 
 HOST_SESSION = "host:session_id"
+# Partitions of the collector's host table and state: at most this many collector replicas get hosts.
+COLLECTOR_PARTITIONS = 16
 SOURCE_RETENTION_MS = 7 * DAY_MS  # what the collector's topic keeps; nothing unscrubbed outlives it
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
@@ -113,6 +115,17 @@ TOPICS: dict[str, Topic] = {t.name: t for t in [
     Topic("delivery.outcomes", "outcome.v1", "endpoint", "every attempt, admission and breaker transition",
           partitions=1, retention_ms=3 * DAY_MS),
     Topic("passthrough.out", "event.v1", HOST_SESSION, "output of the wiring-check stage", unscrubbed=True),
+    # The collector's shared state: tables, not streams, so compacted and never deleted by age (a host
+    # record or a host's reported turns must outlive any silence). Both keyed by host name with the same
+    # partition count, so a host's state lives on the partition number of its host record, and a replica
+    # reads only the state partitions it was assigned. The partition count bounds the useful replicas.
+    Topic("collector.hosts", "collector-host.v1", "host",
+          "the hosts the collector replicas share (config without passwords); a replica follows the hosts "
+          "on the partitions its consumer group gave it", partitions=COLLECTOR_PARTITIONS, compacted=True,
+          retention_ms=-1, extra={"cleanup.policy": "compact"}),
+    Topic("collector.state", "collector-state.v1", "host",
+          "per host: the turns the collector reported and its reconcile watermark; ids and digests, no text",
+          partitions=COLLECTOR_PARTITIONS, compacted=True, retention_ms=-1, extra={"cleanup.policy": "compact"}),
     # the collector's letters are frames that never became events: nothing reads them but people
     _dead("collector.dead", "collector", "host", "frames the collector could not read, with the reason", None),
     *[_dead(stage.dead, stage.name, "original key", f"records the {stage.name} stage could not process, "

@@ -20,7 +20,7 @@ from pipeline.clients.opencode import (
 from pipeline.clock import Clock
 from pipeline.collector.settings import CollectorSettings
 from pipeline.collector.sink import EventSink
-from pipeline.collector.state import HostState, HostStats, state_file
+from pipeline.collector.state import HostState, HostStats
 from pipeline.collector.turns import (
     TurnRequest,
     already_reported,
@@ -76,15 +76,16 @@ class HostRunner:
 
     `run` keeps one event-stream connection up, reconnecting with backoff. Each connection
     spawns a reconcile pass and the poll fallback; each turn end spawns one fetch task per
-    session. `state` is what was reported (saved by the `Collector` when `dirty`), `stats`
-    the counters the metrics module reads.
+    session. `state` is what was reported (loaded and saved by the `Collector` through its
+    `StateStore`, when `dirty`), `stats` the counters the metrics module reads.
     """
 
     # One client per instance directory asked for its status; the oldest is closed past this.
     _MAX_DIRECTORY_CLIENTS = 32
 
     def __init__(self, host: HostConfig, sink: EventSink, settings: CollectorSettings,
-                 clock: Clock, rng: random.Random, client_factory: ClientFactory) -> None:
+                 clock: Clock, rng: random.Random, client_factory: ClientFactory,
+                 state: HostState | None = None) -> None:
         self.host = host
         self.stats = HostStats(host.name)
         self._sink = sink
@@ -93,8 +94,8 @@ class HostRunner:
         self._client_factory = client_factory
         self._backoff = RetryPolicy(base_s=settings.reconnect_min_s, max_s=settings.reconnect_max_s,
                                     rng=rng)
-        self.state_path = state_file(settings.state_dir, host.name) if settings.state_dir else None
-        self.state = HostState.load(self.state_path) if self.state_path else HostState()
+        # Loaded by the Collector from its StateStore: a file, or the topic the replicas share.
+        self.state = state if state is not None else HostState()
         self.dirty = False
         self._clients: dict[str | None, OpencodeClient] = {}
         self._busy: dict[str, str | None] = {}  # session id -> its directory

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 EVENTS_TOPIC = TOPICS["opencode.events"].name
 DEAD_TOPIC = TOPICS["collector.dead"].name
+HOSTS_TOPIC = TOPICS["collector.hosts"].name
+STATE_TOPIC = TOPICS["collector.state"].name
+# The collector replicas' consumer group: named like the stages' faust app ids.
+GROUP_ID = "panel-pipeline-collector"
 _TOP = {spec.attr: spec for spec in keys_of(PluginOptions).values()}
 
 
@@ -47,6 +51,10 @@ class CollectorSettings(CollectorConfig):
     max_record_bytes: int = tuning(MAX_RECORD_BYTES, count(2**31 - 1), "largest record produced")
     events_topic: str = tuning(EVENTS_TOPIC, NONEMPTY, "where events go")
     dead_topic: str = tuning(DEAD_TOPIC, NONEMPTY, "where frames that are no events go")
+    # Another fleet of replicas on the same cluster (or a test on a shared broker) sets all three.
+    hosts_topic: str = tuning(HOSTS_TOPIC, NONEMPTY, "the host table the replicas share")
+    state_topic: str = tuning(STATE_TOPIC, NONEMPTY, "where each host's reported turns are kept")
+    group_id: str = tuning(GROUP_ID, NONEMPTY, "the consumer group through which replicas share the hosts")
 
     @cached_property
     def event_filter(self) -> EventFilter:

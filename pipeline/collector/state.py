@@ -1,6 +1,12 @@
 """What the collector keeps per host: `HostStats`, in-memory counters for the metrics module, and
-`HostState`, what it last reported per session, which survives restarts in a state file (one per
-host, written atomically by the `Collector` only after the sink has flushed those records)."""
+`HostState`, what it last reported per session, which survives restarts and handovers.
+
+Where `HostState` lives is a `StateStore`: `pipeline collect` keeps it in the compacted topic
+`collector.state` (`pipeline.collector.store.KafkaStateStore`), so whichever replica follows a
+host next reads it; `FileStateStore` (one file per host in `state_dir`) is what a collector built
+in-process without Kafka uses, and the Kafka store's read-only fallback for state files left by
+collectors from before the topic. Either is written by the `Collector` only after the sink has
+flushed the records the state covers."""
 
 from __future__ import annotations
 
@@ -11,10 +17,10 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +78,29 @@ class HostState:
     @classmethod
     def load(cls, path: Path) -> HostState:
         """A missing or unreadable file starts fresh: that re-emits, which ingest absorbs."""
+        state = cls.read(path)
+        return state if state is not None else cls()
+
+    @classmethod
+    def read(cls, path: Path) -> HostState | None:
+        """The file's state; None when there is no usable file (missing, unreadable, unknown)."""
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            return cls()
+            return None
         except (OSError, ValueError) as exc:
             log.warning("collector state %s unreadable (%s); starting fresh", path, exc)
-            return cls()
-        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            return None
+        state = cls.from_dict(data)
+        if state is None:
             log.warning("collector state %s has an unknown layout; starting fresh", path)
-            return cls()
+        return state
+
+    @classmethod
+    def from_dict(cls, data: Any) -> HostState | None:
+        """`to_dict`'s output read back; None for anything of another layout or version."""
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            return None
         watermark = data.get("watermark_ms")
         sessions = data.get("sessions")
         return cls(watermark_ms=watermark if isinstance(watermark, int) else None,
@@ -110,3 +129,38 @@ def state_file(state_dir: Path, host: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", host)[:64]
     digest = hashlib.sha256(host.encode("utf-8")).hexdigest()[:8]
     return state_dir / f"collector-{safe}-{digest}.json"
+
+
+class StateStore(Protocol):
+    """Where `HostState` is kept between the collector's runs and between the replicas that
+    follow a host one after the other. `save` is called only once what the states cover has
+    been acknowledged by the sink; when it returns, a later `load` (by any replica) sees them."""
+
+    async def load(self, hosts: Collection[str]) -> dict[str, HostState]:
+        """The saved state of each of `hosts` that has one; the others start fresh."""
+        ...
+
+    async def save(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        """Persist `HostState.to_dict` of each host, by host name."""
+        ...
+
+
+class FileStateStore:
+    """One atomically replaced file per host in `state_dir`: a collector's own disk.
+
+    What the collector used before state moved to a topic; still what an in-process collector
+    with `state_dir` (unit tests, a single process without Kafka) uses."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def path(self, host: str) -> Path:
+        return state_file(self.state_dir, host)
+
+    async def load(self, hosts: Collection[str]) -> dict[str, HostState]:
+        found = {h: HostState.read(self.path(h)) for h in hosts}
+        return {h: s for h, s in found.items() if s is not None}
+
+    async def save(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        for host, data in states.items():
+            HostState.save(self.path(host), data)

@@ -154,8 +154,8 @@ class CollectorConfig:
         10000, count(10_000_000), "records buffered while Kafka is unreachable; past that the host tasks wait")
     state_dir: Path | None = key(  # noqa: RUF009 - key() returns a dataclasses.field
         None, Rule("a directory path", lambda v: v is None or isinstance(v, str | Path)),
-        "directory of the per-host state files (reported turns), so a restart neither loses nor repeats; "
-        "unset or empty: kept in memory only", parse=_state_dir)
+        "state files of a collector from before the `collector.state` topic: read once per host that has no "
+        "state there, never written", parse=_state_dir)
     poll_interval_s: float = key(
         10.0, between(0.0, MAX_SECONDS, (int, float), f"seconds >= 0 and at most {MAX_SECONDS:.0f} (0 turns it off)"),
         "while no session frame comes (daemons that send only heartbeats), reconcile every this many seconds; "

@@ -201,34 +201,32 @@ def test_default_values_render_a_stage_deployment_scaledobject_and_pdb_each(char
     assert cfg.hosts == () and cfg.lru_size == 10000 and cfg.max_messages == 25
 
 
-def test_production_values_split_hosts_over_collectors(chartcheck: Path, tmp_path: Path) -> None:
+def test_production_values_run_one_collector_deployment_sharing_the_hosts(chartcheck: Path, tmp_path: Path) -> None:
     doc = summary(chartcheck, PRODUCTION)
     values = values_of(PRODUCTION)
     assert_stages(doc, values)
     assert_pods(doc)
     deployments = of_kind(doc, "Deployment")
     collectors = {n: d for n, d in deployments.items() if stage_of(d) == "collector"}
-    assert len(deployments) == len(PIPELINE_STAGES) + len(values["collectors"])
+    assert list(collectors) == ["panel-opencode-panel-pipeline-collector"]
+    assert len(deployments) == len(PIPELINE_STAGES) + 1
     passwords = {h["password_env"]: "pw" for h in values["hosts"]}
-    read_by: dict[str, str] = {}
-    for wanted in values["collectors"]:
-        name = f"panel-opencode-panel-pipeline-collector-{wanted['name']}"
-        deployment = collectors[name]
-        assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
-        assert container(deployment)["args"] == ["--log-format", "json", "collect", "--metrics-port", "9100"]
-        [config_volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
-        [item] = config_volume["configMap"]["items"]
-        cfg = load_config(tmp_path, config_text(doc, item["key"]), passwords)
-        assert [h.name for h in cfg.hosts] == wanted["hosts"]
-        assert str(cfg.collector.state_dir) == "/var/lib/pipeline/collector"
-        assert cfg.kafka.unscrubbed_retention_hours == 72 and cfg.lru_size == 20000
-        for host in cfg.hosts:
-            read_by[host.name] = name
-        state = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "state"]
-        assert state[0]["persistentVolumeClaim"]["claimName"] in of_kind(doc, "PersistentVolumeClaim")
-    assert sorted(read_by) == sorted(h["name"] for h in values["hosts"]), "every host read by one collector"
-    # a host with passwordSecret gets exactly its own secretKeyRef
-    pool = container(collectors["panel-opencode-panel-pipeline-collector-pool"])
+    deployment = collectors["panel-opencode-panel-pipeline-collector"]
+    # replicas share the hosts through the consumer group: several at once, rolled, no volume
+    assert deployment["spec"]["replicas"] == values["collector"]["replicas"] == 3
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert container(deployment)["args"] == ["--log-format", "json", "collect", "--metrics-port", "9100"]
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    assert not [v for v in volumes if "persistentVolumeClaim" in v] and not of_kind(doc, "PersistentVolumeClaim")
+    assert "state" not in {v["name"] for v in volumes}
+    [config_volume] = [v for v in volumes if v["name"] == "config"]
+    [item] = config_volume["configMap"]["items"]
+    cfg = load_config(tmp_path, config_text(doc, item["key"]), passwords)
+    assert [h.name for h in cfg.hosts] == [h["name"] for h in values["hosts"]], "every host, seeded by every replica"
+    assert cfg.collector.state_dir is None, "the state is in collector.state, not on a disk"
+    assert cfg.kafka.unscrubbed_retention_hours == 72 and cfg.lru_size == 20000
+    # a host with passwordSecret gets exactly its own secretKeyRef (every replica may follow it)
+    pool = container(deployment)
     assert {"name": "OPENCODE_PASSWORD_POOL",
             "valueFrom": {"secretKeyRef": {"name": "pool-daemon", "key": "password"}}} in pool["env"]
     # one principal per stage: a stage's kafkaSecret replaces the shared one
@@ -304,25 +302,25 @@ def test_more_replicas_than_partitions_is_refused(chartcheck: Path, tmp_path: Pa
     assert proc.returncode == 0, proc.stderr
 
 
-def test_a_host_in_two_collectors_or_none_is_refused(chartcheck: Path, tmp_path: Path) -> None:
+def test_a_host_listed_twice_or_with_an_unsourced_password_is_refused(chartcheck: Path, tmp_path: Path) -> None:
     hosts = [{"name": "a", "base_url": "https://a.example:4096"}, {"name": "b", "base_url": "https://b.example:4096"}]
-    err = refused(chartcheck, tmp_path, {"hosts": hosts, "collectors": [{"name": "east", "hosts": ["a", "b"]},
-                                                                        {"name": "west", "hosts": ["b"]}]})
-    assert "host b is in both east and west" in err
+    err = refused(chartcheck, tmp_path, {"hosts": [*hosts, hosts[1]]})
+    assert "hosts: b is listed twice" in err
     err = refused(chartcheck, tmp_path, {"hosts": hosts, "collectors": [{"name": "east", "hosts": ["a"]}]})
-    assert "host b is in no collector" in err
+    assert "collectors" in err, "the per-collector split is gone: the replicas share every host"
     err = refused(chartcheck, tmp_path, {"hosts": [{**hosts[0], "password_env": "PW_A"}]})
     assert "PW_A comes from nowhere" in err
     err = refused(chartcheck, tmp_path, {"hosts": [{**hosts[0], "password": "inline"}]})
     assert "password" in err
 
 
-def test_default_collector_reads_every_host(chartcheck: Path, tmp_path: Path) -> None:
+def test_default_collector_replicas_share_every_host(chartcheck: Path, tmp_path: Path) -> None:
     hosts = [{"name": "a", "base_url": "https://a.example:4096"}, {"name": "b", "base_url": "https://b.example:4096"}]
     doc = summary(chartcheck, write(tmp_path, "v.yaml", {"hosts": hosts}))
-    collectors = [n for n, d in of_kind(doc, "Deployment").items() if stage_of(d) == "collector"]
-    assert collectors == ["panel-opencode-panel-pipeline-collector-main"]
-    cfg = load_config(tmp_path, config_text(doc, "collector-main.toml"))
+    collectors = {n: d for n, d in of_kind(doc, "Deployment").items() if stage_of(d) == "collector"}
+    assert list(collectors) == ["panel-opencode-panel-pipeline-collector"]
+    assert collectors["panel-opencode-panel-pipeline-collector"]["spec"]["replicas"] == 2
+    cfg = load_config(tmp_path, config_text(doc, "collector.toml"))
     assert [h.name for h in cfg.hosts] == ["a", "b"]
 
 

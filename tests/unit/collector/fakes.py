@@ -252,7 +252,7 @@ def host(name: str, url: str) -> HostConfig:
 def collector(clock: FakeClock, daemons: dict[str, FakeDaemon | None], sink: MemorySink,
               **overrides: Any) -> Collector:
     """A collector on `clock` with one host per entry of `daemons` (None: a host that refuses
-    connections), its clients talking to the fakes in-process."""
+    connections), its clients talking to the fakes in-process. `store=` a StateStore."""
     transports: dict[str, httpx.AsyncBaseTransport] = {}
     hosts = []
     for name, fake in daemons.items():
@@ -263,8 +263,10 @@ def collector(clock: FakeClock, daemons: dict[str, FakeDaemon | None], sink: Mem
     def client_factory(config: HostConfig, directory: str | None) -> OpencodeClient:
         return OpencodeClient(config.base_url, directory=directory, transport=transports[config.base_url])
 
+    # a StateStore of the test's own instead of the state files `state_dir` implies
+    extra = {"store": overrides.pop("store")} if "store" in overrides else {}
     return Collector(hosts, sink, settings=CollectorSettings(**{**TEST_SETTINGS, **overrides}),
-                     clock=clock, rng=random.Random(0), client_factory=client_factory)
+                     clock=clock, rng=random.Random(0), client_factory=client_factory, **extra)
 
 
 @contextlib.asynccontextmanager

@@ -103,9 +103,6 @@ app.kubernetes.io/part-of: opencode-panel-pipeline
 {{- $_ := set $cfg "kafka" $kafka -}}
 {{- $_ := set $cfg "metrics" (dict "host" "0.0.0.0" "port" 9100) -}}
 {{- if kindIs "slice" $hosts -}}
-{{- $collector := get $cfg "collector" | default dict -}}
-{{- $_ := set $collector "state_dir" "/var/lib/pipeline/collector" -}}
-{{- $_ := set $cfg "collector" $collector -}}
 {{- $entries := list -}}
 {{- range $hosts -}}
 {{- $entries = append $entries (omit . "passwordSecret") -}}
@@ -143,8 +140,9 @@ app.kubernetes.io/part-of: opencode-panel-pipeline
 {{- end -}}
 {{- end -}}
 
-{{/* The collectors: a list of {name, hosts: [host entries]}; fails unless every host is in
-     exactly one collector. */}}
+{{/* The collectors: [{name: "main", hosts: [host entries]}] when there are hosts, else []. One
+     Deployment whose replicas share every host through Kafka group membership; fails on a host
+     listed twice. */}}
 {{- define "opp.collectors" -}}
 {{- $byName := dict -}}
 {{- range .Values.hosts -}}
@@ -154,34 +152,7 @@ app.kubernetes.io/part-of: opencode-panel-pipeline
 {{- $_ := set $byName .name . -}}
 {{- end -}}
 {{- $collectors := list -}}
-{{- if .Values.collectors -}}
-{{- $assigned := dict -}}
-{{- $names := dict -}}
-{{- range .Values.collectors -}}
-{{- if hasKey $names .name -}}
-{{- fail (printf "collectors: %s is listed twice" .name) -}}
-{{- end -}}
-{{- $_ := set $names .name true -}}
-{{- $entries := list -}}
-{{- $collector := .name -}}
-{{- range .hosts -}}
-{{- if not (hasKey $byName .) -}}
-{{- fail (printf "collectors[%s].hosts: %s is not in hosts" $collector .) -}}
-{{- end -}}
-{{- if hasKey $assigned . -}}
-{{- fail (printf "collectors: host %s is in both %s and %s (two collectors would forward its turns twice)" . (get $assigned .) $collector) -}}
-{{- end -}}
-{{- $_ := set $assigned . $collector -}}
-{{- $entries = append $entries (get $byName .) -}}
-{{- end -}}
-{{- $collectors = append $collectors (dict "name" .name "hosts" $entries) -}}
-{{- end -}}
-{{- range .Values.hosts -}}
-{{- if not (hasKey $assigned .name) -}}
-{{- fail (printf "collectors: host %s is in no collector (nothing would read it)" .name) -}}
-{{- end -}}
-{{- end -}}
-{{- else if .Values.hosts -}}
+{{- if .Values.hosts -}}
 {{- $collectors = list (dict "name" "main" "hosts" .Values.hosts) -}}
 {{- end -}}
 {{- toJson $collectors -}}
