@@ -9,7 +9,7 @@
                                 pure rules: sampling policies; breaker, retry, signing
     pipeline.config             the one typed configuration (its sections are the rules' settings)
     pipeline.model              records and their pure rules
-    pipeline, .errors, .clock, .topics, .metrics
+    pipeline, .errors, .clock, .topics, .metrics, .health, .logs
                                 the foundations every layer may use
 
 A module may import from a lower layer or from its own package; anything else (an arrow up,
@@ -25,7 +25,8 @@ from pathlib import Path
 from tests.fixtures import REPO
 
 LAYERS: list[tuple[str, ...]] = [
-    ("pipeline", "pipeline.errors", "pipeline.clock", "pipeline.topics", "pipeline.metrics"),
+    ("pipeline", "pipeline.errors", "pipeline.clock", "pipeline.topics", "pipeline.metrics", "pipeline.health",
+     "pipeline.logs"),
     ("pipeline.model",),
     ("pipeline.config",),
     ("pipeline.sampling", "pipeline.delivery"),
