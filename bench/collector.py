@@ -1,6 +1,10 @@
-"""The collector with 1, 10 and 100 simulated opencode hosts, into a real Kafka sink.
+"""The collector into a real Kafka sink: 1, 10 and 100 simulated opencode hosts, or replica processes.
+
+1, 10 and 100 hosts in one in-process collector; or (`--replicas`) 1, 2 and 4 collector replica
+processes sharing 100 and 400 of them.
 
     python bench/collector.py [--hosts 1,10,100] [--rate 1500] [--seconds 20]
+    python bench/collector.py --replicas 1,2,4 [--hosts 100,400] [--rate 1500] [--seconds 20]
 
 One fresh local broker. A separate process serves N fake `opencode serve` daemons (aiohttp,
 one port each): `/global/event` streams SSE frames at a steady rate (`--rate` frames/s in
@@ -17,7 +21,16 @@ The collector (`Collector` + `KafkaEventSink`, as `pipeline collect` runs them) 
 process: after a 5 s warm-up its counters are sampled over `--seconds`; events/s = frames read
 from the daemons, records/s = records the sink had acknowledged by Kafka. Peak RSS is the
 collector process's VmHWM, its CPU the process's user + system time over the window.
-Writes bench/results/collector.md and prints it.
+
+`--replicas`: for each host count and replica count, that many `python -m pipeline.collector.service`
+processes (what `pipeline collect` runs) with a group, host table, state topic and events topic of
+their own on the same broker, sharing the hosts through the consumer group. Once every host is
+followed by exactly one replica (their logs say which) and 5 s have passed, over `--seconds`:
+records/s into Kafka = the growth of the events topic's end offsets (all replicas together), turns
+ended at the daemons, and each replica's CPU (user + system from /proc/<pid>/stat) and peak RSS
+(VmHWM from /proc/<pid>/status).
+
+Writes its section of bench/results/collector.md (keeping the other mode's) and prints it.
 """
 
 from __future__ import annotations
@@ -28,10 +41,14 @@ import itertools
 import json
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     REPO,
+    RESULTS,
+    EndOffsets,
     cpu_seconds,
     load_is_high,
     loadavg,
@@ -148,7 +167,9 @@ class FakeHost:
                 if chunk:
                     await response.write(b"".join(chunk))
                     sent += len(chunk)
-                await asyncio.sleep(0.02)
+                # every 20 ms, or about once a frame for a slow host: 400 hosts waking 50 times a second
+                # would cost the daemons' process more CPU than the frames
+                await asyncio.sleep(max(0.02, min(0.25, 1.0 / self.rate)))
         except (ConnectionResetError, RuntimeError, asyncio.CancelledError):
             pass
         return response
@@ -214,22 +235,23 @@ async def serve_daemons(hosts: int, rate: float, port_file: Path) -> None:
 # ---------------------------------------------------------------- the collector (own process)
 
 
-def write_states(state_dir: Path, hosts: int) -> None:
-    """State files as the collector would have left them after reporting turn FIRST_TURNS."""
+def write_states(state_dir: Path, hosts: int, names: list[str] | None = None) -> None:
+    """State files as the collector would have left them after reporting turn FIRST_TURNS; `names`:
+    the hosts' names in the collector's config, by index (default `host_name(h)`)."""
     from pipeline.collector.state import HostState
 
     for h in range(hosts):
+        name = names[h] if names is not None else host_name(h)
         sessions = {}
         for s in range(SESSIONS_PER_HOST):
             got = listing(h, s, FIRST_TURNS)[-MAX_MESSAGES:]
             end = completed_turns(got)[-1]
             kept = got[:end][-MAX_MESSAGES:]
-            sessions[sid_of(h, s)] = {"snapshot_id": snapshot_id(host_name(h), sid_of(h, s), kept),
+            sessions[sid_of(h, s)] = {"snapshot_id": snapshot_id(name, sid_of(h, s), kept),
                                       "last_message_id": kept[-1]["info"]["id"],
                                       "session_updated": T0_MS + FIRST_TURNS, "reported_at": T0_MS}
-        HostState.save(state_file(state_dir, host_name(h)),
-                       {"version": 1, "host": host_name(h), "watermark_ms": T0_MS + FIRST_TURNS,
-                        "sessions": sessions})
+        HostState.save(state_file(state_dir, name),
+                       {"version": 1, "host": name, "watermark_ms": T0_MS + FIRST_TURNS, "sessions": sessions})
 
 
 def rss_peak_mib() -> float:
@@ -306,7 +328,7 @@ def measure(bootstrap: str, hosts: int, rate: float, seconds: float, workdir: Pa
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        *result_header("Collector: simulated opencode hosts into Kafka",
+        *result_header(HOSTS_TITLE,
                        f"python bench/collector.py --hosts {args.hosts} --rate {args.rate:g} "
                        f"--seconds {args.seconds:g}"),
         "- method: one fresh local broker; a separate process serves the fake `opencode serve` daemons (aiohttp, "
@@ -335,9 +357,228 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- replicas: `pipeline.collector.service` processes
+
+REPLICAS_TITLE = "Collector replicas: processes sharing simulated opencode hosts through the consumer group"
+HOSTS_TITLE = "Collector: simulated opencode hosts into Kafka"
+FOLLOW_EVENT = re.compile(r"(collecting from|stopped following) \d+ hosts: (.*)$", re.M)
+
+
+def followed(log_path: Path) -> set[str]:
+    """The hosts a replica's log says it follows now."""
+    hosts: set[str] = set()
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    for m in FOLLOW_EVENT.finditer(text):
+        names = set(m.group(2).split(", "))
+        hosts = names if m.group(1) == "collecting from" else hosts - names
+    return hosts
+
+
+def rss_peak_of(pid: int) -> float:
+    """VmHWM of `pid` in MiB (0 when unknown)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+async def create_fleet_topics(bootstrap: str, topics: dict[str, str]) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from pipeline.topics import COLLECTOR_PARTITIONS
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        compact = {"cleanup.policy": "compact", "retention.ms": "-1"}
+        await admin.create_topics([
+            NewTopic(topics["hosts"], COLLECTOR_PARTITIONS, 1, topic_configs=compact),
+            NewTopic(topics["state"], COLLECTOR_PARTITIONS, 1, topic_configs=compact),
+            NewTopic(topics["events"], 4, 1, topic_configs={"max.message.bytes": str(8 * 1024 * 1024)}),
+            NewTopic(topics["dead"], 1, 1)])
+    finally:
+        await admin.close()
+    await asyncio.sleep(1.0)  # leaders
+
+
+async def events_end(bootstrap: str, topic: str) -> int:
+    async with EndOffsets(bootstrap) as ends:
+        return await ends.count(topic)
+
+
+async def daemon_turns(ports: list[int]) -> int:
+    """Turns ended so far on all the daemons (a turn ends as its idle frame is sent)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        sem = asyncio.Semaphore(50)
+
+        async def one(port: int) -> int:
+            async with sem:
+                r = await client.get(f"http://127.0.0.1:{port}/bench/turns")
+                return sum(r.json().values())
+
+        return sum(await asyncio.gather(*(one(p) for p in ports)))
+
+
+def measure_replicas(bootstrap: str, hosts: int, replicas: int, rate: float, seconds: float,
+                     workdir: Path) -> dict[str, Any]:
+    run_dir = workdir / f"hosts-{hosts}-replicas-{replicas}"
+    state_dir = run_dir / "state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_states(state_dir, hosts)
+    tag = uuid.uuid4().hex[:8]
+    topics = {"hosts": f"b{tag}.collector.hosts", "state": f"b{tag}.collector.state",
+              "events": f"b{tag}.opencode.events", "dead": f"b{tag}.collector.dead"}
+    asyncio.run(create_fleet_topics(bootstrap, topics))
+    port_file = run_dir / "ports.json"
+    me = str(Path(__file__).resolve())
+    with open(run_dir / "daemons.log", "ab") as log:
+        daemons = subprocess.Popen([sys.executable, me, "--serve-daemons", str(hosts), "--rate", str(rate),
+                                    "--port-file", str(port_file)], stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, cwd=REPO)
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ports: list[int] = json.loads(port_file.read_text())
+        config = run_dir / "pipeline.toml"
+        config.write_text(f'[kafka]\nbootstrap = "{bootstrap}"\n\n[collector]\npoll_interval_s = 0\n'
+                          f'state_dir = "{state_dir}"\n\n'
+                          + "".join(f'[[hosts]]\nname = "{host_name(h)}"\nbase_url = "http://127.0.0.1:{port}"\n\n'
+                                    for h, port in enumerate(ports)))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+        wait_for_calm(10)
+        load_before = loadavg()
+        started = time.monotonic()
+        for i in range(replicas):
+            log_path = run_dir / f"replica-{i}.log"
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "pipeline.collector.service", "--config", str(config), "--metrics-port",
+                     "0", "--group", f"bench-collector-{tag}", "--hosts-topic", topics["hosts"], "--state-topic",
+                     topics["state"], "--events-topic", topics["events"], "--dead-topic", topics["dead"]],
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO, env=env)
+            procs.append((proc, log_path))
+        names = {host_name(h) for h in range(hosts)}
+
+        def shared() -> list[set[str]] | None:
+            each = [followed(log_path) for _, log_path in procs]
+            owners = Counter(h for hs in each for h in hs)
+            if set(owners) == names and all(n == 1 for n in owners.values()) and all(each):
+                return each
+            return None
+
+        deadline = time.monotonic() + 120
+        split = shared()
+        while split is None and time.monotonic() < deadline:
+            if any(p.poll() is not None for p, _ in procs):
+                raise RuntimeError(f"a replica exited; see the logs in {run_dir}")
+            time.sleep(0.5)
+            split = shared()
+        # None: not once every host followed by exactly one replica with every replica following some,
+        # within 120 s; measured anyway, as it is
+        shared_after = time.monotonic() - started if split is not None else None
+        time.sleep(5.0)  # warm-up: reconnects and reconciles after the last rebalance
+        pids = [p.pid for p, _ in procs]
+        logs = [log_path for _, log_path in procs]
+        events0 = group_events(logs)
+        end0, turns0 = asyncio.run(events_end(bootstrap, topics["events"])), asyncio.run(daemon_turns(ports))
+        cpu0, t0 = [cpu_seconds(pid) or 0.0 for pid in pids], time.monotonic()
+        time.sleep(seconds)
+        cpu1, t1 = [cpu_seconds(pid) or 0.0 for pid in pids], time.monotonic()
+        end1, turns1 = asyncio.run(events_end(bootstrap, topics["events"])), asyncio.run(daemon_turns(ports))
+        events1 = group_events(logs)
+        rss = [rss_peak_of(pid) for pid in pids]
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc, _ in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        stop_process(daemons)
+    span = t1 - t0
+    result = {"hosts": hosts, "replicas": replicas, "offered": rate, "seconds": span,
+              "records_per_s": (end1 - end0) / span, "turns_per_s": (turns1 - turns0) / span,
+              "cpu": [(b - a) / span for a, b in zip(cpu0, cpu1, strict=True)], "rss": rss,
+              "split": sorted((len(hs) for hs in split), reverse=True) if split is not None else None,
+              "shared_after_s": shared_after, "load": f"{load_before} -> {loadavg()}",
+              "assignments": events1[0] - events0[0], "expired": events1[1] - events0[1],
+              "expired_total": events1[1]}
+    print(f"{hosts} hosts, {replicas} replicas: {result['records_per_s']:,.0f} records/s into Kafka, "
+          f"{result['turns_per_s']:,.1f} turns/s at the daemons, CPU {sum(result['cpu']):.2f} cores "
+          f"({' / '.join(f'{c:.2f}' for c in result['cpu'])}), peak RSS {' / '.join(f'{r:.0f}' for r in rss)} MiB "
+          f"; in the window {result['assignments']} assignments, {result['expired']} heartbeat sessions expired "
+          f"(load {result['load']})", file=sys.stderr)
+    return result
+
+
+def group_events(logs: list[Path]) -> tuple[int, int]:
+    """Partition assignments and expired heartbeat sessions so far, over the replicas' logs."""
+    text = "".join(p.read_text(errors="replace") for p in logs if p.exists())
+    return text.count("collector group: assigned partitions"), text.count("Heartbeat session expired")
+
+
+def replicas_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        *result_header(REPLICAS_TITLE, f"python bench/collector.py --replicas {args.replicas} --hosts {args.hosts} "
+                                       f"--rate {args.rate:g} --seconds {args.seconds:g}"),
+        "- method: one fresh local broker; the fake `opencode serve` daemons of the table above (same process, "
+        f"same frames: {FRAMES_PER_TURN} per turn, `--rate` frames/s in total split evenly between the hosts; a "
+        "host's stream sleeps max(20 ms, min(250 ms, 1/its rate)) between writes). For each point, that many "
+        "`python -m pipeline.collector.service` processes (`pipeline collect` without the CLI; `--metrics-port 0`), "
+        "with a consumer group, host table, state topic and events topic (4 partitions) of their own; their config "
+        "names every host and `[collector] state_dir` holds state files as if turn "
+        f"{FIRST_TURNS} of every session had been reported (read once, since the state topic is empty), so no "
+        "backfill storm. Timing starts once the replicas' logs show every host followed by exactly one replica "
+        f"and 5 s more have passed; over {args.seconds:g} s: records/s = growth of the events topic's end offsets "
+        "(every replica together: small events and `pipeline.turn_ended`, acks=all), turns/s = turns ended at "
+        "the daemons (a daemon writes only as fast as its reader takes frames, so this is what the collectors "
+        "kept up with), CPU per replica = user + system time from /proc/<pid>/stat over the window (1.0 = one "
+        "core), peak RSS = VmHWM at the end (the first replica's includes the time it followed every host alone). "
+        "Assignments / sessions expired: the replicas' log lines `collector group: assigned partitions` (each "
+        "rebalance restarts every host of every replica) and aiokafka's `Heartbeat session expired` (a replica "
+        "thrown out of the group) during the window. The daemons, the broker and the replicas share the "
+        "machine's cores.",
+        "",
+    ]
+    lines += md_table(
+        ["hosts", "replicas", "offered frames/s", "records into Kafka/s", "turns ended/s",
+         "hosts per replica", "CPU per replica (cores)", "CPU total", "peak RSS per replica MiB",
+         "shared after s", "assignments / sessions expired in the window", "load avg before -> after"],
+        "rrrrrlrrlrll",
+        [[r["hosts"], r["replicas"], f"{r['offered']:,.0f}", f"{r['records_per_s']:,.0f}",
+          f"{r['turns_per_s']:,.1f}",
+          " / ".join(str(n) for n in r["split"]) if r["split"] is not None else "never split once in 120 s",
+          " / ".join(f"{c:.2f}" for c in r["cpu"]), f"{sum(r['cpu']):.2f}",
+          " / ".join(f"{m:,.0f}" for m in r["rss"]),
+          f"{r['shared_after_s']:.0f}" if r["shared_after_s"] is not None else "-",
+          f"{r['assignments']} / {r['expired']}", r["load"]] for r in rows])
+    return "\n".join(lines) + "\n"
+
+
+def with_other_sections(text: str, title: str) -> str:
+    """`text` (the section titled `title`) with the other mode's section of the results file kept."""
+    path = RESULTS / "collector.md"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    sections = re.split(r"(?m)^(?=# )", old)
+    kept = [sec.rstrip() + "\n" for sec in sections if sec.strip() and not sec.startswith(f"# {title}\n")]
+    order = [text, *kept] if title == HOSTS_TITLE else [*kept, text]
+    return "\n".join(order)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hosts", default="1,10,100")
+    parser.add_argument("--hosts", default=None, help="host counts (default 1,10,100; with --replicas 100,400)")
+    parser.add_argument("--replicas", default=None, help="replica process counts, e.g. 1,2,4: the replica mode")
     parser.add_argument("--rate", type=float, default=1500.0, help="frames/s offered, all hosts together")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -355,6 +596,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     begun = time.monotonic()
     print(f"load before: {loadavg()}", file=sys.stderr)
+    if args.replicas:
+        args.hosts = args.hosts or "100,400"
+        return run_replicas(args, begun)
+    args.hosts = args.hosts or "1,10,100"
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-collector-") as tmp:
         workdir = args.workdir or Path(tmp)
@@ -371,7 +616,20 @@ def main(argv: list[str] | None = None) -> int:
                     row = max(row, again, key=lambda r: r["rates"].get("events_in", 0))
                 rows.append(row)
     text = table(rows, args)
-    return publish("collector", text, begun)
+    return publish("collector", with_other_sections(text, HOSTS_TITLE), begun)
+
+
+def run_replicas(args: argparse.Namespace, begun: float) -> int:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-collector-replicas-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        with local_broker(workdir) as broker:
+            for hosts in [int(h) for h in args.hosts.split(",") if h]:
+                for replicas in [int(r) for r in args.replicas.split(",") if r]:
+                    rows.append(measure_replicas(broker.bootstrap, hosts, replicas, args.rate, args.seconds, workdir))
+    text = replicas_table(rows, args)
+    return publish("collector", with_other_sections(text, REPLICAS_TITLE), begun)
 
 
 if __name__ == "__main__":

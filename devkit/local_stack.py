@@ -125,7 +125,7 @@ class StackSettings:
 
 
 class Stack:
-    """Stub panel + stub scrubber + one process per stage (+ optionally the collector)."""
+    """Stub panel + stub scrubber + one process per stage (+ optionally one or more collector replicas)."""
 
     def __init__(self, settings: StackSettings) -> None:
         self.s = settings
@@ -136,6 +136,7 @@ class Stack:
         self.procs: dict[str, PipelineProcess] = {}
         self.config_path = settings.workdir / "pipeline.toml"
         self._metrics_ports: dict[str, int] = {}
+        self._collectors: dict[str, tuple[str, ...]] = {}  # collector process name -> its service_args
 
     @property
     def panel_url(self) -> str:
@@ -181,7 +182,7 @@ cache_dir = "{s.workdir / 'cache'}"
 
     def _start(self, name: str, args: Sequence[str], program: str = "pipeline.cli") -> PipelineProcess:
         # the product may run from another interpreter (an installed wheel); the dev kit runs from this one
-        python, cwd = (self.s.python, self.s.cwd) if program == "pipeline.cli" else (sys.executable, None)
+        python, cwd = (self.s.python, self.s.cwd) if program.startswith("pipeline.") else (sys.executable, None)
         proc = PipelineProcess(args, self.env, self.logs, name, program, python, cwd).start()
         self.procs[name] = proc
         return proc
@@ -206,11 +207,16 @@ cache_dir = "{s.workdir / 'cache'}"
             self._metrics_ports[name] = free_port()
         return self._metrics_ports[name]
 
-    def start_collector(self) -> PipelineProcess:
-        args = ["collect"]
+    def start_collector(self, name: str = "collector", *, service_args: Sequence[str] = ()) -> PipelineProcess:
+        """`pipeline collect` as the process `name`; another name starts one more replica (they share
+        the hosts through the collector group). `service_args` (the hidden `--group` and `--*-topic`
+        options: a fleet of its own on a shared broker) run it as `python -m pipeline.collector.service`,
+        which takes them; `restart(name)` starts it again with the same ones."""
+        self._collectors[name] = tuple(service_args)
+        args = [*service_args] if service_args else ["collect"]
         if self.s.metrics:
-            args += ["--metrics-port", str(self.metrics_port("collector"))]
-        return self._start("collector", args)
+            args += ["--metrics-port", str(self.metrics_port(name))]
+        return self._start(name, args, "pipeline.collector.service" if service_args else "pipeline.cli")
 
     def start(self, *, collector: bool = False) -> Stack:
         self.write_config()
@@ -229,8 +235,8 @@ cache_dir = "{s.workdir / 'cache'}"
         proc.kill9() if hard else proc.stop()
         if name in PIPELINE_STAGES:
             self.start_stage(name)
-        elif name == "collector":
-            self.start_collector()
+        elif name in self._collectors:
+            self.start_collector(name, service_args=self._collectors[name])
         else:
             raise ValueError(f"restart of {name} is not supported")
 
