@@ -30,7 +30,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from pipeline.clients.http import ClosingClient, parse_json
+from pipeline.clients.http import ClosingClient, parse_json, tls_context
 from pipeline.clients.sse import DEFAULT_MAX_FRAME_BYTES, SSEFrameTooLarge, SSEParser
 
 __all__ = [
@@ -243,6 +243,7 @@ class OpencodeClient(ClosingClient):
             transport=transport,
             headers={"Accept": "application/json"},
             follow_redirects=False,
+            verify=tls_context(True),
         )
 
     def __repr__(self) -> str:
