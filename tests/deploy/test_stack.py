@@ -13,7 +13,7 @@ The base images, the compose binary and the wheelhouse are cached by a hash of w
 from (image tags, the cache dir); the pipeline image is rebuilt every run (Docker's layer cache).
 
 Then docker-compose.yml + deploy/docker/compose.test.yml (local images, host network, loopback only)
-run Kafka, topics-init, the collector, every stage (scrub scaled to 2) and the lag exporter against
+run Kafka, topics-init, two collectors, every stage (scrub scaled to 2) and the lag exporter against
 the stub panel and scrubber and a real `opencode serve` driven by the scripted model, all on the host.
 A turn on the daemon must reach the panel; one stage's main process is killed (kill -9), the restart
 policy must bring the container back, and the next turns must be delivered with nothing lost.
@@ -65,6 +65,8 @@ CACHE = DEFAULT_CACHE_DIR / "deploy-test"
 PROJECT = "ocpp-deploy-test"  # not the production project name: a real deployment here is left alone
 COMPOSE_FILES = ("-f", str(REPO / "docker-compose.yml"), "-f", str(DOCKER_DIR / "compose.test.yml"))
 SCRUB_REPLICAS = 2
+# two collectors share the host through their consumer group: one follows it, and each turn arrives once
+COLLECTOR_REPLICAS = 2
 
 
 def digest(*parts: str | bytes | Path) -> str:
@@ -369,7 +371,8 @@ def test_the_compose_file_runs_and_delivers(images: dict[str, str], tmp_path: Pa
 
         compose("down", "-v", "--remove-orphans", "--timeout", "5", check=False)  # a run killed half-way
         stack.callback(lambda: compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False))
-        up = compose("up", "-d", "--no-build", "--scale", f"scrub={SCRUB_REPLICAS}", timeout=420, check=False)
+        up = compose("up", "-d", "--no-build", "--scale", f"scrub={SCRUB_REPLICAS}",
+                     "--scale", f"collector={COLLECTOR_REPLICAS}", timeout=420, check=False)
         assert up.returncode == 0, f"compose up failed:\n{up.stderr[-3000:]}\n{compose.logs()}"
         t_up = time.monotonic()
 
@@ -378,6 +381,7 @@ def test_the_compose_file_runs_and_delivers(images: dict[str, str], tmp_path: Pa
                    if c["State"]["Running"]}
         assert services | {"kafka"} <= running, f"not running: {services - running}\n{compose.logs()}"
         assert len(compose.of("scrub")) == SCRUB_REPLICAS
+        assert len(compose.of("collector")) == COLLECTOR_REPLICAS
         init = compose.of("topics-init")[0]["State"]
         assert (init["Status"], init["ExitCode"]) == ("exited", 0)
 
