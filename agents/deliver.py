@@ -15,6 +15,12 @@ the outbox, retrying) kept hitting a failing panel for the whole open period, wh
 contract ships nothing. While the breaker is open an attempt waits for the period to end; once
 it is over one attempt per process goes as the probe (announced with a `probe` outcome, which
 also holds off the breaker stage's probe) and the others wait for its verdict.
+
+Past the gate, each attempt waits for a place under the endpoint's adaptive concurrency limit
+(pipeline/delivery/concurrency.py). A 429 is the panel asking for less, not a failure: the
+endpoint is paused for its Retry-After in every replica (a `throttled` outcome, which the
+breaker does not count), the limit shrinks, and the trace goes again after the pause without
+spending its retry budget: a throttled trace is never dead-lettered.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from pipeline import metrics
 from pipeline.clients.panel import PanelClient, PanelUnavailable
 from pipeline.clock import Clock, SystemClock
 from pipeline.config import Config
-from pipeline.delivery.breaker import Verdict
+from pipeline.delivery.breaker import THROTTLED_HTTP, Verdict
+from pipeline.delivery.concurrency import DEFAULT_PAUSE_S, EndpointLimiters, LimitSettings, Signal, signal_of
 from pipeline.delivery.gate import OUTCOMES, BreakerGate, Role
 from pipeline.delivery.outcomes import outcome
 from pipeline.delivery.retry import RetryPolicy, classify_http
@@ -53,6 +60,10 @@ def panel_client(config: Config, clock: Clock) -> PanelClient:
     return PanelClient(config.panel_url, timeout, clock=clock.time)
 
 
+def delivery_limiters(config: Config, clock: Clock) -> EndpointLimiters:
+    return EndpointLimiters(LimitSettings(max_limit=config.delivery.max_in_flight), clock, stage=STAGE)
+
+
 class DeliverStage:
     """Posts each trace to the panel until it is accepted, refused for good (dead-lettered) or
     out of retry budget (dead-lettered), waiting at the breaker gate before every attempt.
@@ -60,10 +71,11 @@ class DeliverStage:
     this stage retries."""
 
     def __init__(self, config: Config, clock: Clock, gate: BreakerGate, outcomes: Emitter, client: PanelClient,
-                 rng: random.Random | None = None) -> None:
+                 limiters: EndpointLimiters | None = None, rng: random.Random | None = None) -> None:
         config.panel_secret(config.site_key)  # fail at start, naming the variable
         d = config.delivery
         self.config, self.clock, self.gate, self.outcomes, self.client = config, clock, gate, outcomes, client
+        self.limiters = limiters or delivery_limiters(config, clock)
         self.policy = RetryPolicy(base_s=d.retry_base_s, max_s=d.retry_max_s, max_age_s=d.max_age_s,
                                   max_attempts=d.max_attempts, rng=rng or random.Random())
         # where traces may go comes from configuration: a record naming any other endpoint is
@@ -83,25 +95,33 @@ class DeliverStage:
         # own minting is bound to the verified result (a forged token would not verify anyway)
         attestation, iat = record["attestation"], record["attestation_iat"]
         first_at = record["first_signed_at"] / 1000
-        attempt = 0
+        limiter = self.limiters.get(endpoint)
+        attempt = failures = 0  # every try; the tries that spend the retry budget (no 429)
         while True:
             attempt += 1
             probe = await self.gate.admit(endpoint, trace_id, attempt=attempt) is Verdict.PROBE
-            now = clock.time()
-            _, secret = config.panel_secret(record["site_key"])
-            signature = sign(body, secret.reveal())
-            if jwt and scrub and (attestation is None or needs_refresh(iat, now, self.refresh_s)):
-                attestation, iat = attest(body, jwt.reveal(), now, scrub), int(now)
-            result: dict[str, Any]
-            try:
-                response = await self.client.post_trace(body, record["site_key"], signature, attestation)
-            except PanelUnavailable as exc:
-                kind, retry_after = "transient", exc.retry_after
-                result = {"http_status": None, "error": exc.reason, "latency_ms": None}
-            else:
-                kind, retry_after = classify_http(response.status), response.retry_after
-                result = {"http_status": response.status, "error": response.error,
-                          "latency_ms": round(response.latency_ms, 3)}
+            async with limiter.slot() as slot:  # waits for a place in flight and any 429 pause
+                now = clock.time()
+                _, secret = config.panel_secret(record["site_key"])
+                signature = sign(body, secret.reveal())
+                if jwt and scrub and (attestation is None or needs_refresh(iat, now, self.refresh_s)):
+                    attestation, iat = attest(body, jwt.reveal(), now, scrub), int(now)
+                result: dict[str, Any]
+                try:
+                    response = await self.client.post_trace(body, record["site_key"], signature, attestation)
+                except PanelUnavailable as exc:
+                    slot.record(Signal.OVERLOAD)
+                    kind, retry_after = "transient", exc.retry_after
+                    result = {"http_status": None, "error": exc.reason, "latency_ms": None}
+                else:
+                    slot.record(signal_of(response.status), response.latency_ms / 1000)
+                    kind, retry_after = classify_http(response.status), response.retry_after
+                    result = {"http_status": response.status, "error": response.error,
+                              "latency_ms": round(response.latency_ms, 3)}
+            if result["http_status"] == THROTTLED_HTTP:
+                await self._throttled(endpoint, trace_id, attempt, probe, retry_after, result)
+                continue  # the next try waits at the limiter for the pause to end
+            failures += kind != "success"
             status = OUTCOME_STATUS[kind]
             metrics.DELIVERY_OUTCOMES.labels(endpoint, status).inc()
             if result["latency_ms"] is not None:
@@ -112,7 +132,7 @@ class DeliverStage:
                 attempt=attempt, probe=probe, **result)))
             if kind == "success":
                 return []
-            if kind == "permanent" or self.policy.give_up(attempt, first_at, clock.time()):
+            if kind == "permanent" or self.policy.give_up(failures, first_at, clock.time()):
                 reason = f"panel_{result['http_status']}" if kind == "permanent" else "max_age_exceeded"
                 detail = {"http_status": result["http_status"], "panel_error": result["error"],
                           "panel_body": response.text if kind == "permanent" else None, "attempts": attempt}
@@ -120,9 +140,27 @@ class DeliverStage:
                     stage=STAGE, source_topic="traces.outbox", raw=meta.raw, reason=reason,
                     error=f"panel answered {result['http_status']}: {result['error']}", key=meta.key,
                     partition=meta.partition, offset=meta.offset, redrive_topic="traces.signed", detail=detail))]
-            delay = self.policy.delay(attempt, retry_after)
+            delay = self.policy.delay(failures, retry_after)
             log.warning("delivery of %s failed (%s); retry %d in %.1fs", trace_id, result["error"], attempt, delay)
             await clock.sleep(delay)
+
+    async def _throttled(self, endpoint: str, trace_id: str, attempt: int, probe: bool, retry_after: float | None,
+                         result: dict[str, Any]) -> None:
+        """A 429: pause this endpoint for what the panel asked (every replica, through the
+        outcome), never a failure: no breaker count, no retry budget spent, no dead letter."""
+        wait_s = DEFAULT_PAUSE_S if retry_after is None else retry_after
+        now_ms = self.clock.now_ms()
+        until = now_ms + max(1, round(wait_s * 1000))
+        paused = self.limiters.hold_off(endpoint, until)
+        if probe:
+            self.gate.probe_unsettled(endpoint)
+        metrics.THROTTLED.labels(STAGE, endpoint).inc()
+        metrics.DELIVERY_OUTCOMES.labels(endpoint, "throttled").inc()
+        await self.outcomes.send(Out(OUTCOMES, endpoint, outcome(
+            stage=STAGE, endpoint=endpoint, status="throttled", trace_id=trace_id, at=now_ms, attempt=attempt,
+            probe=probe, detail={"retry_after_s": wait_s, "until": until}, **result)))
+        if paused:
+            log.warning("panel %s asks for less (429): pausing deliveries for %.2fs", endpoint, wait_s)
 
 
 def build(config: Config, **app_overrides: Any) -> faust.App:
@@ -130,7 +168,8 @@ def build(config: Config, **app_overrides: Any) -> faust.App:
     app = make_app(STAGE, config, **app_overrides)
     clock = SystemClock()
     sinks = Sinks(app, config, STAGES[STAGE])
-    gate = breaker_gate(app, config, sinks, STAGE, Role.DELIVER)
-    core = DeliverStage(config, clock, gate, sinks, panel_client(config, clock))
-    bind(app, STAGE, config, core.handle, sinks=sinks, parallel=True, batch=50)
+    limiters = delivery_limiters(config, clock)
+    gate = breaker_gate(app, config, sinks, STAGE, Role.DELIVER, on_throttle=limiters.hold_off)
+    core = DeliverStage(config, clock, gate, sinks, panel_client(config, clock), limiters)
+    bind(app, STAGE, config, core.handle, sinks=sinks, parallel=True, batch=config.delivery.max_in_flight)
     return app

@@ -46,7 +46,7 @@ from pipeline import metrics
 from pipeline.clock import SystemClock
 from pipeline.config import Config
 from pipeline.delivery.breaker import BreakerSettings
-from pipeline.delivery.gate import OUTCOMES, BreakerGate, Role, replay_horizon_ms
+from pipeline.delivery.gate import OUTCOMES, BreakerGate, OnThrottle, Role, replay_horizon_ms
 from pipeline.delivery.retry import RetryPolicy
 from pipeline.health import Liveness, lasting
 from pipeline.kafka.follower import TopicFollower
@@ -470,10 +470,12 @@ def breaker_settings(config: Config) -> BreakerSettings:
     return BreakerSettings.from_section(config.breaker)
 
 
-def breaker_gate(app: faust.App, config: Config, sinks: Sinks, stage: str, role: Role) -> BreakerGate:
+def breaker_gate(app: faust.App, config: Config, sinks: Sinks, stage: str, role: Role,
+                 on_throttle: OnThrottle | None = None) -> BreakerGate:
     """The stage's breaker gate, publishing its outcomes through `sinks` and fed by a follower of
     every delivery.outcomes record since the replay horizon (every replica builds the same
     breaker state); it admits nothing before the follower has caught up."""
-    gate = BreakerGate(breaker_settings(config), SystemClock(), publisher(sinks, OUTCOMES), stage=stage, role=role)
+    gate = BreakerGate(breaker_settings(config), SystemClock(), publisher(sinks, OUTCOMES), stage=stage, role=role,
+                       on_throttle=on_throttle)
     follow(app, TopicFollower(config, OUTCOMES, gate.apply_raw, replay_horizon_ms(gate.settings), ready=gate.ready))
     return gate

@@ -8,6 +8,10 @@ scrubber refuses for what it is (400, 413, ...: it can never be scrubbed as it i
 dead-lettered, not passed. One trace the scrubber keeps failing while it scrubs others goes to
 scrub.dead with the scrubber's answers once it has spent the retry budget (`scrub.max_attempts`
 and `scrub.max_age_s`: the rule deliver uses too).
+
+Requests wait for a place under the scrubber's adaptive concurrency limit
+(pipeline/delivery/concurrency.py): a scrubber answering 5xx or slowing down gets fewer at once.
+A 429 pauses every request of this process for its Retry-After and spends no retry budget.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ import httpx
 from agents.runtime import bind, make_app
 from agents.stage import Meta, Out
 from pipeline import metrics
+from pipeline.clients.http import display_url
 from pipeline.clients.scrubber import ScrubberClient, ScrubberError, ScrubberRejected, bypass_record
 from pipeline.clock import Clock, SystemClock
 from pipeline.config import Config
+from pipeline.delivery.breaker import THROTTLED_HTTP
+from pipeline.delivery.concurrency import DEFAULT_PAUSE_S, ConcurrencyLimiter, LimitSettings, Signal, signal_of
 from pipeline.delivery.retry import RetryPolicy
 from pipeline.errors import ConfigError, RecordError
 
@@ -52,6 +59,14 @@ def scrubber_client(config: Config, clock: Clock) -> ScrubberClient | None:
                           require_attestation=jwt is not None, clock=clock.time)
 
 
+def load_signal(exc: ScrubberError) -> Signal:
+    """What a failed scrub request says about the scrubber's load: only a retriable failure
+    (429, 5xx, timeout, dropped connection) can say "too much"; a refusal of the request, or a
+    2xx whose body was wrong, says nothing about it."""
+    signal = signal_of(exc.status_code) if exc.retriable else Signal.NEUTRAL
+    return signal if signal is Signal.OVERLOAD else Signal.NEUTRAL
+
+
 class ScrubStage:
     """One scrubber call per trace, retried while the scrubber fails (fail closed); `client`
     None passes traces on unscrubbed (bypass, development only)."""
@@ -60,6 +75,8 @@ class ScrubStage:
                  rng: random.Random | None = None) -> None:
         s = config.scrub
         self.clock, self.client = clock, client
+        self.limiter = ConcurrencyLimiter(display_url(config.scrubber_url) if client else "bypassed",
+                                          LimitSettings(max_limit=s.max_in_flight), clock, stage=STAGE)
         self.budget = RetryPolicy(base_s=s.retry_base_s, max_s=s.retry_max_s, max_age_s=s.max_age_s,
                                   max_attempts=s.max_attempts, rng=rng or random.Random())
         # when the scrubber last answered any trace well: a trace that keeps failing while others
@@ -75,12 +92,21 @@ class ScrubStage:
         first_at, first_mono = clock.time(), clock.monotonic()
         answers: deque[dict[str, Any]] = deque(maxlen=ANSWERS_KEPT)
         while True:
-            attempt += 1
-            started = clock.monotonic()
             try:
-                scrubbed = await self.client.scrub_trace(record)
+                async with self.limiter.slot() as slot:  # a place in flight, after any 429 pause
+                    started = clock.monotonic()
+                    try:
+                        scrubbed = await self.client.scrub_trace(record)
+                    except ScrubberError as exc:
+                        slot.record(load_signal(exc))
+                        raise
+                    slot.record(Signal.OK, clock.monotonic() - started)
             except ScrubberError as exc:
                 metrics.SCRUBBER_LATENCY.labels("error").observe(clock.monotonic() - started)
+                if exc.status_code == THROTTLED_HTTP:  # the scrubber asks for less: wait, spend no budget
+                    self._throttled(exc.retry_after)
+                    continue
+                attempt += 1
                 misconfigured = isinstance(exc, ScrubberRejected) and exc.status_code in CONFIG_REFUSALS
                 if not (exc.retriable or misconfigured):
                     raise RecordError(f"scrubber_{type(exc).__name__}", str(exc)) from None
@@ -105,10 +131,16 @@ class ScrubStage:
             metrics.SCRUBBER_LATENCY.labels("ok").observe(clock.monotonic() - started)
             return [Out("traces.scrubbed", meta.key, scrubbed)]
 
+    def _throttled(self, retry_after: float | None) -> None:
+        wait_s = DEFAULT_PAUSE_S if retry_after is None else retry_after
+        metrics.THROTTLED.labels(STAGE, self.limiter.endpoint).inc()
+        if self.limiter.hold_off(self.clock.now_ms() + max(1, round(wait_s * 1000))):
+            log.warning("scrubber asks for less (429): pausing scrub requests for %.2fs", wait_s)
+
 
 def build(config: Config, **app_overrides: Any) -> faust.App:
     app = make_app(STAGE, config, **app_overrides)
     clock = SystemClock()
     bind(app, STAGE, config, ScrubStage(config, clock, scrubber_client(config, clock)).handle,
-         parallel=True, batch=50)
+         parallel=True, batch=config.scrub.max_in_flight)
     return app

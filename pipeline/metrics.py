@@ -31,6 +31,14 @@ BREAKER_STATE = Gauge("pipeline_breaker_state", "Breaker state per endpoint (0 c
                       ["endpoint"])
 BREAKER_TRANSITIONS = Counter("pipeline_breaker_transitions_total", "Breaker state transitions",
                               ["endpoint", "to"])
+CONCURRENCY_LIMIT = Gauge("pipeline_concurrency_limit",
+                          "Requests a stage process may have in flight to an endpoint now (adaptive)",
+                          ["stage", "endpoint"])
+IN_FLIGHT = Gauge("pipeline_in_flight_requests", "Requests a stage process has in flight to an endpoint",
+                  ["stage", "endpoint"])
+THROTTLED = Counter("pipeline_throttled_total",
+                    "429 answers: each pauses the endpoint for its Retry-After (not a breaker failure)",
+                    ["stage", "endpoint"])
 CONSUMER_LAG = Gauge("pipeline_consumer_lag", "Records behind the end of the input partition",
                      ["stage", "topic", "partition"])
 # Set beside CONSUMER_LAG by whatever reads lag (every replica for its own stage, and

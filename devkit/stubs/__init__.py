@@ -10,7 +10,12 @@ adds test controls under `/_stub/`, so a test in another process can drive and i
                             T seconds) with `status` (default 503; 429 answers rate_limited
                             with Retry-After), and add latency to every request;
                             "fail_matching": S fails every request whose body holds S (a
-                            trace the service keeps failing while it answers the others)
+                            trace the service keeps failing while it answers the others);
+                            "fail_rate": P fails each request with probability P;
+                            "drop_rate": P closes the connection of each request with
+                            probability P without answering (a server dropping keep-alive
+                            connections); "max_concurrent": N answers 503 `overloaded` to a
+                            request that finds N already in progress (0: no cap)
     POST /_stub/reset      forget everything recorded and clear the faults
 
 Three ways to run one: `async with StubPanel(...) as stub` (on a free loopback port, in the
@@ -28,6 +33,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 import signal
 import socket
 import threading
@@ -70,15 +76,20 @@ class FaultKnobs:
     latency_s: float = 0.0
     retry_after_s: float = 1.0
     fail_matching: str = ""
+    fail_rate: float = 0.0
+    drop_rate: float = 0.0
+    max_concurrent: int = 0
 
-    _FIELDS = ("reset", "fail_next", "status", "fail_for_s", "latency_ms", "retry_after_s", "fail_matching")
+    _FIELDS = ("reset", "fail_next", "status", "fail_for_s", "latency_ms", "retry_after_s", "fail_matching",
+               "fail_rate", "drop_rate", "max_concurrent")
+    _RATES = ("fail_rate", "drop_rate")
 
     def update(self, spec: dict[str, Any], now: float) -> None:
         """Apply a POST /_stub/faults body; ValueError names what is wrong with it."""
         unknown = sorted(set(spec) - set(self._FIELDS))
         if unknown:
             raise ValueError(f"unknown fault knobs {unknown}; known: {list(self._FIELDS)}")
-        for name in ("fail_next", "fail_for_s", "latency_ms", "retry_after_s"):
+        for name in ("fail_next", "fail_for_s", "latency_ms", "retry_after_s", "max_concurrent", *self._RATES):
             value = spec.get(name)
             if value is not None and (
                 isinstance(value, bool)
@@ -87,6 +98,9 @@ class FaultKnobs:
                 or value < 0
             ):
                 raise ValueError(f"{name} must be a number >= 0")
+        for name in self._RATES:
+            if spec.get(name, 0) > 1:
+                raise ValueError(f"{name} must be a probability between 0 and 1")
         status = spec.get("status", self.status)
         if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
             raise ValueError("status must be an HTTP error status 400-599")
@@ -107,13 +121,20 @@ class FaultKnobs:
             self.latency_s = float(spec["latency_ms"]) / 1000.0
         if "retry_after_s" in spec:
             self.retry_after_s = float(spec["retry_after_s"])
+        for name in self._RATES:
+            if name in spec:
+                setattr(self, name, float(spec[name]))
+        if "max_concurrent" in spec:
+            self.max_concurrent = int(spec["max_concurrent"])
 
-    def take(self, now: float, body: bytes = b"") -> int | None:
+    def take(self, now: float, body: bytes = b"", rng: random.Random | None = None) -> int | None:
         """The status to fail this request with, or None; counts down fail_next."""
         if self.fail_matching and self.fail_matching.encode("utf-8") in body:
             return self.status
         if self.fail_next > 0:
             self.fail_next -= 1
+            return self.status
+        if self.fail_rate and (rng or random).random() < self.fail_rate:
             return self.status
         return self.status if now < self.fail_until else None
 
@@ -148,6 +169,10 @@ class StubServer(Generic[ConfigT]):
         # Handlers run on the server's loop; tests read state from other threads.
         self.lock = threading.Lock()
         self.faulted = 0
+        self.dropped = 0  # connections closed without an answer (drop_rate)
+        self.overloaded = 0  # requests refused by the max_concurrent cap
+        self.in_progress = 0
+        self.rng = random.Random()
         self._runner: web.AppRunner | None = None
         self.reset_records()
 
@@ -191,6 +216,29 @@ class StubServer(Generic[ConfigT]):
         if request.path.startswith(STUB_PREFIX):
             return await handler(request)
         with self.lock:
+            cap, drop = self.faults.max_concurrent, self.rng.random() < self.faults.drop_rate
+            overloaded = bool(cap) and self.in_progress >= cap
+            self.overloaded += overloaded
+            self.dropped += drop
+            if overloaded:
+                self.on_fault(request, 503)
+            else:
+                self.in_progress += 1
+        if overloaded:
+            return json_response(503, {"error": "overloaded", "max_concurrent": cap})
+        try:
+            if drop:
+                await request.read()
+                assert request.transport is not None
+                request.transport.close()  # no answer at all, as a server dropping the connection
+                return web.Response(status=500)  # never reaches the client
+            return await self._after_faults(request, handler)
+        finally:
+            with self.lock:
+                self.in_progress -= 1
+
+    async def _after_faults(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        with self.lock:
             latency = self.faults.latency_s
         if latency:
             await asyncio.sleep(latency)
@@ -198,7 +246,7 @@ class StubServer(Generic[ConfigT]):
             matching = self.faults.fail_matching
         body = await request.read() if matching else b""  # aiohttp keeps it for the handler
         with self.lock:
-            status = self.faults.take(time.monotonic(), body)
+            status = self.faults.take(time.monotonic(), body, self.rng)
             if status is not None:
                 self.faulted += 1
                 self.on_fault(request, status)
@@ -237,7 +285,7 @@ class StubServer(Generic[ConfigT]):
     def reset(self) -> None:
         with self.lock:
             self.faults = FaultKnobs()
-            self.faulted = 0
+            self.faulted = self.dropped = self.overloaded = 0
             self.reset_records()
 
     @property

@@ -60,7 +60,9 @@ class PanelStubConfig:
     fallback_secret: str | None = field(default=None, repr=False)  # PANEL_INGEST_SECRET
     jwt_secret: str | None = field(default=None, repr=False)  # SCRUBBER_JWT_SECRET
     require_scrub: bool | frozenset[str] = False  # every site, or these site keys
-    rate_limit: int | None = None  # requests per window, all sites together; None: no limit
+    # a token bucket over all sites: `rate_limit` requests per `rate_window_s`, as a burst of
+    # up to `rate_limit` and a steady rate of rate_limit / rate_window_s; None: no limit
+    rate_limit: int | None = None
     rate_window_s: float = 60.0
     large_blob_bytes: int = 100 * 1024
 
@@ -166,7 +168,7 @@ class StubPanel(StubServer[PanelStubConfig]):
         self._accepted: dict[str, dict[str, Any]] = {}
         self._refused: deque[dict[str, Any]] = deque(maxlen=_MAX_REFUSALS_KEPT)
         self._counts: Counter[str] = Counter()
-        self._window = (0.0, 0)  # (start, requests in it) for the fixed-window rate limit
+        self._bucket: tuple[float, float] | None = None  # (tokens, when) of the rate limit
 
     def accepted(self) -> dict[str, dict[str, Any]]:
         """trace_id -> {trace_id, site_key, status, upserts, body, attestation_jti, ...}."""
@@ -189,6 +191,8 @@ class StubPanel(StubServer[PanelStubConfig]):
                     k[8:]: n for k, n in self._counts.items() if k.startswith("refused:")
                 },
                 "faulted": self.faulted,
+                "dropped": self.dropped,
+                "overloaded": self.overloaded,
             }
 
     def on_fault(self, request: web.Request, status: int) -> None:
@@ -280,23 +284,24 @@ class StubPanel(StubServer[PanelStubConfig]):
         limit, window = self.config.rate_limit, self.config.rate_window_s
         if limit is None:
             return
+        rate = limit / window
         with self.lock:
-            start, count = self._window
-            if now - start >= window:
-                start, count = now, 0
-            self._window = (start, count + 1)
-        if count < limit:
+            tokens, then = self._bucket or (float(limit), now)
+            tokens = min(float(limit), tokens + max(0.0, now - then) * rate)
+            taken = tokens >= 1.0
+            self._bucket = (tokens - taken, now)
+        if taken:
             return
-        wait = max(1, math.ceil(start + window - now))
+        wait = (1.0 - tokens) / rate  # until the next token
         raise _Refusal(
             429,
             "rate_limited",
-            retry_after_s=wait,
+            retry_after_s=round(wait, 3),
             headers={
-                "Retry-After": str(wait),
+                "Retry-After": str(max(1, math.ceil(wait))),  # delta-seconds: whole seconds
                 "X-RateLimit-Limit": str(limit),
                 "X-RateLimit-Remaining": "0",
-                "X-RateLimit-Reset": str(math.ceil(start + window)),
+                "X-RateLimit-Reset": str(math.ceil(now + wait)),
             },
         )
 
@@ -387,7 +392,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="answer 429 after N requests per window (default: no limit)",
+        help="a token bucket: N requests per window as a burst of N and a steady N per window; "
+        "429 beyond it (default: no limit)",
     )
     p.add_argument("--rate-window-s", type=float, default=60.0)
     p.add_argument(

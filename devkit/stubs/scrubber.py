@@ -205,6 +205,8 @@ class StubScrubber(StubServer[ScrubberStubConfig]):
                 },
                 "detections": dict(self._detections),
                 "faulted": self.faulted,
+                "dropped": self.dropped,
+                "overloaded": self.overloaded,
             }
 
     def on_fault(self, request: web.Request, status: int) -> None:

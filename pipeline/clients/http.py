@@ -20,9 +20,11 @@ import httpx
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "FRESH_CONNECTION_LIMITS",
     "ClosingClient",
     "checked_base_url",
     "display_url",
+    "dropped_before_answer",
     "no_answer_reason",
     "parse_json",
     "pooled_client",
@@ -84,6 +86,17 @@ def pooled_client(
         trust_env=False,
         verify=tls_context(False),
     )
+
+
+# No keep-alive: every request through it opens a connection of its own.
+FRESH_CONNECTION_LIMITS = httpx.Limits(max_connections=20, max_keepalive_connections=0)
+
+
+def dropped_before_answer(exc: httpx.HTTPError) -> bool:
+    """The server closed or reset the connection before any answer: what a pooled keep-alive
+    connection the server had already given up on looks like (as opposed to a timeout, or a
+    connection that could not be opened)."""
+    return isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError)
 
 
 def no_answer_reason(exc: httpx.HTTPError) -> str:

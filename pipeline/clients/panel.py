@@ -22,9 +22,11 @@ from typing import Any
 import httpx
 
 from pipeline.clients.http import (
+    FRESH_CONNECTION_LIMITS,
     ClosingClient,
     checked_base_url,
     display_url,
+    dropped_before_answer,
     no_answer_reason,
     pooled_client,
 )
@@ -91,9 +93,15 @@ class PanelClient(ClosingClient):
         self.base_url = checked_base_url(base_url)
         self._clock = clock
         self._client = pooled_client(timeout, transport, limits)
+        # the one immediate retry of a request whose pooled connection the server had dropped
+        self._fresh = pooled_client(timeout, transport, FRESH_CONNECTION_LIMITS)
 
     def __repr__(self) -> str:
         return f"PanelClient({display_url(self.base_url)!r})"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+        await self._fresh.aclose()
 
     async def post_trace(
         self, body: bytes, site_key: str, signature: str, attestation: str | None
@@ -107,11 +115,19 @@ class PanelClient(ClosingClient):
             headers["x-scrubber-attestation"] = attestation
         started = time.perf_counter()
         # A POST that timed out may still have been accepted; that is safe because the panel
-        # upserts by trace_id, so the retry the deliver stage makes is not a second trace.
+        # upserts by trace_id, so the retry the deliver stage makes is not a second trace. The
+        # same holds for the one retry at once, on a new connection, of a request whose pooled
+        # connection the server closed before answering (it had timed the connection out): that
+        # is no failure of the panel, and must not count toward its breaker.
+        url = self.base_url + INGEST_PATH
         try:
-            response = await self._client.post(
-                self.base_url + INGEST_PATH, content=body, headers=headers
-            )
+            try:
+                response = await self._client.post(url, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                if not dropped_before_answer(exc):
+                    raise
+                started = time.perf_counter()
+                response = await self._fresh.post(url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             raise PanelUnavailable(
                 f"panel {self!r}: {type(exc).__name__}", reason=no_answer_reason(exc)

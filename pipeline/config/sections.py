@@ -200,6 +200,9 @@ class ScrubConfig:
         8, count(10_000), "with `max_age_s`: the retry budget of one trace the scrubber keeps failing while it "
         "scrubs others (both must be spent), then `scrub.dead`; while the scrubber fails everything, traces wait")
     max_age_s: float = key(900.0, SECONDS, "with `max_attempts`: the retry budget of one trace, in seconds")
+    max_in_flight: int = key(
+        50, count(1000), "most scrubber requests one scrub process has in flight; the adaptive limit moves "
+        "below it (see Delivery at volume)")
     allow_insecure_http: bool = key(
         False, BOOL, "allow plain http to a non-loopback scrubber (it sends session content in the clear)")
 
@@ -212,13 +215,22 @@ class ScrubConfig:
 class BreakerConfig:
     """One circuit breaker per panel endpoint: failures in a window open it, one probe closes it."""
 
-    failure_threshold: int = key(3, count(10_000), "failures within `failure_window_s` that open the breaker")
-    failure_window_s: float = key(60.0, SECONDS, "the window failures are counted in")
+    failure_threshold: int = key(
+        3, count(10_000), "failures within `failure_window_s` that open the breaker (with fewer than `min_calls` "
+        "attempts in the window: the contract's rule)")
+    failure_window_s: float = key(60.0, SECONDS, "the window failures and attempts are counted in")
     open_s: float = key(300.0, SECONDS, "how long an open breaker stays open before one probe is let through")
     mode: Literal["hold", "drop"] = key(
         "hold", choice("hold", "drop"),
         "while open: `hold` blocks the partition on the held trace (the wait shows as lag on `traces.signed`); "
         "`drop` records a `circuit_open` outcome instead (the reference behaviour)")
+    min_calls: int = key(
+        20, count(100_000), "when the last `min_calls` attempts all fall within `failure_window_s` (volume), "
+        "the breaker judges their failure rate instead of the failure count")
+    failure_rate: float = key(
+        0.5, between(0.01, 1.0, (int, float), "a number between 0.01 and 1"),
+        "at volume: the share of the last `min_calls` attempts that must have failed to open the breaker "
+        "(and at least `failure_threshold` of them)")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -236,6 +248,9 @@ class DeliveryConfig:
     retry_max_s: float = key(30.0, SECONDS, "longest retry delay; at least `retry_base_s`")
     max_age_s: float = key(3600.0, SECONDS, "with `max_attempts`: the budget before `max_age_exceeded`")
     max_attempts: int = key(3, count(10_000), "with `max_age_s`: the budget before `max_age_exceeded`")
+    max_in_flight: int = key(
+        50, count(1000), "most panel requests one deliver process has in flight; the adaptive limit moves "
+        "below it (see Delivery at volume)")
     attestation_refresh_s: float = key(
         120.0, between(1.0, 290.0, (int, float), "seconds between 1 and 290"),
         "re-mint an attestation older than this before an attempt (the panel refuses one older than 300 s)")

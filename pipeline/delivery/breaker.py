@@ -4,17 +4,28 @@ Replicas read that one-partition topic in one order, and each record is judged b
 (epoch ms), so every replica and every replay reaches the same state. The caller's `now_ms`
 only answers "is the open period over": HALF_OPEN is an OPEN breaker past its period.
 
-The contract counts "non-2xx or a thrown error", so "failed" (5xx, 429, transport) and
-"refused" (400/401/422: a rotated secret refuses everything) are failures, as is any record
-contradicting itself (delivered + 500). "delivered" with a 2xx or no status is a success.
-Other statuses are not attempts; "probe" (a replica admitted one) only holds off other probes.
+The contract counts "non-2xx or a thrown error", so "failed" (5xx, transport) and "refused"
+(400/401/422: a rotated secret refuses everything) are failures, as is any record contradicting
+itself (delivered + 500). "delivered" with a 2xx or no status is a success. A 429 (status
+"throttled", or "failed" with http_status 429 as written before) is the panel asking for less,
+not failing: it pauses and slows delivery (pipeline/delivery/concurrency.py) and is no attempt
+here. Other statuses are not attempts; "probe" (a replica admitted one) only holds off probes.
+
+Two regimes. At each failure the breaker looks at the last `min_calls` attempts (in topic
+order, so every replica sees the same ones):
+- when fewer than `min_calls` attempts fall within `failure_window_s` (the traffic of the
+  reference plugin): the contract's rule, `failure_threshold` failures within the window open it;
+- when the last `min_calls` attempts all fall within the window (a deployment's worth of hosts):
+  it opens only when at least `failure_rate` of them failed (and at least `failure_threshold`).
+  A handful of errors among hundreds of good answers is noise the retries absorb; a panel that
+  is down fails every attempt, and half of the last 20 fail within a second or two of traffic.
 """
 
 from __future__ import annotations
 
 import bisect
 import enum
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -24,6 +35,7 @@ from pipeline.config.sections import BreakerConfig
 from pipeline.errors import RecordError
 
 ATTEMPT_STATUSES = frozenset({"delivered", "failed", "refused"})
+THROTTLED_HTTP = 429
 
 
 class State(enum.StrEnum):
@@ -87,9 +99,9 @@ class BreakerSnapshot:
 
 
 def classify_outcome(outcome: Mapping[str, Any]) -> Literal["success", "failure"] | None:
-    if outcome.get("status") not in ATTEMPT_STATUSES:
-        return None
     http = outcome.get("http_status")
+    if outcome.get("status") not in ATTEMPT_STATUSES or http == THROTTLED_HTTP:
+        return None
     ok_http = http is None or (isinstance(http, int) and 200 <= http < 300)
     delivered = outcome.get("status") == "delivered" and outcome.get("error") is None
     return "success" if delivered and ok_http else "failure"
@@ -104,6 +116,7 @@ class Breaker:
         self._open_until: int | None = None
         self._since = 0  # records older than the last state change belong to the previous one
         self._failures: list[int] = []
+        self._recent: deque[tuple[int, bool]] = deque(maxlen=self.settings.min_calls)  # (at, failed)
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._probe_lease_until: int | None = None
         self._opened_total = 0
@@ -142,6 +155,8 @@ class Breaker:
         if self._is_duplicate(outcome.get("outcome_id")) or at < self._since:
             return []
         if self._open_until is None:
+            if kind is not None:
+                self._recent.append((at, kind == "failure"))
             return self._record_failure(at) if kind == "failure" else []
         if at < self._open_until:
             return []  # sent before the period ended: a straggler, not evidence of recovery
@@ -181,20 +196,29 @@ class Breaker:
 
     def _record_failure(self, at: int) -> list[Transition]:
         bisect.insort(self._failures, at)
-        window, k = self._window_ms, self.settings.failure_threshold
-        # Pruning against the newest failure keeps at most k-1 entries while closed.
+        window, k, cfg = self._window_ms, self.settings.failure_threshold, self.settings
         self._failures = [t for t in self._failures if t >= self._failures[-1] - window]
+        recent = self._recent
+        if len(recent) == cfg.min_calls and min(t for t, _ in recent) >= at - window:
+            failed = sum(1 for _, f in recent if f)
+            if failed < k or failed < cfg.failure_rate * len(recent):
+                return []
+            return self._trip(at, f"{failed} of the last {len(recent)} attempts failed")
+        # the contract's rule; pruning against the newest failure keeps the list within one window
         for i in range(len(self._failures) - k + 1):
             tripped_at = self._failures[i + k - 1]
             if tripped_at - self._failures[i] <= window:
-                self._reset(tripped_at, tripped_at + self._open_ms)
-                reason = f"{k} failures within {self.settings.failure_window_s:g}s"
-                return [Transition(self.endpoint, State.CLOSED, State.OPEN, tripped_at, reason)]
+                return self._trip(tripped_at, f"{k} failures within {cfg.failure_window_s:g}s")
         return []
+
+    def _trip(self, at: int, reason: str) -> list[Transition]:
+        self._reset(at, at + self._open_ms)
+        return [Transition(self.endpoint, State.CLOSED, State.OPEN, at, reason)]
 
     def _reset(self, at: int, open_until: int | None) -> None:
         self._since, self._open_until = at, open_until
         self._failures, self._probe_lease_until = [], None
+        self._recent.clear()
         self._opened_total += open_until is not None
 
 

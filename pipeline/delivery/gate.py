@@ -7,7 +7,8 @@ is over) or DROP (breaker mode `drop`), and waits while the verdict is HOLD: the
 caller's record, so the stage's partition and its consumer lag show it. Every hold is announced
 once per trace with a `held` outcome, every probe with a `probe` outcome, every drop with a
 `circuit_open` outcome, each published at once: other replicas must see a probe before they
-decide.
+decide. A `throttled` outcome (a 429 some deliver replica got) goes to `on_throttle`: the
+deliver stage pauses its sends to that endpoint until the time the panel asked for.
 
 The two roles differ in who may probe, because deliver sits downstream of the breaker stage:
 - ADMIT (the breaker stage) takes the shared probe lease in the registry: one probe among all
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # Publishes one outcome record (keyed by its endpoint) and returns once the broker has it.
 Publish = Callable[[dict[str, Any]], Awaitable[None]]
+# (endpoint, until epoch ms): a 429 asked every sender to wait until then
+OnThrottle = Callable[[str, int], object]
 
 
 class Role(enum.StrEnum):
@@ -59,11 +62,13 @@ class BreakerGate:
     """One stage's view of the breakers of every endpoint, and its admission rule."""
 
     def __init__(self, settings: BreakerSettings, clock: Clock, publish: Publish, *, stage: str, role: Role,
-                 ready: asyncio.Event | None = None) -> None:
+                 ready: asyncio.Event | None = None, on_throttle: OnThrottle | None = None) -> None:
         # a trace past the breaker stage is held, never dropped
         self.settings = settings if role is Role.ADMIT else replace(settings, mode="hold")
         self.registry = BreakerRegistry(self.settings)
         self.clock, self.publish, self.stage, self.role = clock, publish, stage, role
+        # a `throttled` outcome (any replica's 429) pauses this process' sends to its endpoint
+        self.on_throttle = on_throttle
         # set once the follower has replayed delivery.outcomes: no decision before that
         self.ready = ready if ready is not None else asyncio.Event()
         # DELIVER: endpoint -> (the open period being probed, monotonic start) of this process' probe
@@ -74,10 +79,15 @@ class BreakerGate:
         be read is skipped with a warning: the topic is shared, and one bad record must not stop
         every replica's breaker."""
         try:
-            transitions = self.registry.apply(decode(raw, OUTCOMES))
+            record = decode(raw, OUTCOMES)
+            transitions = self.registry.apply(record)
         except RecordError as exc:
             log.warning("skipping unusable outcome record: %s", exc)
             return
+        if record["status"] == "throttled" and self.on_throttle is not None:
+            until = record["detail"].get("until")
+            if isinstance(until, int) and not isinstance(until, bool):
+                self.on_throttle(record["endpoint"], until)
         if self.role is not Role.ADMIT:
             return
         for t in transitions:
@@ -112,6 +122,10 @@ class BreakerGate:
                 log.warning("breaker %s %s: holding trace %s (stage %s, attempt %d)", endpoint, admission.state,
                             trace_id, self.stage, attempt)
             await self.clock.sleep(self._wait_s(admission))
+
+    def probe_unsettled(self, endpoint: str) -> None:
+        """DELIVER: this process' probe got no verdict (a 429 is none): its next attempt probes again."""
+        self._probing.pop(endpoint, None)
 
     def _admission(self, endpoint: str) -> Admission:
         now_ms = self.clock.now_ms()

@@ -129,3 +129,57 @@ async def test_an_open_breaker_holds_the_attempt_then_it_goes_as_the_probe(tmp_p
     await clock.advance(OPEN_S + 1)
     await task
     assert [(o["status"], o["probe"]) for o in outcomes(h)] == [("held", False), ("probe", True), ("delivered", True)]
+
+
+@pytest.mark.asyncio
+async def test_a_429_pauses_the_endpoint_and_is_never_a_failure_nor_a_dead_letter(
+        tmp_path: Path, clock: FakeClock, panel: StubPanel, scrubber: StubScrubber) -> None:
+    # a budget of one attempt and one second: any counted failure would dead-letter at once
+    config = make_config(tmp_path, PIPELINE_PANEL_URL=panel.url, PIPELINE_SCRUBBER_URL=scrubber.url,
+                         SCRUBBER_JWT_SECRET=JWT, PANEL_INGEST_SECRET=SITE_SECRET,
+                         PIPELINE_DELIVERY__MAX_ATTEMPTS="1", PIPELINE_DELIVERY__MAX_AGE_S="1")
+    signed = await signed_trace(config, clock, 6)
+    h, _ = deliverer(config, clock)
+    panel.set_faults(fail_next=4, status=429, retry_after_s=3)
+    task = asyncio.create_task(h.feed(signed, key=signed["trace_id"]))
+    for n in range(1, 5):
+        await clock.wait_for_sleepers()
+        assert [o["status"] for o in outcomes(h)] == ["throttled"] * n
+        assert panel.stats()["requests"] == n
+        pause_s = (outcomes(h)[-1]["detail"]["until"] - clock.now_ms()) / 1000
+        assert 2.9 <= pause_s <= 3  # the Retry-After, from the 429 (time moved on a little since)
+        await clock.advance(pause_s - 0.05)  # nothing goes before the pause ends
+        assert panel.stats()["requests"] == n
+        await clock.advance(0.1)
+    assert (await task).written == []
+    statuses = [(o["status"], o["http_status"]) for o in outcomes(h)]
+    assert statuses == [("throttled", 429)] * 4 + [("delivered", 200)]
+    throttled = outcomes(h)[0]
+    assert throttled["detail"]["retry_after_s"] == 3 and throttled["detail"]["until"] == throttled["at"] + 3000
+
+
+@pytest.mark.asyncio
+async def test_a_429_another_replica_got_pauses_this_one_through_delivery_outcomes(
+        tmp_path: Path, clock: FakeClock, panel: StubPanel, scrubber: StubScrubber) -> None:
+    config = deliver_config(tmp_path, panel, scrubber)
+    signed = await signed_trace(config, clock, 7)
+    h = StageHarness("deliver", clock)
+    core = DeliverStage(config, clock, BreakerGate(BreakerSettings(), clock, publisher(h.sinks, OUTCOMES),
+                                                   stage="deliver", role=Role.DELIVER), h.sinks,
+                        panel_client(config, clock))
+    gate = BreakerGate(BreakerSettings(), clock, publisher(h.sinks, OUTCOMES), stage="deliver", role=Role.DELIVER,
+                       on_throttle=core.limiters.hold_off)
+    gate.ready.set()
+    core.gate = gate
+    h.bind(core)
+    until = clock.now_ms() + 5000
+    await gate.apply_raw(encode(outcome(stage="deliver", endpoint=config.panel_url, status="throttled",
+                                        trace_id="tr_elsewhere", at=clock.now_ms(), http_status=429, attempt=1,
+                                        detail={"retry_after_s": 5, "until": until})))
+    task = asyncio.create_task(h.feed(signed, key=signed["trace_id"]))
+    await clock.wait_for_sleepers()
+    await clock.advance(4.9)
+    assert panel.stats()["requests"] == 0 and not task.done()
+    await clock.advance(0.2)
+    await task
+    assert [o["status"] for o in outcomes(h)] == ["delivered"]

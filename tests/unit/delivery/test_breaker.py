@@ -305,7 +305,8 @@ def test_non_attempts_need_no_timestamp() -> None:
         (out("delivered", 0, http=202), "success"),
         (out("delivered", 0), "success"),
         (out("delivered", 0, http=302), "failure"),
-        (out("failed", 0, http=429), "failure"),
+        (out("failed", 0, http=429), None),
+        (out("throttled", 0, http=429), None),
         (out("refused", 0, http=400), "failure"),
         (out("circuit_open", 0), None),
         (out("held", 0), None),
@@ -341,3 +342,56 @@ def test_settings_validation_names_the_field(kwargs: dict[str, Any], field: str)
 
 def test_settings_defaults_match_the_reference_forwarder() -> None:
     assert BreakerSettings() == BreakerSettings(3, 60.0, 300.0, "hold")
+
+
+def traffic(start: int, seconds: int, per_s: int, failing: set[int] | None = None) -> list[Record]:
+    """`per_s` attempts a second for `seconds`, the n-th attempt failing when n is in `failing`."""
+    step = S // per_s
+    return [fail(start + n * step) if n in (failing or set()) else ok(start + n * step)
+            for n in range(seconds * per_s)]
+
+
+def test_at_volume_a_few_failures_do_not_open() -> None:
+    # 20 attempts a second for two minutes, 1 in 50 failing: 48 failures a minute, far past the
+    # contract's 3 a minute, but 2% of the traffic
+    _, seen = run(traffic(T0, 120, 20, failing=set(range(7, 2400, 50))))
+    assert seen == []
+
+
+def test_at_volume_a_burst_of_failures_within_the_last_attempts_does_not_open_below_the_rate() -> None:
+    _, seen = run(traffic(T0, 10, 20, failing={100, 101, 102, 103, 104, 105, 106, 107, 108}))
+    assert seen == []  # 9 of the last 20 failed: under half
+
+
+def test_at_volume_a_panel_that_goes_down_opens_within_the_next_attempts() -> None:
+    before = traffic(T0, 30, 20)
+    down = [fail(T0 + 30 * S + n * 10) for n in range(20)]
+    _, seen = run(before + down)
+    # the 10th failure makes half of the last 20 attempts
+    assert seen == [(CL, OP, T0 + 30 * S + 9 * 10)]
+
+
+def test_at_volume_the_rate_is_configurable() -> None:
+    failing = set(range(25, 400, 5))  # one attempt in five, once the traffic is there
+    assert run(traffic(T0, 20, 20, failing=failing))[1] == []
+    assert run(traffic(T0, 20, 20, failing=failing), failure_rate=0.2)[1] != []
+
+
+def test_below_min_calls_in_the_window_the_contract_rule_holds() -> None:
+    # 16 good answers and then 3 failures within the minute: fewer than 20 attempts in the
+    # window, so 3 failures open it as the reference plugin's breaker does
+    spread = [ok(T0 + n * 3 * S) for n in range(16)]
+    failures = [fail(T0 + 57 * S), fail(T0 + 58 * S), fail(T0 + 59 * S)]
+    assert run(spread + failures)[1] == [(CL, OP, T0 + 59 * S)]
+
+
+def test_volume_that_ended_falls_back_to_the_contract_rule() -> None:
+    busy = traffic(T0, 10, 20)
+    quiet = [fail(T0 + 200 * S), fail(T0 + 201 * S), fail(T0 + 202 * S)]
+    assert run(busy + quiet)[1] == [(CL, OP, T0 + 202 * S)]
+
+
+def test_throttled_answers_are_no_attempts_at_any_volume() -> None:
+    throttled = [out("throttled", T0 + n, http=429) for n in range(100)]
+    assert run(throttled)[1] == []
+    assert run([out("failed", T0 + n, http=429) for n in range(100)])[1] == []

@@ -4,6 +4,7 @@ process."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -410,3 +411,54 @@ def test_main_runs_as_its_own_process_with_secrets_from_the_environment() -> Non
         other = {"x-panel-site-key": SITE, "x-panel-ingest-sig": sign(body, "cli-secret")}
         refused = httpx.post(url + INGEST_PATH, content=body, headers=other, timeout=5)
         assert refused.json() == {"error": "ingest_not_configured"}
+
+
+# ---------------------------------------------------------------- load: rate limit and load faults
+
+
+@pytest.mark.asyncio
+async def test_the_rate_limit_is_a_token_bucket_that_says_when_the_next_token_comes() -> None:
+    now = [1_700_000_000.0]
+    body = body_for()
+    headers = {"x-panel-site-key": SITE, "x-panel-ingest-sig": sign(body, SITE_SECRET),
+               "x-scrubber-attestation": attest(body, now[0]), "content-type": "application/json"}
+    async with StubPanel(config(rate_limit=5, rate_window_s=1.0), clock=lambda: now[0]) as panel:
+        statuses = [(await raw_post(panel.url, body, headers)).status_code for _ in range(6)]
+        assert statuses == [200] * 5 + [429]  # a burst of 5
+        limited = await raw_post(panel.url, body, headers)
+        assert limited.json()["retry_after_s"] == pytest.approx(0.2)  # one token each 0.2 s
+        assert limited.headers["retry-after"] == "1"  # delta-seconds are whole seconds
+        now[0] += 0.2
+        assert [(await raw_post(panel.url, body, headers)).status_code for _ in range(2)] == [200, 429]
+        now[0] += 10  # a long quiet spell fills the bucket to its burst, no further
+        statuses = [(await raw_post(panel.url, body, headers)).status_code for _ in range(6)]
+        assert statuses == [200] * 5 + [429]
+
+
+@pytest.mark.asyncio
+async def test_a_fail_rate_fails_about_that_share_of_requests() -> None:
+    async with StubPanel(config()) as panel:
+        panel.rng.seed(7)
+        panel.set_faults(fail_rate=0.3, status=503)
+        statuses = [(await raw_post(panel.url, b"{}", {})).status_code for _ in range(200)]
+    failed = statuses.count(503)
+    assert 35 <= failed <= 85 and panel.faulted == failed
+    assert set(statuses) == {503, 401}  # the others reached the contract's checks
+
+
+@pytest.mark.asyncio
+async def test_a_concurrency_cap_answers_503_overloaded_beyond_it() -> None:
+    async with StubPanel(config()) as panel:
+        panel.set_faults(max_concurrent=2, latency_ms=300)
+        async with httpx.AsyncClient(timeout=5) as http:
+            answers = await asyncio.gather(*(http.post(panel.url + INGEST_PATH, content=b"{}") for _ in range(5)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [401, 401, 503, 503, 503]
+    assert all(a.json()["error"] == "overloaded" for a in answers if a.status_code == 503)
+    assert panel.stats()["overloaded"] == 3
+
+
+@pytest.mark.parametrize("bad", [{"fail_rate": 1.5}, {"drop_rate": -0.1}, {"max_concurrent": "2"}])
+def test_load_fault_knobs_are_checked(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        StubPanel(config()).set_faults(**bad)
