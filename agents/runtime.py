@@ -185,7 +185,10 @@ class Sinks:
 
     async def send(self, out: Out) -> None:
         item = self.encoded(out)
-        self._sent.append((item, await self._dispatch(item)))
+        future = await self._dispatch(item)
+        # appended after the await: `self._sent.append(..., await ...)` would bind the list first,
+        # and a concurrent drain that swapped it meanwhile would never wait for this one
+        self._sent.append((item, future))
 
     async def drain(self) -> None:
         """Return once everything `send` put on its way is acknowledged; what the broker did not

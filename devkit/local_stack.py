@@ -119,6 +119,7 @@ class StackSettings:
     metrics: bool = False  # serve /metrics from every stage and the collector
     worker_loglevel: str = "warn"  # `pipeline worker --loglevel`: the fault suites read info lines on failure
     extra_env: dict[str, str] = field(default_factory=dict)
+    panel_args: tuple[str, ...] = ()  # more options of the stub panel (`--rate-limit 20 --rate-window-s 1`)
     # the interpreter and working directory the product's processes run with (an installed wheel's venv)
     python: str = sys.executable
     cwd: Path | None = None
@@ -191,6 +192,7 @@ cache_dir = "{s.workdir / 'cache'}"
         panel_args = ["stub", "panel", "--port", str(self.panel_port), "--site-key", self.s.site_key]
         if self.s.require_scrub:
             panel_args.append("--require-scrub")
+        panel_args += self.s.panel_args
         self._start("panel", panel_args, "devkit").wait_for_log("listening on", 30)
         self._start("scrubber", ["stub", "scrubber", "--port", str(self.scrubber_port)], "devkit").wait_for_log(
             "listening on", 30)
