@@ -64,3 +64,30 @@ async def test_a_trace_the_scrubber_refuses_is_dead_lettered_not_passed(tmp_path
     assert batch.values("traces.scrubbed") == []
     (letter,) = batch.dead
     assert letter["reason"].startswith("scrubber_") and letter["source_topic"] == "traces.sampled"
+
+
+@pytest.mark.asyncio
+async def test_a_429_pauses_scrubbing_and_spends_no_budget(tmp_path: Path, clock: FakeClock,
+                                                           scrubber: StubScrubber) -> None:
+    # one trace the scrubber keeps answering 429 while it scrubs another: had the 429s counted,
+    # the budget (2 tries over 30 s, spent while others pass) would dead-letter it
+    config = scrub_config(tmp_path, scrubber)
+    core = ScrubStage(config, clock, scrubber_client(config, clock))
+    limited = await sampled(config, clock, snapshot(3, tool_error=True))
+    other = await sampled(config, clock, snapshot(4, tool_error=True))
+    marker = next(m["content"] for m in limited["messages"] if m["content"] not in str(other["messages"]))
+    scrubber.set_faults(fail_matching=marker, status=429, retry_after_s=10)
+    held = asyncio.create_task(StageHarness("scrub", clock).bind(core).feed(limited))
+    await clock.wait_for_sleepers()
+    assert scrubber.stats()["requests"] == 1
+    passed = asyncio.create_task(StageHarness("scrub", clock).bind(core).feed(other))
+    await clock.advance(9.9)  # the pause holds every request of the process, the other trace's too
+    assert scrubber.stats()["requests"] == 1 and not passed.done()
+    batch = await on_clock(clock, passed, step_s=1)
+    assert len(batch.values("traces.scrubbed")) == 1
+    for _ in range(6):  # a minute of 429s for the first one: never dead-lettered
+        await clock.advance(10.1)
+    assert not held.done() and scrubber.stats()["by_status"]["429"] >= 4
+    scrubber.set_faults(fail_matching="")
+    batch = await on_clock(clock, held, step_s=5)
+    assert len(batch.values("traces.scrubbed")) == 1 and batch.dead == []
