@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-for bench in ceiling stages end_to_end collector; do
+for bench in ceiling stages end_to_end collector backpressure; do
   echo "== $bench" >&2
   "$PYTHON" "bench/$bench.py"
 done
