@@ -149,6 +149,7 @@ class ConcurrencyLimiter:
         self.in_flight = 0
         self.paused_until_ms = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._resume: asyncio.Future[None] | None = None  # wakes the waiters when a pause ends
         self._limit_gauge = metrics.CONCURRENCY_LIMIT.labels(stage, endpoint)
         self._in_flight_gauge = metrics.IN_FLIGHT.labels(stage, endpoint)
         self._limit_gauge.set(self.algorithm.limit)
@@ -183,40 +184,46 @@ class ConcurrencyLimiter:
             self._wake()
 
     async def _acquire(self) -> None:
-        while True:
-            await self._pause_over()
-            if self.in_flight < self.limit and not self._waiters:
-                self.in_flight += 1
-            else:
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiters.append(waiter)
-                try:
-                    await waiter  # handed a place: in_flight already counts it
-                except asyncio.CancelledError:
-                    if waiter.done() and not waiter.cancelled():
-                        self._give_back()
-                    elif waiter in self._waiters:
-                        self._waiters.remove(waiter)
-                    raise
-            if self.clock.now_ms() >= self.paused_until_ms:
-                self._in_flight_gauge.set(self.in_flight)
-                return
-            self._give_back()  # a pause began while it waited: wait for its end like the rest
-
-    def _give_back(self) -> None:
-        self.in_flight -= 1
+        if not self._waiters and self.in_flight < self.limit and not self._paused():
+            self.in_flight += 1
+            self._in_flight_gauge.set(self.in_flight)
+            return
+        # first come, first served, pause or no pause: a request that comes back after a 429
+        # queues behind those already waiting, so no one trace can keep the places to itself
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         self._wake()
+        try:
+            await waiter  # handed a place: in_flight already counts it
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.in_flight -= 1
+                self._wake()
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+        self._in_flight_gauge.set(self.in_flight)
+
+    def _paused(self) -> bool:
+        return self.clock.now_ms() < self.paused_until_ms
 
     def _wake(self) -> None:
+        """Hand free places to the waiters in order; while paused, make sure someone wakes them
+        when the pause ends."""
+        if self._paused():
+            if self._waiters and (self._resume is None or self._resume.done()):
+                self._resume = asyncio.ensure_future(self._resume_after_pause())
+            return
         while self._waiters and self.in_flight < self.limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self.in_flight += 1
                 waiter.set_result(None)
 
-    async def _pause_over(self) -> None:
+    async def _resume_after_pause(self) -> None:
         while (wait_ms := self.paused_until_ms - self.clock.now_ms()) > 0:
             await self.clock.sleep(wait_ms / 1000)
+        self._wake()
 
 
 class EndpointLimiters:

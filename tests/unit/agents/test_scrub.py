@@ -86,6 +86,7 @@ async def test_a_429_pauses_scrubbing_and_spends_no_budget(tmp_path: Path, clock
     batch = await on_clock(clock, passed, step_s=1)
     assert len(batch.values("traces.scrubbed")) == 1
     for _ in range(6):  # a minute of 429s for the first one: never dead-lettered
+        await clock.wait_for_sleepers()  # its 429 came back and paused the process again
         await clock.advance(10.1)
     assert not held.done() and scrubber.stats()["by_status"]["429"] >= 4
     scrubber.set_faults(fail_matching="")

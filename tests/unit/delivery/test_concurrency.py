@@ -197,3 +197,34 @@ async def test_a_cancelled_waiter_gives_its_place_back() -> None:
     await first
     await third
     assert started == [0, 2] and limiter.in_flight == 0 and waiting.cancelled()
+
+
+@pytest.mark.asyncio
+async def test_after_a_pause_the_waiters_go_in_the_order_they_came() -> None:
+    # A's request got a 429: it comes back for another place, behind B, who was already waiting
+    clock = FakeClock()
+    limiter = ConcurrencyLimiter("http://panel", LimitSettings(max_limit=1, initial=1), clock, stage="t")
+    order: list[str] = []
+    first_answer = asyncio.Event()
+
+    async def a() -> None:
+        async with limiter.slot():
+            await first_answer.wait()
+            limiter.hold_off(clock.now_ms() + 1000)
+        async with limiter.slot():
+            order.append("A again")
+
+    async def b() -> None:
+        async with limiter.slot():
+            order.append("B")
+
+    tasks = [asyncio.create_task(a())]
+    await settle()
+    tasks.append(asyncio.create_task(b()))
+    await settle()
+    first_answer.set()
+    await settle()
+    assert order == []
+    await clock.advance(1.1)
+    await asyncio.gather(*tasks)
+    assert order == ["B", "A again"]
