@@ -51,6 +51,7 @@ from pipeline.delivery.retry import RetryPolicy
 from pipeline.health import Liveness, lasting
 from pipeline.kafka.follower import TopicFollower
 from pipeline.kafka.partitioner import key_partitioner
+from pipeline.kafka.security import KafkaAccess, faust_settings, kafka_access
 from pipeline.logs import log_context
 from pipeline.model.records import dead_letter, encode, original_bytes
 from pipeline.topics import (
@@ -77,11 +78,14 @@ OUT_OF_GROUP_S = 120.0
 
 
 def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
-    """One faust App per stage; its id is the stage's consumer group."""
+    """One faust App per stage; its id is the stage's consumer group, and it connects as the
+    stage's principal (`[kafka]` security keys, `KAFKA_SASL_PASSWORD_<STAGE>`): faust hands the
+    credentials to its consumer and its producer, the followers get them from `app.kafka_access`."""
     consumer_drain.install()  # records reach the stream a fetched batch at a time
     stage = STAGES[stage] if isinstance(stage, str) else stage
+    access = kafka_access(config, stage.name)
     settings: dict[str, Any] = {
-        "broker": f"kafka://{config.kafka.bootstrap}",
+        **faust_settings(access),
         "store": "memory://",
         "key_serializer": "raw",
         "value_serializer": "raw",
@@ -110,8 +114,15 @@ def make_app(stage: Stage | str, config: Config, **overrides: Any) -> faust.App:
     settings.update(overrides)
     Path(settings["datadir"]).mkdir(parents=True, exist_ok=True)
     app = faust.App(stage.app_id, **settings)
+    app.kafka_access = access
     watch_liveness(app)
     return app
+
+
+def app_access(app: faust.App) -> KafkaAccess:
+    """How the stage of `app` connects to Kafka (make_app set it)."""
+    access: KafkaAccess = app.kafka_access
+    return access
 
 
 def watch_liveness(app: faust.App) -> Liveness:
@@ -283,6 +294,16 @@ class Sinks:
             for t in topics:
                 metrics.PRODUCE_FAILURES.labels(self.stage.name, t, name).inc()
         delay = self._backoff.delay(attempt)
+        denied = sorted({item.topic for item, e in zip(items, errors, strict=True)
+                         if isinstance(e, kafka_errors.TopicAuthorizationFailedError)})
+        if denied:
+            access: KafkaAccess | None = getattr(self._app, "kafka_access", None)
+            who = (access.principal if access is not None else None) or "this stage's principal"
+            log.error("stage %s: %s lacks the ACL to WRITE TOPIC %s (TopicAuthorizationFailedError); the batch is "
+                      "held, uncommitted, until it is granted (`pipeline kafka acls` grants every stage what it "
+                      "needs). Retry %d in %.1fs", self.stage.name, who, ", ".join(denied), attempt, delay)
+            await asyncio.sleep(delay)
+            return
         log.error("stage %s: the broker did not take %d record(s) for %s (%s: %s); the batch is held, "
                   "uncommitted: check that the topics exist and that this stage may write them. Retry %d in %.1fs",
                   self.stage.name, len(items), ", ".join(topics), ", ".join(kinds),
@@ -459,7 +480,10 @@ def staged_table(app: faust.App, config: Config, stage: Stage | str) -> StagedTa
 
 
 def follow(app: faust.App, follower: TopicFollower) -> TopicFollower:
-    """Run `follower` for as long as the app runs (every replica reads the whole topic)."""
+    """Run `follower` for as long as the app runs (every replica reads the whole topic), as the
+    app's principal."""
+    if follower.kafka is None:
+        follower.kafka = app_access(app)
 
     @app.task
     async def run_follower() -> None:

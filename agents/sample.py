@@ -22,9 +22,7 @@ from pipeline.config import Config
 from pipeline.errors import RecordError
 from pipeline.kafka.follower import TopicFollower
 from pipeline.model.records import decode
-from pipeline.model.trace import sampled_trace
-from pipeline.sampling import NoveltyWindows, reference_sampler
-from pipeline.sampling.novelty import NoveltyPolicy
+from pipeline.sampling.configured import ConfiguredSampler
 
 STAGE = "sample"
 SHIPPED = "sampler.shipped"
@@ -42,13 +40,8 @@ class SampleStage:
 
     def __init__(self, config: Config, clock: Clock, decided: StagedTable, ready: asyncio.Event | None = None) -> None:
         self.config, self.clock, self.decided = config, clock, decided
-        self.windows = NoveltyWindows(size=config.lru_size, num_perm=config.sampler.num_perm,
-                                      threshold=config.novelty_threshold)
-        self.sampler = reference_sampler(self.windows, rate=config.sampling_rate,
-                                         rate_override=config.sampling_rate_override,
-                                         max_messages=config.max_messages,
-                                         token_messages=config.sampler.novelty_window_tokens_messages)
-        self.novelty = next(p for p in self.sampler.policies if isinstance(p, NoveltyPolicy))
+        self.policy = ConfiguredSampler(config)
+        self.windows = self.policy.windows
         self.ready = ready if ready is not None else asyncio.Event()
 
     async def apply_shipped(self, raw: bytes) -> None:
@@ -66,16 +59,12 @@ class SampleStage:
             metrics.DECISIONS.labels("repeat", "false").inc()
             return []
         self.decided.stage(key, [*seen, snapshot["snapshot_id"]][-DECIDED_PER_SESSION:])
-        decision = self.sampler.decide(snapshot)
+        decision, forwarded = self.policy.decide(snapshot, self.clock.now_ms())
         metrics.DECISIONS.labels(decision.reason, str(decision.forward).lower()).inc()
-        if not decision.forward:
+        if forwarded is None:
             return []
-        now = self.clock.now_ms()
-        trace = sampled_trace(snapshot, decision, self.config.max_messages, now)
-        shipped = self.novelty.shipped_record(snapshot, trace["trace_id"], now)
-        self.windows.apply_shipped(shipped)  # this replica's next decision sees it at once
-        return [Out("traces.sampled", key, trace),
-                Out(SHIPPED, f"{snapshot['site_key']}:{snapshot['snapshot_id']}", shipped)]
+        return [Out("traces.sampled", key, forwarded.trace),
+                Out(SHIPPED, f"{snapshot['site_key']}:{snapshot['snapshot_id']}", forwarded.shipped)]
 
 
 def build(config: Config, **app_overrides: Any) -> faust.App:

@@ -34,6 +34,7 @@ from devkit.opencode_daemon import OpencodeDaemon
 from pipeline.config import Config
 from pipeline.kafka.admin import topic_partitions
 from pipeline.kafka.lag import collect_lag
+from pipeline.kafka.security import KafkaAccess, client_settings
 from pipeline.topics import PIPELINE_STAGES, STAGES, dead_letter_topics
 
 PROMPTS = [
@@ -100,8 +101,8 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-async def topic_counts(bootstrap: str, topics: list[str]) -> dict[str, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+async def topic_counts(kafka: KafkaAccess | str, topics: list[str]) -> dict[str, int]:
+    consumer = AIOKafkaConsumer(**client_settings(kafka), group_id=None)
     await consumer.start()
     try:
         tps = await topic_partitions(consumer, topics)
@@ -116,8 +117,8 @@ async def topic_counts(bootstrap: str, topics: list[str]) -> dict[str, int]:
         await consumer.stop()
 
 
-async def read_values(bootstrap: str, topic: str) -> list[dict[str, Any]]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+async def read_values(kafka: KafkaAccess | str, topic: str) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(**client_settings(kafka), group_id=None, auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=16 * 1024 * 1024)
     await consumer.start()
     try:
@@ -138,8 +139,9 @@ async def read_values(bootstrap: str, topic: str) -> list[dict[str, Any]]:
 
 class Demo:
     def __init__(self, config: Config, duration_s: float | None, panel_outage_s: float | None,
-                 console: Console | None = None) -> None:
+                 console: Console | None = None, secure: bool = False) -> None:
         self.config, self.duration_s, self.panel_outage_s = config, duration_s, panel_outage_s
+        self.secure = secure
         self.console = console or Console()
         self.workdir = Path(tempfile.mkdtemp(prefix="pipeline-demo-"))
         self.progress = Progress()
@@ -186,7 +188,7 @@ class Demo:
                 lag_table.add_row(s.stage, s.topic, str(total), f"{s.rate:.1f}" if s.rate is not None else "-")
         return Group(head, lag_table)
 
-    async def loop(self, stack: Stack, daemons: list[OpencodeDaemon], bootstrap: str) -> None:
+    async def loop(self, stack: Stack, daemons: list[OpencodeDaemon], bootstrap: KafkaAccess) -> None:
         stop = asyncio.Event()
         driver = asyncio.create_task(drive(daemons, self.progress, stop))
         watched = ["opencode.events", "sessions.idle", "traces.sampled", *dead_letter_topics()]
@@ -213,7 +215,8 @@ class Demo:
                 self.console.print("workload stopped; waiting for the pipeline to drain ...")
                 await self.drain(stack, bootstrap, live, watched, stages)
 
-    async def drain(self, stack: Stack, bootstrap: str, live: Live, watched: list[str], stages: list[Any]) -> None:
+    async def drain(self, stack: Stack, bootstrap: KafkaAccess, live: Live, watched: list[str],
+                    stages: list[Any]) -> None:
         """Wait until every forwarded trace is delivered or dead-lettered (bounded)."""
         deadline = time.monotonic() + 120 + (self.panel_outage_s or 0)
         while time.monotonic() < deadline:
@@ -225,7 +228,7 @@ class Demo:
                 return
             await asyncio.sleep(2.0)
 
-    async def account(self, stack: Stack, bootstrap: str) -> dict[str, Any]:
+    async def account(self, stack: Stack, bootstrap: KafkaAccess) -> dict[str, Any]:
         forwarded = {t["trace_id"] for t in await read_values(bootstrap, "traces.sampled")}
         accepted = {t["trace_id"] for t in stack.panel_accepted()}
         dead = {}
@@ -245,8 +248,9 @@ class Demo:
     def run(self) -> int:
         for noisy in ("httpx", "aiokafka"):  # a line per request or metadata refresh drowns the view
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # --secure: SASL_SSL, a principal per stage and ACLs; the demo's own reader is the admin
         broker = LocalBroker("127.0.0.1", free_port(), free_port(), self.workdir / "kafka", self.config.cache_dir,
-                             version=self.config.kafka.version)
+                             version=self.config.kafka.version, secure=self.secure)
         model = ModelStub()
         daemons: list[OpencodeDaemon] = []
         stack: Stack | None = None
@@ -262,15 +266,15 @@ class Demo:
             # short breaker timings so an outage shows opening, holding and draining within minutes
             stack = Stack(StackSettings(
                 bootstrap=broker.bootstrap, workdir=self.workdir / "stack", hosts_toml=hosts, sampling_rate=0.25,
-                metrics=True,
+                metrics=True, extra_env=broker.client_environment(),
                 extra_toml="[breaker]\nfailure_window_s = 30\nopen_s = 15\n[delivery]\nretry_max_s = 5\n"))
             self.console.print("starting topics, stubs, 6 stages and the collector ...")
             stack.start(collector=True)
             try:
-                asyncio.run(self.loop(stack, daemons, broker.bootstrap))
+                asyncio.run(self.loop(stack, daemons, broker.access()))
             except KeyboardInterrupt:
                 self.console.print("interrupted")
-            summary = asyncio.run(self.account(stack, broker.bootstrap))
+            summary = asyncio.run(self.account(stack, broker.access()))
             self.console.print(self.summary_table(summary))
             return 0 if summary["unexplained"] == 0 else 1
         finally:
@@ -298,5 +302,5 @@ class Demo:
         return t
 
 
-def run(config: Config, duration_s: float | None, panel_outage_s: float | None) -> int:
-    return Demo(config, duration_s, panel_outage_s).run()
+def run(config: Config, duration_s: float | None, panel_outage_s: float | None, secure: bool = False) -> int:
+    return Demo(config, duration_s, panel_outage_s, secure=secure).run()

@@ -51,13 +51,15 @@ class Topic:
 
 @dataclass(frozen=True)
 class Stage:
-    """A stream stage: its faust app id (so its consumer group), input, outputs, dead letters."""
+    """A stream stage: its faust app id (so its consumer group), input, outputs, dead letters, and
+    the topics every replica follows whole outside the group (shared decision state)."""
 
     name: str
     input: str
     outputs: tuple[str, ...]
     dead: str
     doc: str
+    follows: tuple[str, ...] = ()
 
     @property
     def app_id(self) -> str:
@@ -65,6 +67,8 @@ class Stage:
 
 
 HOST_SESSION = "host:session_id"
+# The consumer group through which the collector replicas share the hosts of `collector.hosts`.
+COLLECTOR_GROUP = "panel-pipeline-collector"
 # Partitions of the collector's host table and state: at most this many collector replicas get hosts.
 COLLECTOR_PARTITIONS = 16
 SOURCE_RETENTION_MS = 7 * DAY_MS  # what the collector's topic keeps; nothing unscrubbed outlives it
@@ -75,13 +79,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("ingest", "opencode.events", ("sessions.idle",), "ingest.dead",
           "dedupe events, per-session state, one snapshot per ended turn"),
     Stage("sample", "sessions.idle", ("traces.sampled", "sampler.shipped"), "sample.dead",
-          "error / novelty / random decisions"),
+          "error / novelty / random decisions", follows=("sampler.shipped",)),
     Stage("scrub", "traces.sampled", ("traces.scrubbed",), "scrub.dead", "one scrubber call per trace, fail closed"),
     Stage("sign", "traces.scrubbed", ("traces.signed",), "sign.dead", "canonical body, HMAC, attestation"),
     Stage("breaker", "traces.signed", ("traces.outbox", "delivery.outcomes"), "breaker.dead",
-          "circuit breaker per panel endpoint: pass, hold or drop"),
+          "circuit breaker per panel endpoint: pass, hold or drop", follows=("delivery.outcomes",)),
     Stage("deliver", "traces.outbox", ("delivery.outcomes", "traces.dead"), "traces.dead",
-          "POST to the panel, re-sign when stale, retry, dead-letter"),
+          "POST to the panel, re-sign when stale, retry, dead-letter", follows=("delivery.outcomes",)),
 ]}
 
 # Where the scrub stage's input sits: a stage at or before it reads content no scrubber has seen.

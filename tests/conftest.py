@@ -43,6 +43,21 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
 
 
 @pytest.fixture(scope="session")
+def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """The secured broker (`pipeline-dev kafka up --secure`): SASL_SSL on free ports of its own, a
+    SCRAM user per role, the StandardAuthorizer with the pipeline's ACLs applied. Its clients
+    take `secure_kafka.access(role)`; a `pipeline` process takes `secure_kafka.client_environment()`."""
+    broker = LocalBroker(host="127.0.0.1", port=free_port(), controller_port=free_port(),
+                         data_dir=tmp_path_factory.mktemp("kafka-secure"), cache_dir=config_mod.DEFAULT_CACHE_DIR,
+                         secure=True)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
 def kafka_env(kafka: LocalBroker) -> dict[str, str]:
     """Environment for `pipeline` subprocesses and config.load() pointing at the test broker."""
     return {

@@ -1,4 +1,5 @@
-"""Small aiokafka helpers for tests: produce raw records, read a topic, read committed offsets."""
+"""Small aiokafka helpers for tests: produce raw records, read a topic, read committed offsets.
+`bootstrap` is a plain broker's address or, for the secured broker, the `KafkaAccess` of a role."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from pipeline.kafka.admin import topic_partitions
+from pipeline.kafka.security import KafkaAccess, client_settings
 from pipeline.topics import MAX_MESSAGE_BYTES
 
 
-async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+async def produce(bootstrap: KafkaAccess | str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    producer = AIOKafkaProducer(**client_settings(bootstrap), enable_idempotence=True, acks="all")
     await producer.start()
     try:
         for key, value in records:
@@ -27,12 +29,12 @@ async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, 
         await producer.stop()
 
 
-async def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 60.0,
+async def read_all(bootstrap: KafkaAccess | str, topic: str, expect: int, timeout_s: float = 60.0,
                    keep: Callable[[Any], bool] | None = None) -> list[Any]:
     """Read `topic` from the beginning until `expect` records arrived or the timeout. `keep`:
     count and return only the records it accepts (the session broker is shared: other tests'
     records are on the same topics)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+    consumer = AIOKafkaConsumer(**client_settings(bootstrap), auto_offset_reset="earliest",
                                 enable_auto_commit=False, group_id=None)
     await consumer.start()
     try:
@@ -54,10 +56,10 @@ async def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 6
         await consumer.stop()
 
 
-async def read_to_end(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[ConsumerRecord]:
+async def read_to_end(bootstrap: KafkaAccess | str, topic: str, timeout_s: float = 60.0) -> list[ConsumerRecord]:
     """Every record on `topic` up to its end offsets as they are now. Done by offsets, not by
     silence: a slow read must not pass for "nothing there" (TimeoutError instead)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+    consumer = AIOKafkaConsumer(**client_settings(bootstrap), enable_auto_commit=False, group_id=None,
                                 auto_offset_reset="earliest", max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES,
                                 fetch_max_bytes=4 * MAX_MESSAGE_BYTES)
     await consumer.start()
@@ -89,8 +91,8 @@ def values(msgs: list[Any]) -> list[dict[str, Any]]:
     return [json.loads(m.value) for m in msgs]
 
 
-async def committed(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def committed(bootstrap: KafkaAccess | str, group: str) -> dict[tuple[str, int], int]:
+    admin = AIOKafkaAdminClient(**client_settings(bootstrap))
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(group)
@@ -101,8 +103,8 @@ async def committed(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
         await admin.close()
 
 
-async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+async def end_offsets(bootstrap: KafkaAccess | str, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(**client_settings(bootstrap), group_id=None)
     await consumer.start()
     try:
         tps = await topic_partitions(consumer, [topic])

@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import BrokerError, ConfigError
+from pipeline.kafka.security import KafkaAccess
 
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
@@ -62,6 +63,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     """Run `pipeline hosts`. Broker failures raise BrokerError (the CLI prints it, exit 1)."""
     from aiokafka.errors import KafkaError
 
+    from pipeline.kafka.admin import refusal
+
+    kafka = _access(cfg)
     try:
         if args.action == "list":
             return asyncio.run(_list(cfg, args.json))
@@ -69,7 +73,20 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             return asyncio.run(_add(cfg, args))
         return asyncio.run(_remove(cfg, args.name))
     except (KafkaError, TimeoutError, OSError) as exc:
-        raise BrokerError(f"{cfg.kafka.bootstrap}: {type(exc).__name__}: {exc}") from None
+        refused = refusal(kafka, exc)
+        if refused is None and (kafka.sasl or kafka.tls):
+            from pipeline.kafka.admin import check_access
+
+            asyncio.run(check_access(kafka))  # a broker that does not let this client in says why
+        raise refused or BrokerError(f"{kafka.describe()}: {type(exc).__name__}: {exc}") from None
+
+
+def _access(cfg: Config) -> KafkaAccess:
+    """`pipeline hosts` writes the host table as the operator (with the collector, the only
+    principals allowed to)."""
+    from pipeline.kafka.security import OPERATOR, kafka_access
+
+    return kafka_access(cfg, OPERATOR)
 
 
 def _topic() -> str:
@@ -81,7 +98,7 @@ def _topic() -> str:
 async def _list(cfg: Config, as_json: bool) -> int:
     from pipeline.collector.hosts import read_table
 
-    table = await read_table(cfg.kafka.bootstrap, _topic())
+    table = await read_table(_access(cfg), _topic())
     rows = [{"name": name, "partition": p, **{k: v for k, v in vars(r).items() if k != "name"}}
             for name, (p, r) in sorted(table.hosts.items())]
     if as_json:
@@ -127,7 +144,9 @@ def record_for(cfg: Config, args: argparse.Namespace, now_ms: int) -> Any:
 async def _send(cfg: Config, key: bytes, value: bytes | None) -> None:
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=cfg.kafka.bootstrap, acks="all", enable_idempotence=True)
+    from pipeline.kafka.security import client_settings
+
+    producer = AIOKafkaProducer(**client_settings(_access(cfg)), acks="all", enable_idempotence=True)
     await producer.start()
     try:
         await producer.send_and_wait(_topic(), value, key=key)
@@ -147,7 +166,7 @@ async def _add(cfg: Config, args: argparse.Namespace) -> int:
 async def _remove(cfg: Config, name: str) -> int:
     from pipeline.collector.hosts import read_table
 
-    table = await read_table(cfg.kafka.bootstrap, _topic())
+    table = await read_table(_access(cfg), _topic())
     if name not in table.hosts:
         print(f"{name} is not in {_topic()}; nothing to remove")
         return 1

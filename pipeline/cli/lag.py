@@ -124,9 +124,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     stages = [STAGES[s] for s in args.stage] if args.stage else list(STAGES.values())
     try:
         if args.watch:
-            asyncio.run(_watch(cfg.kafka.bootstrap, stages, args.interval, args.json, args.timeout))
+            asyncio.run(_watch(_operator(cfg), stages, args.interval, args.json, args.timeout))
             return EXIT_OK
-        report = asyncio.run(_once(cfg.kafka.bootstrap, stages, args.interval, args.timeout))
+        report = asyncio.run(_once(_operator(cfg), stages, args.interval, args.timeout))
     except KeyboardInterrupt:
         return EXIT_OK  # Ctrl-C is how --watch ends
     from pipeline.kafka.lag import render_table, to_json
@@ -202,7 +202,7 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
     log.info("serving lag of %s on %s:%d/metrics, every %gs", ", ".join(s.name for s in stages),
              cfg.metrics.host, port, args.interval)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C or SIGINT is how it ends
-        asyncio.run(export_stages_forever(cfg.kafka.bootstrap, stages, args.interval, name="lag exporter",
+        asyncio.run(export_stages_forever(_operator(cfg), stages, args.interval, name="lag exporter",
                                           request_timeout_ms=int(args.timeout * 1000)))
     return 0
 
@@ -216,13 +216,21 @@ async def _countdown(seconds: float, say: Any, text: str) -> None:
         await asyncio.sleep(min(left, 0.5))
 
 
-async def _once(bootstrap: str, stages: list[Any], interval_s: float, timeout_s: float) -> Any:
+def _operator(cfg: Any) -> Any:
+    """`pipeline lag` and the lag exporter read offsets as the `operator` role."""
+    from pipeline.kafka.security import OPERATOR, kafka_access
+
+    return kafka_access(cfg, OPERATOR)
+
+
+async def _once(kafka: Any, stages: list[Any], interval_s: float, timeout_s: float) -> Any:
     """One report; with `interval_s`, rates from a second sample that long after the first."""
     from pipeline.cli.progress import waiting
     from pipeline.kafka.lag import LagCollector, with_rates
 
+    bootstrap = kafka.bootstrap
     with waiting(f"connecting to Kafka at {bootstrap} (up to {timeout_s:g}s)") as say:
-        async with LagCollector(bootstrap, request_timeout_ms=int(timeout_s * 1000)) as collector:
+        async with LagCollector(kafka, request_timeout_ms=int(timeout_s * 1000)) as collector:
             say(f"reading consumer-group offsets from {bootstrap}")
             first = await collector.sample(stages)
             if not interval_s:
@@ -232,11 +240,12 @@ async def _once(bootstrap: str, stages: list[Any], interval_s: float, timeout_s:
             return with_rates(await collector.sample(stages), first)
 
 
-async def _watch(bootstrap: str, stages: list[Any], interval_s: float, as_json: bool, timeout_s: float) -> None:
+async def _watch(kafka: Any, stages: list[Any], interval_s: float, as_json: bool, timeout_s: float) -> None:
     from pipeline.cli.progress import waiting
     from pipeline.kafka.lag import LagCollector
 
-    collector = LagCollector(bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    bootstrap = kafka.bootstrap
+    collector = LagCollector(kafka, request_timeout_ms=int(timeout_s * 1000))
     try:
         with waiting(f"connecting to Kafka at {bootstrap} (up to {timeout_s:g}s)") as say:
             await collector.start()

@@ -46,13 +46,21 @@ def command(name: str) -> Callable[[Command], Command]:
     return register
 
 
+def operator(cfg: config_mod.Config) -> Any:
+    """How the operator commands (topics, lag, dead, hosts) connect: as the `operator` role."""
+    from pipeline.kafka.security import OPERATOR, kafka_access
+
+    return kafka_access(cfg, OPERATOR)
+
+
 @command("topics")
 def cmd_topics(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from pipeline.kafka import admin
-    bootstrap, parts = cfg.kafka.bootstrap, cfg.kafka.partitions
+    kafka, parts = operator(cfg), cfg.kafka.partitions
+    bootstrap = kafka.bootstrap
     if args.action == "create":
         with waiting(f"creating the topic table on Kafka at {bootstrap}"):
-            result = asyncio.run(admin.create_topics(bootstrap, parts, cfg.kafka.replication,
+            result = asyncio.run(admin.create_topics(kafka, parts, cfg.kafka.replication,
                                                      hours_ms(cfg.kafka.unscrubbed_retention_hours),
                                                      timeout_s=args.timeout))
         if result["created"]:
@@ -65,7 +73,7 @@ def cmd_topics(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             print(f"warning: {line}", file=sys.stderr)
         return 0
     with waiting(f"reading topics from Kafka at {bootstrap}"):
-        states = asyncio.run(admin.topic_states(bootstrap, parts, timeout_s=args.timeout))
+        states = asyncio.run(admin.topic_states(kafka, parts, timeout_s=args.timeout))
     if args.json:
         print(json.dumps([s.__dict__ | {"exists": s.exists} for s in states], indent=2))
         return 0
@@ -85,12 +93,21 @@ def cmd_worker(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
     app = build_stage(args.stage, cfg)  # argparse already refused a stage not in STAGE_MODULES
 
+    from agents.runtime import app_access
     from pipeline.kafka.lag import export_lag_forever
+
+    kafka = app_access(app)
+    if kafka.sasl or kafka.tls:
+        from pipeline.kafka.admin import check_access
+
+        # faust would retry a refused login for ever: a wrong password, an untrusted certificate
+        # or a mechanism the listener lacks is a start-up error naming it (exit 1)
+        asyncio.run(check_access(kafka))
 
     @app.task
     async def export_lag() -> None:
         # every replica exports its group's lag; dashboards take max by (stage, topic, partition)
-        await export_lag_forever(cfg.kafka.bootstrap, args.stage, interval_s=15.0)
+        await export_lag_forever(kafka, args.stage, interval_s=15.0)
     metrics.serve(args.metrics_port if args.metrics_port is not None else cfg.metrics.port, cfg.metrics.host,
                   health=app.liveness.check)
     # faust's worker replaces the root logger's handlers when it starts: hand it the chosen format,
@@ -136,6 +153,13 @@ def cmd_hosts(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from pipeline.cli import hosts as hosts_cli
 
     return hosts_cli.run(args, cfg)
+
+
+@command("replay")
+def cmd_replay(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from pipeline.cli import replay as replay_cli
+
+    return replay_cli.run(args, cfg)
 
 
 @command("opencode")
@@ -204,7 +228,7 @@ def cmd_dead(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         if args.id or args.all:
             raise UsageError("--id and --all are for `dead redrive`")
         with waiting(f"reading dead letters from Kafka at {cfg.kafka.bootstrap}"):
-            letters = asyncio.run(deadletters.read(cfg.kafka.bootstrap, args.topic, timeout_s=args.timeout))
+            letters = asyncio.run(deadletters.read(operator(cfg), args.topic, timeout_s=args.timeout))
         # the original bytes are session content (unscrubbed up to the scrub stage): shown only on request
         shown = [deadletters.shown(d, original=args.show_original) for d in letters]
         if args.json:
@@ -228,11 +252,51 @@ def cmd_dead(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         raise UsageError(f"{args.topic} cannot be redriven: nothing reads its letters again "
                          "(inspect them with `pipeline dead list`)")
     with waiting(f"redriving {args.topic} to {target} on Kafka at {cfg.kafka.bootstrap}"):
-        done = asyncio.run(deadletters.redrive(cfg.kafka.bootstrap, args.topic, dead_id=args.id,
+        done = asyncio.run(deadletters.redrive(operator(cfg), args.topic, dead_id=args.id,
                                                timeout_s=args.timeout))
     for d in done:
         print(f"redrove {d.record.get('dead_id')} ({d.record.get('reason')}) -> {deadletters.redrive_target(d.topic)}")
     print(f"{len(done)} redriven")
+    return 0
+
+
+@command("kafka")
+def cmd_kafka(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    """`pipeline kafka acls`: grant every principal of the pipeline what it needs and nothing
+    else, as the `admin` role (idempotent)."""
+    from pipeline.kafka import admin
+    from pipeline.kafka.acls import by_principal, pipeline_acls
+    from pipeline.kafka.security import ADMIN, kafka_access
+
+    template = cfg.kafka.sasl_username
+    if not template:
+        raise UsageError("pipeline kafka acls grants to SASL principals: set [kafka] security_protocol = "
+                         "\"SASL_SSL\" and sasl_username (e.g. \"pipeline-{role}\")")
+    if "{role}" not in template:
+        raise UsageError(f"[kafka] sasl_username = {template!r} gives every role the same principal, so no ACL "
+                         "can tell the stages apart; use a template with {role} (e.g. \"pipeline-{role}\")")
+    wanted = pipeline_acls(template)
+    if args.dry_run:
+        if args.json:
+            print(json.dumps([a.__dict__ for a in wanted], indent=2))
+        else:
+            for who, acls in by_principal(wanted).items():
+                print(who)
+                for acl in acls:
+                    print(f"  {acl.operation:<14} {acl.resource:<6} {acl.name}")
+        return 0
+    kafka = kafka_access(cfg, ADMIN)
+    with waiting(f"applying {len(wanted)} ACLs on {kafka.describe()}"):
+        result = asyncio.run(admin.apply_acls(kafka, wanted, prune=args.prune, timeout_s=args.timeout))
+    if args.json:
+        print(json.dumps({k: [a.__dict__ for a in v] for k, v in result.items()}, indent=2))
+        return 0
+    for acl in result["created"]:
+        print(f"granted: {acl}")
+    for acl in result["removed"]:
+        print(f"removed: {acl}")
+    print(f"{len(result['created'])} granted, {len(result['existing'])} already there"
+          + (f", {len(result['removed'])} removed" if args.prune else ""))
     return 0
 
 
@@ -330,10 +394,25 @@ def parser() -> argparse.ArgumentParser:
                    help="list: include each letter's original bytes (session content, unscrubbed before scrub)")
     _add_timeout(d)
 
+    k = add("kafka", help="Kafka security: grant the pipeline's principals their ACLs",
+            description="acls: grant every stage, the collector and the operator the ACLs they need and "
+                        "nothing else, computed from the topic table, to the principals [kafka] sasl_username "
+                        "names (`pipeline-{role}`); idempotent, connects as the admin role "
+                        "(KAFKA_SASL_PASSWORD_ADMIN). Exit 0 done, 1 the broker cannot be reached or refused, "
+                        "2 a usage or configuration mistake.")
+    k.add_argument("action", choices=["acls"], help="apply the ACLs")
+    k.add_argument("--dry-run", action="store_true", help="print the ACLs, change nothing (no broker needed)")
+    k.add_argument("--prune", action="store_true",
+                   help="also remove ALLOW ACLs of these principals that the pipeline does not need")
+    k.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_timeout(k)
+
     from pipeline.cli import hosts as hosts_cli
     from pipeline.cli import lag as lag_cli
+    from pipeline.cli import replay as replay_cli
     lag_cli.add_parser(sub)
     hosts_cli.add_parser(sub)
+    replay_cli.add_parser(sub)
     return p
 
 

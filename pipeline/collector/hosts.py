@@ -39,6 +39,7 @@ from pipeline.config import Config, HostConfig
 from pipeline.config.loader import check_base_url
 from pipeline.errors import ConfigError, SchemaError
 from pipeline.kafka.partitioner import key_partitioner
+from pipeline.kafka.security import KafkaAccess, client_settings
 from pipeline.model import records
 
 log = logging.getLogger(__name__)
@@ -199,9 +200,9 @@ class HostTableReader:
     has read everything written before the call (a replica's own seeding, for one). `on_change`
     is called after each batch that changed the table."""
 
-    def __init__(self, bootstrap: str, topic: str, *, on_change: Callable[[], None] | None = None,
+    def __init__(self, kafka: KafkaAccess | str, topic: str, *, on_change: Callable[[], None] | None = None,
                  client_options: Mapping[str, Any] | None = None) -> None:
-        self.bootstrap, self.topic = bootstrap, topic
+        self.kafka, self.topic = kafka, topic
         self.table = HostTable()
         self.ready = asyncio.Event()
         self._on_change = on_change
@@ -210,7 +211,7 @@ class HostTableReader:
         self._progress = asyncio.Condition()
 
     async def run(self) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+        consumer = AIOKafkaConsumer(**client_settings(self.kafka), group_id=None, enable_auto_commit=False,
                                     auto_offset_reset="earliest", max_partition_fetch_bytes=FETCH_BYTES,
                                     **self._client_options)
         await consumer.start()
@@ -257,10 +258,10 @@ class HostTableReader:
                 await self._progress.wait()
 
 
-async def read_table(bootstrap: str, topic: str, *, timeout_s: float = 30.0,
+async def read_table(kafka: KafkaAccess | str, topic: str, *, timeout_s: float = 30.0,
                      client_options: Mapping[str, Any] | None = None) -> HostTable:
     """The table as it is now: read to the end once (for `pipeline hosts list`, and seeding)."""
-    reader = HostTableReader(bootstrap, topic, client_options=client_options)
+    reader = HostTableReader(kafka, topic, client_options=client_options)
     task = asyncio.create_task(reader.run())
     try:
         ready = asyncio.create_task(reader.ready.wait())

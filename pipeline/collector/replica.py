@@ -37,6 +37,7 @@ from pipeline.collector.hosts import HostRecord, HostsAssignor, HostTableReader,
 from pipeline.collector.sink import EventSink
 from pipeline.config import HostConfig
 from pipeline.errors import ConfigError
+from pipeline.kafka.security import KafkaAccess, client_settings
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +49,21 @@ class Replica:
     cancelled. `seed` records are written to the table first where it does not hold them as
     they are (`pipeline collect` seeds the config's `[[hosts]]`)."""
 
-    def __init__(self, collector: Collector, sink: EventSink, bootstrap: str, resolve: Resolve, *,
+    def __init__(self, collector: Collector, sink: EventSink, kafka: KafkaAccess | str, resolve: Resolve, *,
                  session_timeout_s: float = 10.0, heartbeat_interval_s: float = 1.0,
                  seed: Sequence[HostRecord] = (), client_options: Mapping[str, Any] | None = None,
                  client_id: str = "opencode-collector") -> None:
         self.collector = collector
         self.settings = collector.settings
         self._sink = sink
-        self._bootstrap = bootstrap
+        self._kafka = kafka
         self._resolve = resolve
         self._session_timeout_s = session_timeout_s
         self._heartbeat_interval_s = heartbeat_interval_s
         self._seed = list(seed)
         self._client_options = dict(client_options or {})
         self._client_id = client_id
-        self.reader = HostTableReader(bootstrap, self.settings.hosts_topic, on_change=self._wake_up,
+        self.reader = HostTableReader(kafka, self.settings.hosts_topic, on_change=self._wake_up,
                                       client_options=client_options)
         self.assigned: set[int] = set()
         self.joined = asyncio.Event()  # set at the first assignment
@@ -88,7 +89,7 @@ class Replica:
                 await self._write_seed()
                 await _first(reader, self.reader.sync())
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self._bootstrap, group_id=self.settings.group_id, client_id=self._client_id,
+                **client_settings(self._kafka), group_id=self.settings.group_id, client_id=self._client_id,
                 enable_auto_commit=False, auto_offset_reset="latest",
                 session_timeout_ms=int(self._session_timeout_s * 1000),
                 heartbeat_interval_ms=int(self._heartbeat_interval_s * 1000),

@@ -35,6 +35,7 @@ from pipeline.collector.sink import KafkaEventSink
 from pipeline.collector.state import FileStateStore
 from pipeline.collector.store import KafkaStateStore
 from pipeline.config import Config
+from pipeline.kafka.security import COLLECTOR, kafka_access
 
 log = logging.getLogger("pipeline.collector")
 
@@ -61,12 +62,12 @@ async def serve(cfg: Config, settings: CollectorSettings, stop: asyncio.Event, *
                 started: asyncio.Future[Running] | None = None) -> None:
     """Run one replica until `stop` is set; then hand its hosts over cleanly and return."""
     clock = clock or SystemClock()
-    bootstrap = cfg.kafka.bootstrap
-    async with KafkaEventSink(bootstrap, max_buffered=cfg.collector.buffer_max_records) as sink:
+    kafka = kafka_access(cfg, COLLECTOR)
+    async with KafkaEventSink(kafka, max_buffered=cfg.collector.buffer_max_records) as sink:
         fallback = FileStateStore(settings.state_dir) if settings.state_dir else None
-        store = KafkaStateStore(bootstrap, settings.state_topic, sink, fallback=fallback)
+        store = KafkaStateStore(kafka, settings.state_topic, sink, fallback=fallback)
         collector = Collector([], sink, settings=settings, clock=clock, client_factory=client_factory, store=store)
-        replica = Replica(collector, sink, bootstrap, lambda record: record.resolve(cfg),
+        replica = Replica(collector, sink, kafka, lambda record: record.resolve(cfg),
                           session_timeout_s=cfg.kafka.session_timeout_s,
                           heartbeat_interval_s=cfg.kafka.heartbeat_interval_s,
                           seed=records_of(cfg, clock.now_ms()) if seed else ())
@@ -130,6 +131,13 @@ def run(cfg: Config, metrics_port: int | None = None, **overrides: Any) -> int:
     metrics.serve(metrics_port if metrics_port is not None else cfg.metrics.port, cfg.metrics.host,
                   health=liveness.check)
     settings = settings_for(cfg, **overrides)
+    kafka = kafka_access(cfg, COLLECTOR)
+    if kafka.sasl or kafka.tls:
+        from pipeline.kafka.admin import check_access
+
+        # a broker that does not let this principal in is a start-up error naming why, not a
+        # sink that retries its producer forever
+        asyncio.run(check_access(kafka))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -18,7 +18,7 @@ from pipeline.config.keys import NONEMPTY, SECONDS, count, keys_of, same_as, tun
 from pipeline.config.sections import CollectorConfig, PluginOptions
 from pipeline.model.envelope import EventFilter
 from pipeline.model.records import MAX_RECORD_BYTES
-from pipeline.topics import TOPICS
+from pipeline.topics import COLLECTOR_GROUP, TOPICS
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -28,7 +28,7 @@ DEAD_TOPIC = TOPICS["collector.dead"].name
 HOSTS_TOPIC = TOPICS["collector.hosts"].name
 STATE_TOPIC = TOPICS["collector.state"].name
 # The collector replicas' consumer group: named like the stages' faust app ids.
-GROUP_ID = "panel-pipeline-collector"
+GROUP_ID = COLLECTOR_GROUP
 _TOP = {spec.attr: spec for spec in keys_of(PluginOptions).values()}
 
 

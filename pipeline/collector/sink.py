@@ -24,6 +24,7 @@ from aiokafka.errors import (
 
 from pipeline.clock import Clock, SystemClock
 from pipeline.delivery.retry import RetryPolicy
+from pipeline.kafka.security import KafkaAccess, client_settings
 from pipeline.model.records import MAX_RECORD_BYTES
 from pipeline.topics import PRODUCER_BATCH_BYTES
 
@@ -73,7 +74,7 @@ class KafkaEventSink:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: KafkaAccess | str,
         *,
         max_buffered: int = 10_000,
         batch_size: int = 500,
@@ -91,7 +92,7 @@ class KafkaEventSink:
     ) -> None:
         if max_buffered < 1 or batch_size < 1:
             raise ValueError("max_buffered and batch_size must be >= 1")
-        self._bootstrap = bootstrap_servers
+        self._kafka = kafka
         self._producer_kwargs: dict[str, Any] = {
             "client_id": client_id, "max_request_size": max_request_size,
             "compression_type": compression_type, "linger_ms": linger_ms,
@@ -193,7 +194,7 @@ class KafkaEventSink:
     async def _ready_producer(self) -> AIOKafkaProducer:
         attempt = 0
         while self._producer is None:
-            producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, **self._producer_kwargs)
+            producer = AIOKafkaProducer(**client_settings(self._kafka), **self._producer_kwargs)
             try:
                 await producer.start()
             except Exception as exc:

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pipeline.collector.hosts import FETCH_BYTES, partition_of, partitions_of
 from pipeline.collector.sink import EventSink
 from pipeline.collector.state import HostState, StateStore
+from pipeline.kafka.security import KafkaAccess, client_settings
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,9 @@ log = logging.getLogger(__name__)
 class KafkaStateStore:
     """A `StateStore` on a compacted topic; `loads` and `saves` count the calls, for tests."""
 
-    def __init__(self, bootstrap: str, topic: str, sink: EventSink, *, fallback: StateStore | None = None,
+    def __init__(self, kafka: KafkaAccess | str, topic: str, sink: EventSink, *, fallback: StateStore | None = None,
                  client_options: Mapping[str, Any] | None = None) -> None:
-        self.bootstrap, self.topic = bootstrap, topic
+        self.kafka, self.topic = kafka, topic
         self._sink = sink
         self._fallback = fallback
         self._client_options = dict(client_options or {})
@@ -52,7 +53,7 @@ class KafkaStateStore:
         return found
 
     async def _read(self, wanted: set[str]) -> dict[str, HostState]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+        consumer = AIOKafkaConsumer(**client_settings(self.kafka), group_id=None, enable_auto_commit=False,
                                     auto_offset_reset="earliest", max_partition_fetch_bytes=FETCH_BYTES,
                                     **self._client_options)
         await consumer.start()

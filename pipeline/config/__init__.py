@@ -40,6 +40,7 @@ from pipeline.config.loader import (
     HostConfig,
     check_base_url,
     env_name,
+    kafka_password_variable,
     load,
     panel_secret_variable,
     section_keys,
@@ -65,5 +66,5 @@ __all__ = [
     "SAMPLING_RATE_DEFAULT", "SECTIONS", "TOP", "BreakerConfig", "Check", "CollectorConfig", "Config", "ConfigError",
     "DeliveryConfig", "HostConfig", "HostTable", "KafkaConfig", "Key", "MetricsConfig", "MissingSecretError",
     "PluginOptions", "Rule", "SamplerConfig", "ScrubConfig", "Secret", "SettingError", "check_base_url",
-    "check_fields", "env_name", "keys_of", "load", "panel_secret_variable", "section_keys",
+    "check_fields", "env_name", "kafka_password_variable", "keys_of", "load", "panel_secret_variable", "section_keys",
 ]

@@ -96,6 +96,17 @@ class Config(PluginOptions):
                 return name, Secret(self._env[name])
         raise MissingSecretError(f"{specific} (or PANEL_INGEST_SECRET)", f"panel HMAC for site {site_key}")
 
+    def kafka_sasl_password(self, role: str) -> tuple[str, Secret]:
+        """The SASL password of the Kafka principal `role` (a stage, `collector`, `operator`,
+        `admin`): `(variable it came from, secret)`; the role's own variable wins."""
+        specific = kafka_password_variable(role)
+        for name in (specific, KAFKA_PASSWORD_FALLBACK):
+            if self._env.get(name):
+                return name, Secret(self._env[name])
+        raise MissingSecretError(f"{specific} (or {KAFKA_PASSWORD_FALLBACK})",
+                                 f"the Kafka SASL password of {role} ([kafka] security_protocol = "
+                                 f"{self.kafka.security_protocol})")
+
     def optional_secret(self, variable: str) -> Secret | None:
         value = self._env.get(variable)
         return Secret(value) if value else None
@@ -133,6 +144,14 @@ class Config(PluginOptions):
 
 def panel_secret_variable(site_key: str) -> str:
     return "PANEL_INGEST_SECRET_" + re.sub(r"[^A-Z0-9]", "_", site_key.upper())
+
+
+KAFKA_PASSWORD_FALLBACK = "KAFKA_SASL_PASSWORD"
+
+
+def kafka_password_variable(role: str) -> str:
+    """`KAFKA_SASL_PASSWORD_<ROLE>`: the role upper-cased, every character outside A-Z0-9 as `_`."""
+    return f"{KAFKA_PASSWORD_FALLBACK}_" + re.sub(r"[^A-Z0-9]", "_", role.upper())
 
 
 def env_name(key: str) -> str:

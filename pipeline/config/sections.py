@@ -89,6 +89,19 @@ class PluginOptions:
 class KafkaConfig:
     """The broker, the topics' shape, and the local development broker."""
 
+    PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+    @staticmethod
+    def _username_rule(value: Any) -> bool | str:
+        if not isinstance(value, str):
+            return False
+        try:
+            value.format(role="x")
+        except (KeyError, IndexError, ValueError):
+            return "a user name whose only placeholder is `{role}`"
+        return True
+
     bootstrap: str = key("127.0.0.1:9092", NONEMPTY, "bootstrap servers, `host:port[,host:port...]`")
     partitions: int = key(4, count(10_000), "partitions of every topic `pipeline topics create` makes")
     replication: int = key(1, count(100), "replication factor of every topic")
@@ -111,9 +124,46 @@ class KafkaConfig:
         positive(MAX_UNSCRUBBED_RETENTION_HOURS, f"hours > 0 and at most {MAX_UNSCRUBBED_RETENTION_HOURS:g}: "
                  "it can never be longer than the 7-day source topics"),
         "how long every topic holding unscrubbed content keeps it, changelogs included (see Security)")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = key(
+        "PLAINTEXT", choice(*PROTOCOLS),
+        "how every Kafka client of the pipeline connects: `SASL_SSL` for a broker across machines (see Kafka "
+        "security); `PLAINTEXT` only for a broker on a trusted network")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = key(
+        "SCRAM-SHA-512", choice(*SASL_MECHANISMS),
+        "SASL mechanism (`SASL_*` protocols); `PLAIN` sends the password itself, so only over `SASL_SSL`")
+    sasl_username: str = key(
+        "", Rule("a user name; `{role}` in it is replaced by the process's role (`ingest`, ..., `collector`, "
+                 "`operator`, `admin`)", _username_rule),
+        "SASL user name; `pipeline-{role}` gives every stage, the collector and the operator commands a "
+        "principal of their own (what `pipeline kafka acls` grants); the password comes from "
+        "`KAFKA_SASL_PASSWORD_<ROLE>` or `KAFKA_SASL_PASSWORD`, never from this file")
+    ssl_cafile: str = key("", STR, "PEM file of the CA that signed the broker's certificate (`SSL`, `SASL_SSL`); "
+                          "empty: the system's CAs", doc_default="(unset)")
+    ssl_certfile: str = key("", STR, "PEM client certificate, for a broker that requires mutual TLS; with "
+                            "`ssl_keyfile`", doc_default="(unset)")
+    ssl_keyfile: str = key("", STR, "PEM private key of `ssl_certfile` (unencrypted; mount it readable by the "
+                           "pipeline's user only)", doc_default="(unset)")
+    ssl_check_hostname: bool = key(True, BOOL, "check that the broker's certificate names the host connected to")
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self._check_security()
+
+    def _check_security(self) -> None:
+        """The security keys that only make sense together (never echoing a value: a path at most)."""
+        protocol = self.security_protocol
+        if protocol.startswith("SASL_") and not self.sasl_username:
+            raise SettingError("sasl_username", f"a user name with security_protocol = {protocol}", "''")
+        if protocol == "SASL_PLAINTEXT" and self.sasl_mechanism == "PLAIN":
+            raise SettingError("sasl_mechanism", "SCRAM-SHA-256 or SCRAM-SHA-512 over SASL_PLAINTEXT (PLAIN would "
+                               "send the password in the clear)", "'PLAIN'")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, name) and not protocol.endswith("SSL"):
+                raise SettingError(name, f"no file with security_protocol = {protocol} (no TLS)",
+                                   repr(getattr(self, name))[:80])
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise SettingError("ssl_keyfile" if self.ssl_certfile else "ssl_certfile",
+                               "ssl_certfile and ssl_keyfile together", "only one of them")
 
 
 def _event_types(value: Any) -> bool | str:

@@ -17,11 +17,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from pipeline.errors import ConfigError, PipelineError, RecordError
+from pipeline.kafka.acls import REDRIVE_GROUP
 from pipeline.kafka.admin import DEFAULT_TIMEOUT_S, broker_calls, start_client, topic_partitions
+from pipeline.kafka.security import KafkaAccess, client_settings
 from pipeline.model.records import decode, original_bytes
 from pipeline.topics import TOPICS, dead_letter_topics
 
-REDRIVE_GROUP = "panel-pipeline-redrive"
+__all__ = ["REDRIVE_GROUP", "DeadLetter", "NothingToRedrive", "read", "redrive", "redrive_target", "shown"]
 
 
 @dataclass(frozen=True)
@@ -60,16 +62,16 @@ def shown(letter: DeadLetter, *, original: bool) -> dict[str, Any]:
     return record
 
 
-async def read(bootstrap: str, topic: str | None = None, *, group: str | None = None,
+async def read(kafka: KafkaAccess | str, topic: str | None = None, *, group: str | None = None,
                timeout_s: float = DEFAULT_TIMEOUT_S) -> list[DeadLetter]:
     """Every dead letter (or, with `group`, those after the group's committed offsets).
     A broker that cannot be reached within `timeout_s` raises BrokerError (one line)."""
     topics = _topics(topic)  # an unknown topic is named before any connection
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(**client_settings(kafka), group_id=group, enable_auto_commit=False,
                                 auto_offset_reset="earliest", request_timeout_ms=int(timeout_s * 1000))
-    await start_client(consumer, bootstrap, timeout_s)
+    await start_client(consumer, kafka, timeout_s)
     try:
-        async with broker_calls(bootstrap, timeout_s):
+        async with broker_calls(kafka, timeout_s):
             return await _read(consumer, topics, group)
     finally:
         await consumer.stop()
@@ -103,7 +105,7 @@ class NothingToRedrive(PipelineError):
     redriven. Not a configuration error: the command was right, the topic's content is not."""
 
 
-async def redrive(bootstrap: str, topic: str, *, dead_id: str | None = None,
+async def redrive(kafka: KafkaAccess | str, topic: str, *, dead_id: str | None = None,
                   timeout_s: float = DEFAULT_TIMEOUT_S) -> list[DeadLetter]:
     """Put dead letters back where they failed. `dead_id`: that one (wherever it is); otherwise
     every letter not redriven before (tracked by the redrive consumer group's offsets)."""
@@ -112,7 +114,7 @@ async def redrive(bootstrap: str, topic: str, *, dead_id: str | None = None,
     if target is None:
         raise ConfigError(f"{topic} cannot be redriven: nothing reads its letters again (inspect them with "
                           "`pipeline dead list`)", "--topic")
-    letters = await read(bootstrap, topic, group=None if dead_id else REDRIVE_GROUP, timeout_s=timeout_s)
+    letters = await read(kafka, topic, group=None if dead_id else REDRIVE_GROUP, timeout_s=timeout_s)
     chosen = [d for d in letters if dead_id is None or d.record.get("dead_id") == dead_id]
     if dead_id and not chosen:
         raise NothingToRedrive(f"no dead letter with id {dead_id!r} in {topic} (see `pipeline dead list --topic "
@@ -122,11 +124,11 @@ async def redrive(bootstrap: str, topic: str, *, dead_id: str | None = None,
         lines = "; ".join(f"{d.record.get('dead_id')}: {why}" for d, why in refused[:5])
         raise NothingToRedrive(f"{len(refused)} letter(s) in {topic} are not valid {target} records and were not "
                                f"redriven (nothing was): {lines}")
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all",
+    producer = AIOKafkaProducer(**client_settings(kafka), enable_idempotence=True, acks="all",
                                 request_timeout_ms=int(timeout_s * 1000))
-    await start_client(producer, bootstrap, timeout_s)
+    await start_client(producer, kafka, timeout_s)
     try:
-        async with broker_calls(bootstrap, timeout_s):
+        async with broker_calls(kafka, timeout_s):
             for d in chosen:
                 key = d.record.get("key")
                 await producer.send(target, value=original_bytes(d.record),
@@ -135,7 +137,7 @@ async def redrive(bootstrap: str, topic: str, *, dead_id: str | None = None,
     finally:
         await producer.stop()
     if dead_id is None and letters:
-        await _commit(bootstrap, letters, timeout_s)
+        await _commit(kafka, letters, timeout_s)
     return chosen
 
 
@@ -150,12 +152,12 @@ def _unfit(letter: DeadLetter, target: str) -> str | None:
     return None
 
 
-async def _commit(bootstrap: str, letters: list[DeadLetter], timeout_s: float) -> None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=REDRIVE_GROUP, enable_auto_commit=False,
+async def _commit(kafka: KafkaAccess | str, letters: list[DeadLetter], timeout_s: float) -> None:
+    consumer = AIOKafkaConsumer(**client_settings(kafka), group_id=REDRIVE_GROUP, enable_auto_commit=False,
                                 request_timeout_ms=int(timeout_s * 1000))
-    await start_client(consumer, bootstrap, timeout_s)
+    await start_client(consumer, kafka, timeout_s)
     try:
-        async with broker_calls(bootstrap, timeout_s):
+        async with broker_calls(kafka, timeout_s):
             await _commit_offsets(consumer, letters)
     finally:
         await consumer.stop()

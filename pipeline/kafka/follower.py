@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pipeline.clock import Clock, SystemClock
 from pipeline.config import Config
 from pipeline.kafka.admin import topic_partitions
+from pipeline.kafka.security import KafkaAccess, client_settings
 
 log = logging.getLogger(__name__)
 FETCH_BYTES = 16 * 1024 * 1024
@@ -22,18 +23,22 @@ FETCH_BYTES = 16 * 1024 * 1024
 
 class TopicFollower:
     """Reads a whole topic outside any consumer group, from `horizon_ms` ago or from the start,
-    into `apply`; `ready` is set once it has caught up with the end it saw at start."""
+    into `apply`; `ready` is set once it has caught up with the end it saw at start. `kafka` is
+    how its process connects (a stage's `agents.runtime.follow` gives it the app's)."""
 
     def __init__(self, config: Config, name: str, apply: Callable[[bytes], Awaitable[None]],
                  horizon_ms: int | None = None, *, ready: asyncio.Event | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, kafka: KafkaAccess | None = None) -> None:
         self.config, self.name, self.apply, self.horizon_ms = config, name, apply, horizon_ms
+        self.kafka = kafka
         self.ready = ready if ready is not None else asyncio.Event()
         self.clock = clock or SystemClock()
         self.applied = 0
 
     async def run(self) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.config.kafka.bootstrap, group_id=None,
+        if self.kafka is None:
+            raise RuntimeError(f"the follower of {self.name} was not given its process's Kafka access")
+        consumer = AIOKafkaConsumer(**client_settings(self.kafka), group_id=None,
                                     enable_auto_commit=False, auto_offset_reset="earliest",
                                     max_partition_fetch_bytes=FETCH_BYTES)
         await consumer.start()

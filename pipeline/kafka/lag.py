@@ -38,6 +38,7 @@ from rich.text import Text
 from pipeline import metrics
 from pipeline.errors import BrokerError
 from pipeline.kafka.admin import DEFAULT_TIMEOUT_S, start_client, unreachable
+from pipeline.kafka.security import KafkaAccess, access_of, client_settings
 from pipeline.topics import STAGES, Stage
 
 log = logging.getLogger(__name__)
@@ -170,16 +171,16 @@ class LagCollector:
     """Holds one admin client and one group-less consumer, so `--watch` and the worker's
     exporter do not reconnect on every sample."""
 
-    def __init__(self, bootstrap: str, *, request_timeout_ms: int = int(DEFAULT_TIMEOUT_S * 1000),
+    def __init__(self, kafka: KafkaAccess | str, *, request_timeout_ms: int = int(DEFAULT_TIMEOUT_S * 1000),
                  coordinator_wait_s: float = 15.0, **client_options: Any) -> None:
         """`request_timeout_ms` bounds starting (a listener that accepts and never answers
-        included) and every request after. `client_options` go to both aiokafka clients:
-        security_protocol, ssl_context, sasl_mechanism, sasl_plain_username, ... for a
-        cluster that needs them."""
-        self.bootstrap = bootstrap
+        included) and every request after. How to connect (TLS, SASL) comes with `kafka`;
+        `client_options` go to both aiokafka clients as they are."""
+        self.kafka = kafka
+        self.bootstrap = access_of(kafka).bootstrap
         self.coordinator_wait_s = coordinator_wait_s
         self.timeout_s = request_timeout_ms / 1000
-        common = {"bootstrap_servers": bootstrap, "request_timeout_ms": request_timeout_ms,
+        common = {**client_settings(kafka), "request_timeout_ms": request_timeout_ms,
                   "client_id": "pipeline-lag", **client_options}
         self._admin = AIOKafkaAdminClient(**common)
         # group_id=None: reading offsets must never join, rebalance or commit for a stage's group.
@@ -189,8 +190,8 @@ class LagCollector:
         """Connect both clients; BrokerError (one line, naming the bootstrap) when the broker
         cannot be reached or does not answer within the request timeout."""
         try:
-            await start_client(self._admin, self.bootstrap, self.timeout_s)
-            await start_client(self._consumer, self.bootstrap, self.timeout_s)
+            await start_client(self._admin, self.kafka, self.timeout_s)
+            await start_client(self._consumer, self.kafka, self.timeout_s)
         except BaseException:
             await self.close()
             raise
@@ -216,7 +217,7 @@ class LagCollector:
         try:
             return await self._sample(_stage_list(stages))
         except (TimeoutError, KafkaError, OSError) as exc:
-            raise unreachable(self.bootstrap, exc, self.timeout_s) from None
+            raise unreachable(self.kafka, exc, self.timeout_s) from None
 
     async def _sample(self, wanted: list[Stage]) -> LagReport:
         # All topics in one metadata request. Naming a missing topic in a metadata request
@@ -319,7 +320,7 @@ def with_rates(current: LagReport, previous: LagReport) -> LagReport:
     return replace(current, stages=tuple(stages), interval_s=dt)
 
 
-async def collect_lag(bootstrap: str, stages: Mapping[str, Stage] | Iterable[Stage] = STAGES, *,
+async def collect_lag(kafka: KafkaAccess | str, stages: Mapping[str, Stage] | Iterable[Stage] = STAGES, *,
                       interval_s: float | None = None, previous: LagReport | None = None) -> LagReport:
     """One lag report for `stages` (default: every stage in the topic table).
 
@@ -327,7 +328,7 @@ async def collect_lag(bootstrap: str, stages: Mapping[str, Stage] | Iterable[Sta
     from two samples `interval_s` apart; with neither they are None and the bottleneck is
     the stage with the largest lag. Raises BrokerError when the cluster cannot be reached.
     """
-    async with LagCollector(bootstrap) as collector:
+    async with LagCollector(kafka) as collector:
         return await collector.collect(stages, interval_s=interval_s, previous=previous)
 
 
@@ -462,7 +463,7 @@ class _RateWindow:
         return with_rates(report, oldest) if oldest is not report else report
 
 
-async def export_stages_forever(bootstrap: str, stages: Sequence[Stage], interval_s: float = 15.0, *,
+async def export_stages_forever(kafka: KafkaAccess | str, stages: Sequence[Stage], interval_s: float = 15.0, *,
                                 rate_window_s: float = 60.0, name: str = "lag export",
                                 **client_options: Any) -> None:
     """Keep the lag gauges (`export_report`) current for `stages`, every `interval_s` seconds.
@@ -484,7 +485,7 @@ async def export_stages_forever(bootstrap: str, stages: Sequence[Stage], interva
             problem = now
 
     while True:
-        collector = LagCollector(bootstrap, coordinator_wait_s=min(interval_s, 15.0), **client_options)
+        collector = LagCollector(kafka, coordinator_wait_s=min(interval_s, 15.0), **client_options)
         try:
             await collector.start()
             backoff = 1.0
@@ -505,7 +506,7 @@ async def export_stages_forever(bootstrap: str, stages: Sequence[Stage], interva
         backoff = min(backoff * 2, max(interval_s, 1.0) * 4)
 
 
-async def export_lag_forever(bootstrap: str, stage_name: str, interval_s: float = 15.0) -> None:
+async def export_lag_forever(kafka: KafkaAccess | str, stage_name: str, interval_s: float = 15.0) -> None:
     """Keep `pipeline_consumer_lag{stage=stage_name}` (and its companions) current, every
     `interval_s` seconds.
 
@@ -513,4 +514,4 @@ async def export_lag_forever(bootstrap: str, stage_name: str, interval_s: float 
     take `max by (stage, topic, partition)`. When every replica is down nothing exports the
     stage's lag from here: `pipeline lag --serve` is the exporter that survives that.
     """
-    await export_stages_forever(bootstrap, [STAGES[stage_name]], interval_s, name=f"lag export for {stage_name}")
+    await export_stages_forever(kafka, [STAGES[stage_name]], interval_s, name=f"lag export for {stage_name}")

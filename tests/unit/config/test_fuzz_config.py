@@ -49,7 +49,10 @@ SECTIONS = config_mod.section_keys()
 URL_PARSE_OK = True  # urlsplit's ValueError ("http://[::1", NFKC netlocs) escapes load as ValueError
 ENV_OVER_NON_TABLE_OK = True  # PIPELINE_<S>__<K> where the document's <s> is not a table: TypeError
 # keys whose error comes from a rule between keys (a section's __post_init__), named even when defaulted
-CROSS_FIELD_KEYS = frozenset({"scrub.retry_max_s", "delivery.retry_max_s"})
+CROSS_FIELD_KEYS = frozenset({"scrub.retry_max_s", "delivery.retry_max_s",
+                              # the [kafka] security keys that only make sense together
+                              "kafka.sasl_username", "kafka.sasl_mechanism", "kafka.ssl_cafile",
+                              "kafka.ssl_certfile", "kafka.ssl_keyfile"})
 CONSUMERS_AGREE = True  # load accepts values the stages' settings then refuse with ValueError
 HUGE_INT_OK = True  # tomllib's ValueError on a > 4300-digit integer escapes load
 # A fault in one key can be blamed on another that depends on it: allowUnscrubbed = false makes
