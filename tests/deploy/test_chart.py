@@ -229,10 +229,11 @@ def test_production_values_run_one_collector_deployment_sharing_the_hosts(chartc
     pool = container(deployment)
     assert {"name": "OPENCODE_PASSWORD_POOL",
             "valueFrom": {"secretKeyRef": {"name": "pool-daemon", "key": "password"}}} in pool["env"]
-    # one principal per stage: a stage's kafkaSecret replaces the shared one
+    # one principal per stage: its own password from its Strimzi KafkaUser Secret, and the cluster CA
     scrub = container(deployments["panel-opencode-panel-pipeline-scrub"])
-    assert scrub["envFrom"] == [{"secretRef": {"name": "pipeline-kafka-scrub"}},
-                                {"secretRef": {"name": "pipeline-scrubber"}}]
+    assert scrub["envFrom"] == [{"secretRef": {"name": "pipeline-scrubber"}}]
+    assert kafka_passwords(scrub) == {"KAFKA_SASL_PASSWORD_SCRUB": ("pipeline-scrub", "password")}
+    assert cfg.kafka.security_protocol == "SASL_SSL" and cfg.kafka.sasl_username == "pipeline-{role}"
     for so in of_kind(doc, "ScaledObject").values():
         assert so["spec"]["triggers"][0]["authenticationRef"] == {"name": "pipeline-kafka-lag",
                                                                   "kind": "ClusterTriggerAuthentication"}
@@ -260,6 +261,159 @@ def test_strimzi_kafkatopics_are_the_topic_table(chartcheck: Path) -> None:
     assert topics["opencode.events"]["spec"]["config"]["retention.ms"] == str(cap_ms)
     assert topics["sampler.shipped"]["spec"]["partitions"] == 1
     assert topics["sampler.shipped"]["spec"]["config"]["cleanup.policy"] == "compact,delete"
+
+
+# --- Kafka security -------------------------------------------------------------------------------
+
+SECURE = {
+    "kafka": {"security": {"protocol": "SASL_SSL", "saslMechanism": "SCRAM-SHA-512",
+                           "usernameTemplate": "pipeline-{role}",
+                           "passwordSecret": {"name": "pipeline-kafka-passwords", "key": "{role}"},
+                           "ca": {"secret": "panel-kafka-cluster-ca-cert", "configMap": "", "key": "ca.crt"},
+                           "clientCert": {"secret": "pipeline-client-tls", "certKey": "tls.crt", "keyKey": "tls.key"},
+                           "checkHostname": True}},
+    "topicsJob": {"acls": True},
+    "hosts": [{"name": "a", "base_url": "https://a.example:4096"}],
+}
+
+
+def kafka_passwords(c: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """KAFKA_SASL_PASSWORD* variables of a container -> (Secret, key) they come from."""
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in c.get("env", []) if e["name"].startswith("KAFKA_SASL_PASSWORD")}
+
+
+def mounted_at(pod: dict[str, Any], c: dict[str, Any], path: str) -> dict[str, Any]:
+    """The volume mounted at the directory of `path` (a file the config names)."""
+    [mount] = [m for m in c["volumeMounts"] if m["mountPath"] == str(Path(path).parent)]
+    assert mount.get("readOnly") is True, mount
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return volume
+
+
+def test_kafka_security_reaches_every_pod_each_with_its_own_password(chartcheck: Path, tmp_path: Path) -> None:
+    doc = summary(chartcheck, write(tmp_path, "secure.yaml", SECURE))
+    assert_pods(doc)
+    # the config every pod loads: SASL_SSL, a principal per role, the CA and client certificate files
+    cfg = load_config(tmp_path, config_text(doc, "pipeline.toml"))
+    k = cfg.kafka
+    assert (k.security_protocol, k.sasl_mechanism, k.sasl_username) == ("SASL_SSL", "SCRAM-SHA-512", "pipeline-{role}")
+    assert k.ssl_cafile and k.ssl_certfile and k.ssl_keyfile and k.ssl_check_hostname is True
+    collector_cfg = load_config(tmp_path, config_text(doc, "collector.toml"))
+    assert collector_cfg.kafka.ssl_cafile == k.ssl_cafile and collector_cfg.kafka.sasl_username == k.sasl_username
+    by_role = {stage_of(d): d for d in of_kind(doc, "Deployment").values()}
+    assert set(by_role) == {*PIPELINE_STAGES, "collector"}
+    for role, deployment in by_role.items():
+        pod = deployment["spec"]["template"]["spec"]
+        c = container(deployment)
+        # its own role's password and no other, from the Secret named, by reference only
+        assert kafka_passwords(c) == {f"KAFKA_SASL_PASSWORD_{role.upper()}": ("pipeline-kafka-passwords", role)}, role
+        [ca] = mounted_at(pod, c, k.ssl_cafile)["projected"]["sources"]
+        assert ca == {"secret": {"name": "panel-kafka-cluster-ca-cert",
+                                 "items": [{"key": "ca.crt", "path": Path(k.ssl_cafile).name}]}}
+        client = mounted_at(pod, c, k.ssl_certfile)
+        assert client == mounted_at(pod, c, k.ssl_keyfile) and client["secret"]["secretName"] == "pipeline-client-tls"
+        assert {i["path"] for i in client["secret"]["items"]} == {Path(k.ssl_certfile).name, Path(k.ssl_keyfile).name}
+        assert client["secret"]["defaultMode"] == 0o440, "the key readable by the pod's group only"
+    # the topics Job: `kafka acls` as the admin first, then `topics create` as the operator
+    [job] = of_kind(doc, "Job").values()
+    pod = job["spec"]["template"]["spec"]
+    [acls] = pod["initContainers"]
+    [topics] = pod["containers"]
+    assert acls["args"] == ["--log-format", "json", "kafka", "acls"]
+    assert kafka_passwords(acls) == {"KAFKA_SASL_PASSWORD_ADMIN": ("pipeline-kafka-passwords", "admin")}
+    assert topics["args"] == ["--log-format", "json", "topics", "create"]
+    assert kafka_passwords(topics) == {"KAFKA_SASL_PASSWORD_OPERATOR": ("pipeline-kafka-passwords", "operator")}
+    for c in (acls, topics):
+        [ca] = mounted_at(pod, c, k.ssl_cafile)["projected"]["sources"]
+        assert ca["secret"]["name"] == "panel-kafka-cluster-ca-cert"
+    # KEDA logs in as each stage's principal, through a TriggerAuthentication the chart renders
+    auths = of_kind(doc, "TriggerAuthentication")
+    users = of_kind(doc, "ConfigMap")["panel-opencode-panel-pipeline-kafka-users"]["data"]
+    for so in of_kind(doc, "ScaledObject").values():
+        [trigger] = so["spec"]["triggers"]
+        stage = trigger["metadata"]["consumerGroup"].removeprefix("panel-pipeline-")
+        assert (trigger["metadata"]["sasl"], trigger["metadata"]["tls"]) == ("scram_sha512", "enable")
+        ref = trigger["authenticationRef"]
+        assert ref["kind"] == "TriggerAuthentication"
+        spec = auths[ref["name"]]["spec"]
+        secrets = {r["parameter"]: (r["name"], r["key"]) for r in spec["secretTargetRef"]}
+        assert secrets == {"password": ("pipeline-kafka-passwords", stage),
+                           "ca": ("panel-kafka-cluster-ca-cert", "ca.crt"),
+                           "cert": ("pipeline-client-tls", "tls.crt"), "key": ("pipeline-client-tls", "tls.key")}
+        [username] = spec["configMapTargetRef"]
+        assert username["parameter"] == "username" and users[username["key"]] == f"pipeline-{stage}"
+    assert len(auths) == len(PIPELINE_STAGES)
+
+
+def test_kafka_security_per_role_secrets_and_a_ca_from_a_configmap(chartcheck: Path, tmp_path: Path) -> None:
+    # Strimzi's KafkaUser Secrets (one per user, key `password`); SASL without a client certificate
+    values = {"kafka": {"security": {**SECURE["kafka"]["security"],
+                                     "passwordSecret": {"name": "pipeline-{role}", "key": "password"},
+                                     "ca": {"secret": "", "configMap": "kafka-ca", "key": "ca.pem"},
+                                     "clientCert": {"secret": "", "certKey": "tls.crt", "keyKey": "tls.key"}}}}
+    doc = summary(chartcheck, write(tmp_path, "v.yaml", values))
+    assert_pods(doc)
+    cfg = load_config(tmp_path, config_text(doc, "pipeline.toml"))
+    assert cfg.kafka.ssl_cafile and not cfg.kafka.ssl_certfile
+    for d in of_kind(doc, "Deployment").values():
+        stage = stage_of(d)
+        c = container(d)
+        assert kafka_passwords(c) == {f"KAFKA_SASL_PASSWORD_{stage.upper()}": (f"pipeline-{stage}", "password")}
+        [ca] = mounted_at(d["spec"]["template"]["spec"], c, cfg.kafka.ssl_cafile)["projected"]["sources"]
+        assert ca == {"configMap": {"name": "kafka-ca", "items": [{"key": "ca.pem", "path": "ca.crt"}]}}
+    for auth in of_kind(doc, "TriggerAuthentication").values():
+        refs = {r["parameter"]: r["name"] for r in auth["spec"]["configMapTargetRef"]}
+        assert refs["ca"] == "kafka-ca" and "cert" not in {r["parameter"] for r in auth["spec"]["secretTargetRef"]}
+    # the topics Job without acls: `topics create` alone, as the operator
+    [job] = of_kind(doc, "Job").values()
+    assert "initContainers" not in job["spec"]["template"]["spec"]
+    assert kafka_passwords(container(job)) == {"KAFKA_SASL_PASSWORD_OPERATOR": ("pipeline-operator", "password")}
+
+
+def test_plaintext_default_has_no_kafka_credentials(chartcheck: Path, tmp_path: Path) -> None:
+    doc = summary(chartcheck)
+    cfg = load_config(tmp_path, config_text(doc, "pipeline.toml"))
+    assert cfg.kafka.security_protocol == "PLAINTEXT" and not cfg.kafka.ssl_cafile
+    assert not of_kind(doc, "TriggerAuthentication")
+    for d in [*of_kind(doc, "Deployment").values(), *of_kind(doc, "Job").values()]:
+        assert kafka_passwords(container(d)) == {}
+        assert not [m for m in container(d)["volumeMounts"] if m["name"].startswith("kafka-")]
+    for so in of_kind(doc, "ScaledObject").values():
+        assert "sasl" not in so["spec"]["triggers"][0]["metadata"]
+        assert "authenticationRef" not in so["spec"]["triggers"][0]
+
+
+@pytest.mark.parametrize(("security", "extra", "message"), [
+    ({"protocol": "SASL_TLS"}, {}, "protocol"),  # not a protocol (schema)
+    ({"saslMechanism": "SCRAM-SHA-1"}, {}, "saslMechanism"),
+    ({"usernameTemplate": "pipeline-{stage}"}, {}, "usernameTemplate"),  # {role} is the only placeholder
+    ({"passwordSecret": {"name": "pipeline-kafka-passwords", "key": "{role}", "value": "hunter2"}}, {},
+     "value"),  # a password value has no place in the values
+    ({"ca": {"secret": "Not_A_Name", "configMap": "", "key": "ca.crt"}}, {}, "secret"),
+    ({"checkHostname": "yes"}, {}, "checkHostname"),
+    ({"passwordSecret": {"name": "", "key": "{role}"}}, {}, "needs kafka.security.passwordSecret.name"),
+    ({"protocol": "SASL_PLAINTEXT", "saslMechanism": "PLAIN", "ca": {"secret": "", "configMap": "", "key": "ca.crt"},
+      "clientCert": {"secret": "", "certKey": "tls.crt", "keyKey": "tls.key"}}, {}, "in the clear"),
+    ({"protocol": "PLAINTEXT"}, {"topicsJob": {"acls": False}}, "are for TLS"),
+    ({"ca": {"secret": "a", "configMap": "b", "key": "ca.crt"}}, {}, "not both"),
+    ({"protocol": "PLAINTEXT", "ca": {"secret": "", "configMap": "", "key": "ca.crt"},
+      "clientCert": {"secret": "", "certKey": "tls.crt", "keyKey": "tls.key"}}, {}, "acls grants ACLs to SASL"),
+    ({"usernameTemplate": "pipeline"}, {}, "same principal"),
+])
+def test_broken_kafka_security_values_are_refused(chartcheck: Path, tmp_path: Path, security: dict[str, Any],
+                                                  extra: dict[str, Any], message: str) -> None:
+    values = {**SECURE, **extra, "kafka": {"security": {**SECURE["kafka"]["security"], **security}}}
+    if extra.get("topicsJob"):
+        values["topicsJob"] = extra["topicsJob"]
+    err = refused(chartcheck, tmp_path, values)
+    assert message in err, err
+
+
+def test_the_chart_sets_the_kafka_security_keys_itself(chartcheck: Path, tmp_path: Path) -> None:
+    for key in ("security_protocol", "sasl_username", "ssl_cafile"):
+        err = refused(chartcheck, tmp_path, {"config": {"kafka": {key: "x"}}})
+        assert "/config/kafka" in err, err
 
 
 # --- what must be refused ----------------------------------------------------------------------

@@ -15,6 +15,9 @@ from (image tags, the cache dir); the pipeline image is rebuilt every run (Docke
 Then docker-compose.yml + deploy/docker/compose.test.yml (local images, host network, loopback only)
 run Kafka, topics-init, two collectors, every stage (scrub scaled to 2) and the lag exporter against
 the stub panel and scrubber and a real `opencode serve` driven by the scripted model, all on the host.
+Kafka runs as the production file has it: SASL_SSL only (a CA and broker certificate from the one-shot
+kafka-certs), SCRAM users per role, the StandardAuthorizer, the ACLs applied by kafka-acls; every service
+connects as its own principal with its own password from the env file.
 A turn on the daemon must reach the panel; one stage's main process is killed (kill -9), the restart
 policy must bring the container back, and the next turns must be delivered with nothing lost.
 
@@ -50,6 +53,7 @@ from devkit.kafka_local import ensure_jars, free_port
 from devkit.local_stack import Stack, StackSettings, wait_for
 from devkit.model_stub import ModelStub
 from devkit.opencode_daemon import OpencodeDaemon
+from pipeline.config import kafka_password_variable
 from pipeline.config.loader import DEFAULT_CACHE_DIR
 from pipeline.topics import PIPELINE_STAGES
 from tests.fixtures import REPO
@@ -67,6 +71,9 @@ COMPOSE_FILES = ("-f", str(REPO / "docker-compose.yml"), "-f", str(DOCKER_DIR / 
 SCRUB_REPLICAS = 2
 # two collectors share the host through their consumer group: one follows it, and each turn arrives once
 COLLECTOR_REPLICAS = 2
+# the principals docker-compose.yml runs (pipeline-<role>): the stages, the collector, the operator
+# (topics-init, lag-exporter) and the admin (kafka-acls, the broker itself)
+KAFKA_ROLES = (*PIPELINE_STAGES, "collector", "operator", "admin")
 
 
 def digest(*parts: str | bytes | Path) -> str:
@@ -339,6 +346,34 @@ def wait_delivered(stubs: Stack, expected: dict[str, int], timeout_s: float, com
                              f"{compose.logs()}\n{stubs.logs_tail()}") from None
 
 
+def assert_broker_enforces(bootstrap: str, ca: Path, env_file: Path) -> None:
+    """A PLAINTEXT client cannot even connect; the sign stage's principal (SASL_SSL, its own password
+    from the compose env) connects but may not write traces.outbox (only the breaker's may)."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
+
+    from pipeline.config import Secret
+    from pipeline.kafka.security import KafkaAccess, client_settings
+
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+
+    async def write(access: KafkaAccess) -> None:
+        producer = AIOKafkaProducer(**client_settings(access), request_timeout_ms=5000)
+        try:
+            await asyncio.wait_for(producer.start(), 15)
+            await asyncio.wait_for(producer.send_and_wait("traces.outbox", b'{"forged": true}', key=b"x"), 15)
+        finally:
+            await producer.stop()
+
+    with pytest.raises(KafkaConnectionError):
+        asyncio.run(write(KafkaAccess.plain(bootstrap)))
+    sign = KafkaAccess(bootstrap, role="sign", security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
+                       username="pipeline-sign", password=Secret(env[kafka_password_variable("sign")]),
+                       ssl_cafile=str(ca))
+    with pytest.raises(TopicAuthorizationFailedError):
+        asyncio.run(write(sign))
+
+
 def test_the_compose_file_runs_and_delivers(images: dict[str, str], tmp_path: Path) -> None:
     started = time.monotonic()
     stubs = Stack(StackSettings(bootstrap="127.0.0.1:1", workdir=tmp_path / "stubs"))
@@ -366,7 +401,8 @@ def test_the_compose_file_runs_and_delivers(images: dict[str, str], tmp_path: Pa
             "SCRUBBER_API_KEY": secrets["SCRUBBER_API_KEY"],
             "OPENCODE_PASSWORD_BUILD1": password,
             "GRAFANA_ADMIN_PASSWORD": "unused-here",
-            "KAFKA_UI_PASSWORD": "unused-here",
+            # one SCRAM principal per role (docker-compose.yml), each with a password of its own
+            **{kafka_password_variable(role): os.urandom(24).hex() for role in KAFKA_ROLES},
         }.items()) + "\n")
 
         compose("down", "-v", "--remove-orphans", "--timeout", "5", check=False)  # a run killed half-way
@@ -382,8 +418,9 @@ def test_the_compose_file_runs_and_delivers(images: dict[str, str], tmp_path: Pa
         assert services | {"kafka"} <= running, f"not running: {services - running}\n{compose.logs()}"
         assert len(compose.of("scrub")) == SCRUB_REPLICAS
         assert len(compose.of("collector")) == COLLECTOR_REPLICAS
-        init = compose.of("topics-init")[0]["State"]
-        assert (init["Status"], init["ExitCode"]) == ("exited", 0)
+        for one_shot in ("kafka-certs", "kafka-acls", "topics-init"):
+            state = compose.of(one_shot)[0]["State"]
+            assert (state["Status"], state["ExitCode"]) == ("exited", 0), f"{one_shot}: {state}\n{compose.logs()}"
 
         # a real turn on the daemon, through the collector and every stage, to the panel
         first = asyncio.run(run_turns(daemon, ["[[tool:bash:echo deployed]] run a command in the deployed stack"]))
@@ -404,12 +441,18 @@ def test_the_compose_file_runs_and_delivers(images: dict[str, str], tmp_path: Pa
         owner = run(["docker", "exec", collector["Id"], "stat", "-c", "%u", "/var/lib/pipeline"]).stdout
         assert owner.strip() == "10001"
         mounts = json.loads(run(["docker", "inspect", "-f", "{{json .Mounts}}", collector["Id"]]).stdout)
-        assert [m for m in mounts if m.get("Type") == "volume"] == [], mounts
+        # one volume only, read-only: the CA certificate of the broker (kafka-ca)
+        volumes = [(m["Destination"], m["RW"]) for m in mounts if m.get("Type") == "volume"]
+        assert volumes == [("/etc/pipeline/kafka-ca", False)], mounts
         logs = run(["docker", "logs", collector["Id"]])
         lines = [ln for ln in (logs.stdout + logs.stderr).splitlines() if ln.startswith("{")]
         assert lines and all(isinstance(json.loads(ln), dict) for ln in lines), "collector logs are not JSON lines"
         lag = httpx.get(f"http://127.0.0.1:{metrics_port(compose.of('lag-exporter')[0])}/metrics", timeout=10)
         assert lag.status_code == 200 and 'stage="deliver"' in lag.text, lag.text[-2000:]
+        # the broker lets no one in without SASL over TLS, and a principal only where its ACLs allow
+        ca = tmp_path / "kafka-ca.pem"
+        ca.write_text(run(["docker", "exec", compose.of("kafka")[0]["Id"], "cat", "/etc/kafka/tls/ca.pem"]).stdout)
+        assert_broker_enforces(f"127.0.0.1:{kafka_port}", ca, env_file)
 
         # kill -9 the main process of a stage's only replica: the restart policy brings it back
         victim = compose.of("sign")[0]

@@ -100,6 +100,22 @@ app.kubernetes.io/part-of: opencode-panel-pipeline
 {{- $_ := set $kafka "bootstrap" $root.Values.kafka.bootstrapServers -}}
 {{- $_ := set $kafka "partitions" ($root.Values.kafka.partitions | int) -}}
 {{- $_ := set $kafka "replication" ($root.Values.kafka.replication | int) -}}
+{{- $sec := $root.Values.kafka.security -}}
+{{- $_ := set $kafka "security_protocol" $sec.protocol -}}
+{{- if hasPrefix "SASL_" $sec.protocol -}}
+{{- $_ := set $kafka "sasl_mechanism" $sec.saslMechanism -}}
+{{- $_ := set $kafka "sasl_username" $sec.usernameTemplate -}}
+{{- end -}}
+{{- if hasSuffix "SSL" $sec.protocol -}}
+{{- $_ := set $kafka "ssl_check_hostname" $sec.checkHostname -}}
+{{- if or $sec.ca.secret $sec.ca.configMap -}}
+{{- $_ := set $kafka "ssl_cafile" (include "opp.kafkaCaFile" $root) -}}
+{{- end -}}
+{{- if $sec.clientCert.secret -}}
+{{- $_ := set $kafka "ssl_certfile" (include "opp.kafkaCertFile" $root) -}}
+{{- $_ := set $kafka "ssl_keyfile" (include "opp.kafkaKeyFile" $root) -}}
+{{- end -}}
+{{- end -}}
 {{- $_ := set $cfg "kafka" $kafka -}}
 {{- $_ := set $cfg "metrics" (dict "host" "0.0.0.0" "port" 9100) -}}
 {{- if kindIs "slice" $hosts -}}
@@ -207,4 +223,120 @@ tolerations: {{- toYaml . | nindent 2 }}
 {{- with .Values.affinity }}
 affinity: {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/* ---- Kafka security: kafka.security, the same [kafka] keys every pipeline process reads. */}}
+
+{{/* Fails on values that cannot work together (the schema checks each on its own). */}}
+{{- define "opp.kafkaChecks" -}}
+{{- $sec := .Values.kafka.security -}}
+{{- $sasl := hasPrefix "SASL_" $sec.protocol -}}
+{{- $tls := hasSuffix "SSL" $sec.protocol -}}
+{{- if and $sasl (not $sec.passwordSecret.name) (not .Values.kafka.credentialsSecret) -}}
+{{- fail (printf "kafka.security.protocol %s needs kafka.security.passwordSecret.name: an existing Secret with each role's SASL password (\"{role}\" in the name or the key is the role), never a value here" $sec.protocol) -}}
+{{- end -}}
+{{- if and (eq $sec.protocol "SASL_PLAINTEXT") (eq $sec.saslMechanism "PLAIN") -}}
+{{- fail "kafka.security.saslMechanism PLAIN over SASL_PLAINTEXT would send every password in the clear: use SCRAM-SHA-512 or SASL_SSL" -}}
+{{- end -}}
+{{- if and $sec.ca.secret $sec.ca.configMap -}}
+{{- fail "kafka.security.ca: a secret or a configMap, not both" -}}
+{{- end -}}
+{{- if and (not $tls) (or $sec.ca.secret $sec.ca.configMap $sec.clientCert.secret) -}}
+{{- fail (printf "kafka.security.ca and clientCert are for TLS: kafka.security.protocol is %s (SSL or SASL_SSL use them)" $sec.protocol) -}}
+{{- end -}}
+{{- if .Values.topicsJob.acls -}}
+{{- if not $sasl -}}
+{{- fail (printf "topicsJob.acls grants ACLs to SASL principals: kafka.security.protocol is %s (use SASL_SSL)" $sec.protocol) -}}
+{{- end -}}
+{{- if not (contains "{role}" $sec.usernameTemplate) -}}
+{{- fail (printf "topicsJob.acls: kafka.security.usernameTemplate %q gives every role the same principal, so no ACL can tell the stages apart; use one with {role} (pipeline-{role})" $sec.usernameTemplate) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The env entry of a role's SASL password, KAFKA_SASL_PASSWORD_<ROLE>, from the Secret
+     kafka.security.passwordSecret names ({role} in its name or key replaced); nothing when the
+     protocol has no SASL or no Secret is named. Args: (list $ role) */}}
+{{- define "opp.kafkaPasswordEnv" -}}
+{{- $root := index . 0 -}}
+{{- $role := index . 1 -}}
+{{- $sec := $root.Values.kafka.security -}}
+{{- if and (hasPrefix "SASL_" $sec.protocol) $sec.passwordSecret.name }}
+- name: KAFKA_SASL_PASSWORD_{{ $role | upper }}
+  valueFrom:
+    secretKeyRef: {name: {{ replace "{role}" $role $sec.passwordSecret.name | quote }}, key: {{ replace "{role}" $role $sec.passwordSecret.key | quote }}}
+{{- end }}
+{{- end -}}
+
+{{/* The CA and the client certificate files, where the rendered [kafka] ssl_* keys name them. */}}
+{{- define "opp.kafkaCaFile" -}}/etc/kafka-tls/ca/ca.crt{{- end -}}
+{{- define "opp.kafkaCertFile" -}}/etc/kafka-tls/client/tls.crt{{- end -}}
+{{- define "opp.kafkaKeyFile" -}}/etc/kafka-tls/client/tls.key{{- end -}}
+
+{{- define "opp.kafkaVolumeMounts" -}}
+{{- $sec := .Values.kafka.security -}}
+{{- if or $sec.ca.secret $sec.ca.configMap }}
+- {name: kafka-ca, mountPath: /etc/kafka-tls/ca, readOnly: true}
+{{- end }}
+{{- if $sec.clientCert.secret }}
+- {name: kafka-client-cert, mountPath: /etc/kafka-tls/client, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{- define "opp.kafkaVolumes" -}}
+{{- $sec := .Values.kafka.security -}}
+{{- if or $sec.ca.secret $sec.ca.configMap }}
+# the operator's Secret or ConfigMap (cert-manager's trust bundle, say), one way for both: projected
+- name: kafka-ca
+  projected:
+    sources:
+      {{- if $sec.ca.secret }}
+      - secret: {name: {{ $sec.ca.secret }}, items: [{key: {{ $sec.ca.key | quote }}, path: ca.crt}]}
+      {{- else }}
+      - configMap: {name: {{ $sec.ca.configMap }}, items: [{key: {{ $sec.ca.key | quote }}, path: ca.crt}]}
+      {{- end }}
+{{- end }}
+{{- if $sec.clientCert.secret }}
+- name: kafka-client-cert
+  secret:
+    secretName: {{ $sec.clientCert.secret }}
+    # readable by the pods' group (fsGroup 10001) only
+    defaultMode: 288
+    items: [{key: {{ $sec.clientCert.certKey | quote }}, path: tls.crt}, {key: {{ $sec.clientCert.keyKey | quote }}, path: tls.key}]
+{{- end }}
+{{- end -}}
+
+{{/* KEDA's Kafka scaler logs in too: the chart renders a TriggerAuthentication per stage (the stage's
+     own principal, which may describe its group and input) unless keda.authenticationRef names one. */}}
+{{- define "opp.kedaOwnAuth" -}}
+{{- if and .Values.keda.enabled (ne .Values.kafka.security.protocol "PLAINTEXT") (not .Values.keda.authenticationRef.name) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* A container of the topics Job: `pipeline <args>` as `role`, with only that role's password.
+     Args: (list $ name role args) */}}
+{{- define "opp.jobContainer" -}}
+{{- $root := index . 0 -}}
+- name: {{ index . 1 }}
+  image: {{ include "opp.image" $root }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  args: {{ concat (list "--log-format" $root.Values.logFormat) (index . 3) | toJson }}
+  env:
+    - {name: PIPELINE_CONFIG, value: /etc/pipeline/pipeline.toml}
+    - {name: PIPELINE_KAFKA__CACHE_DIR, value: /var/lib/pipeline}
+    {{- include "opp.kafkaPasswordEnv" (list $root (index . 2)) | nindent 4 }}
+  {{- with $root.Values.kafka.credentialsSecret }}
+  envFrom:
+    - secretRef: {name: {{ . }}}
+  {{- end }}
+  resources:
+    {{- toYaml $root.Values.topicsJob.resources | nindent 4 }}
+  securityContext:
+    {{- include "opp.containerSecurityContext" $root | nindent 4 }}
+  volumeMounts:
+    - {name: config, mountPath: /etc/pipeline, readOnly: true}
+    - {name: data, mountPath: /var/lib/pipeline}
+    - {name: tmp, mountPath: /tmp}
+    {{- include "opp.kafkaVolumeMounts" $root | nindent 4 }}
 {{- end -}}
