@@ -47,7 +47,7 @@ class SampleStage:
     async def apply_shipped(self, raw: bytes) -> None:
         """One sampler.shipped record (any replica's) into the novelty window."""
         try:
-            self.windows.apply_shipped(decode(raw, SHIPPED))
+            self.policy.learn(decode(raw, SHIPPED))
         except (RecordError, ValueError) as exc:
             log.warning("skipping unusable %s record: %s", SHIPPED, exc)
 
@@ -61,6 +61,9 @@ class SampleStage:
         self.decided.stage(key, [*seen, snapshot["snapshot_id"]][-DECIDED_PER_SESSION:])
         decision, forwarded = self.policy.decide(snapshot, self.clock.now_ms())
         metrics.DECISIONS.labels(decision.reason, str(decision.forward).lower()).inc()
+        if self.policy.budget.limited:
+            site = snapshot["site_key"]
+            metrics.SAMPLER_BUDGET_USED.labels(site).set(self.policy.budget.used(site, self.clock.now_ms()))
         if forwarded is None:
             return []
         return [Out("traces.sampled", key, forwarded.trace),

@@ -39,6 +39,8 @@ IN_FLIGHT = Gauge("pipeline_in_flight_requests", "Requests a stage process has i
 THROTTLED = Counter("pipeline_throttled_total",
                     "429 answers: each pauses the endpoint for its Retry-After (not a breaker failure)",
                     ["stage", "endpoint"])
+SAMPLER_BUDGET_USED = Gauge("pipeline_sampler_budget_used",
+                            "Traces forwarded for a site in the last rolling hour (budgetPerHour set)", ["site"])
 CONSUMER_LAG = Gauge("pipeline_consumer_lag", "Records behind the end of the input partition",
                      ["stage", "topic", "partition"])
 # Set beside CONSUMER_LAG by whatever reads lag (every replica for its own stage, and

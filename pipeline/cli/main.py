@@ -155,6 +155,13 @@ def cmd_hosts(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     return hosts_cli.run(args, cfg)
 
 
+@command("budget")
+def cmd_budget(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from pipeline.cli import budget as budget_cli
+
+    return budget_cli.run(args, cfg)
+
+
 @command("replay")
 def cmd_replay(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from pipeline.cli import replay as replay_cli
@@ -407,12 +414,14 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_timeout(k)
 
+    from pipeline.cli import budget as budget_cli
     from pipeline.cli import hosts as hosts_cli
     from pipeline.cli import lag as lag_cli
     from pipeline.cli import replay as replay_cli
     lag_cli.add_parser(sub)
     hosts_cli.add_parser(sub)
     replay_cli.add_parser(sub)
+    budget_cli.add_parser(sub)
     return p
 
 

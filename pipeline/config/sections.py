@@ -82,6 +82,10 @@ class PluginOptions:
     lru_size: int = key(200, count(10_000_000), "novelty window: the last N forwarded sessions per site",
                         name="lruSize")
     max_messages: int = key(25, count(10_000), "messages kept per snapshot and trace", name="maxMessages")
+    budget_per_hour: int = key(
+        0, between(0, 10_000_000, int, "an integer between 0 and 10000000"),
+        "rater budget: the most traces forwarded per site in any rolling hour, spent by priority (error_flag, "
+        "then novelty, then sample stop at 100 / 75 / 50 % of it); 0: no budget", name="budgetPerHour")
     enabled: bool = key(True, BOOL, "`PANEL_OPENCODE_DISABLED=1` forces off, `PANEL_OPENCODE_ENABLED=1` forces on")
 
 

@@ -103,6 +103,8 @@ def operator_acls(who: str, stages: Iterable[Stage]) -> list[Acl]:
     acls.append(Acl(who, "GROUP", REDRIVE_GROUP, "READ"))
     # hosts list/add/remove
     acls += [Acl(who, "TOPIC", "collector.hosts", op) for op in ("READ", "WRITE")]
+    # budget: the forwards of the last hour (signatures and ids, no session content)
+    acls.append(Acl(who, "TOPIC", "sampler.shipped", "READ"))
     return acls
 
 

@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 # rules, MinHash seed or scheme, LSH banding), so decisions can be told apart downstream.
 POLICY_VERSION = "sampling/1"
 
-Reason = Literal["error_flag", "novelty", "sample", "force", "baseline"]
+# budget_exhausted: a forward the rater budget refused (pipeline/sampling/budget.py); like
+# baseline, never on traces.sampled
+Reason = Literal["error_flag", "novelty", "sample", "force", "baseline", "budget_exhausted"]
 REASONS: tuple[str, ...] = get_args(Reason)
 DETAIL_MAX_CHARS = 500
 

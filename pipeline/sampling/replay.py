@@ -45,7 +45,7 @@ class Replay:
 
     def seed(self, shipped: Mapping[str, Any]) -> None:
         """One sampler.shipped record from before the replayed window, into the novelty window."""
-        self.policy.windows.apply_shipped(shipped)
+        self.policy.learn(shipped)
 
     def decide(self, snapshot: Mapping[str, Any], now_ms: int) -> Forwarded | None:
         """Decide one recorded snapshot; the trace to send when the policy forwards it."""

@@ -79,3 +79,38 @@ async def test_no_decision_before_the_shipped_topic_is_replayed(tmp_path: Path, 
     assert not task.done()
     core.ready.set()
     assert len((await task).values("traces.sampled")) == 1
+
+
+@pytest.mark.asyncio
+async def test_the_budget_is_shared_by_replicas_and_survives_a_restart(tmp_path: Path, clock: FakeClock) -> None:
+    def replica() -> tuple[StageHarness, SampleStage]:
+        h = StageHarness("sample", clock)
+        core = SampleStage(make_config(tmp_path, PIPELINE_SAMPLING_RATE="1.0", PIPELINE_SAMPLING_RATE_OVERRIDE="true",
+                                       PIPELINE_BUDGET_PER_HOUR="10"), clock, h.state)
+        core.ready.set()
+        return h.bind(core), core
+
+    (a, core_a), (b, core_b) = replica(), replica()
+    topic: list[bytes] = []  # sampler.shipped, as both replicas follow it
+    forwarded: list[str] = []
+    for n in range(30):
+        h, others = (a, [core_b]) if n % 2 else (b, [core_a])
+        snap = snapshot(n, tool_error=n >= 24)
+        batch = await h.feed(snap, key=key_of(snap))
+        forwarded += [t["decision"]["reason"] for t in batch.values("traces.sampled")]
+        for record in batch.values(SHIPPED):
+            topic.append(encode(record))
+            for other in others:
+                await other.apply_shipped(encode(record))
+    # random samples stop at half the budget, novel turns at three quarters; the errors at the
+    # end still find the rest of it
+    assert len(forwarded) == 10 and forwarded.count("error_flag") >= 2
+    assert forwarded.count("sample") <= 5
+    restarted, core = replica()
+    for raw in topic:  # a restarted replica reads sampler.shipped again
+        await core.apply_shipped(raw)
+    snap = snapshot(99, tool_error=True)
+    assert (await restarted.feed(snap, key=key_of(snap))).written == []  # the hour is spent
+    clock_hour = 3601
+    await clock.advance(clock_hour)
+    assert len((await restarted.feed(snapshot(98, tool_error=True), key="h1:x")).values("traces.sampled")) == 1

@@ -22,7 +22,7 @@ PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "dashboards.yml"
 REQUIRED = {"pipeline_consumer_lag", "pipeline_records_in_total", "pipeline_records_out_total",
             "pipeline_sampler_decisions_total", "pipeline_panel_request_seconds", "pipeline_breaker_state",
             "pipeline_dead_letters_total", "pipeline_collector_connected", "pipeline_concurrency_limit",
-            "pipeline_in_flight_requests", "pipeline_throttled_total"}
+            "pipeline_in_flight_requests", "pipeline_throttled_total", "pipeline_sampler_budget_used"}
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 
 
