@@ -112,3 +112,14 @@ async def end_offsets(bootstrap: KafkaAccess | str, topic: str) -> dict[int, int
         return {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
     finally:
         await consumer.stop()
+
+
+async def forge_outbox(kafka: KafkaAccess | str) -> None:
+    """Write a forged record to traces.outbox as `kafka` (what only the breaker stage may do):
+    raises what the broker answers (a refused connection, an authorization error)."""
+    producer = AIOKafkaProducer(**client_settings(kafka), request_timeout_ms=5000)
+    try:
+        await asyncio.wait_for(producer.start(), 15)
+        await asyncio.wait_for(producer.send_and_wait("traces.outbox", b'{"forged": true}', key=b"x"), 15)
+    finally:
+        await producer.stop()

@@ -349,29 +349,21 @@ def wait_delivered(stubs: Stack, expected: dict[str, int], timeout_s: float, com
 def assert_broker_enforces(bootstrap: str, ca: Path, env_file: Path) -> None:
     """A PLAINTEXT client cannot even connect; the sign stage's principal (SASL_SSL, its own password
     from the compose env) connects but may not write traces.outbox (only the breaker's may)."""
-    from aiokafka import AIOKafkaProducer
     from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 
     from pipeline.config import Secret
-    from pipeline.kafka.security import KafkaAccess, client_settings
+    from pipeline.kafka.security import KafkaAccess
+    from tests.kafka_util import forge_outbox
 
     env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
 
-    async def write(access: KafkaAccess) -> None:
-        producer = AIOKafkaProducer(**client_settings(access), request_timeout_ms=5000)
-        try:
-            await asyncio.wait_for(producer.start(), 15)
-            await asyncio.wait_for(producer.send_and_wait("traces.outbox", b'{"forged": true}', key=b"x"), 15)
-        finally:
-            await producer.stop()
-
     with pytest.raises(KafkaConnectionError):
-        asyncio.run(write(KafkaAccess.plain(bootstrap)))
+        asyncio.run(forge_outbox(KafkaAccess.plain(bootstrap)))
     sign = KafkaAccess(bootstrap, role="sign", security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
                        username="pipeline-sign", password=Secret(env[kafka_password_variable("sign")]),
                        ssl_cafile=str(ca))
     with pytest.raises(TopicAuthorizationFailedError):
-        asyncio.run(write(sign))
+        asyncio.run(forge_outbox(sign))
 
 
 def test_the_compose_file_runs_and_delivers(images: dict[str, str], tmp_path: Path) -> None:

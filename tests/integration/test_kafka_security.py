@@ -24,7 +24,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAuthorizationFailedError
 
 from devkit.kafka_local import LocalBroker
@@ -32,11 +31,11 @@ from devkit.local_stack import PipelineProcess, Stack, StackSettings, wait_for
 from pipeline.errors import BrokerError
 from pipeline.kafka.acls import Acl
 from pipeline.kafka.admin import check_access, revoke_acls
-from pipeline.kafka.security import KafkaAccess, client_settings
+from pipeline.kafka.security import KafkaAccess
 from pipeline.model.records import encode
 from pipeline.topics import PIPELINE_STAGES, STAGES
 from tests.factory import snapshot
-from tests.kafka_util import committed, end_offsets, produce, read_all, values
+from tests.kafka_util import committed, end_offsets, forge_outbox, produce, read_all, values
 
 pytestmark = pytest.mark.integration
 
@@ -173,23 +172,15 @@ def test_only_the_breaker_can_write_the_outbox(secure_kafka: LocalBroker) -> Non
     admin = secure_kafka.access("admin")
     before = asyncio.run(end_offsets(admin, "traces.outbox"))
 
-    async def write(access: KafkaAccess) -> None:
-        producer = AIOKafkaProducer(**client_settings(access), request_timeout_ms=5000)
-        try:
-            await asyncio.wait_for(producer.start(), 15)
-            await asyncio.wait_for(producer.send_and_wait("traces.outbox", b'{"forged": true}', key=b"x"), 15)
-        finally:
-            await producer.stop()
-
     # no authentication at all (plain, or TLS without SASL): the listener does not let it in
     with pytest.raises(KafkaConnectionError):
-        asyncio.run(write(KafkaAccess.plain(secure_kafka.bootstrap)))
+        asyncio.run(forge_outbox(KafkaAccess.plain(secure_kafka.bootstrap)))
     tls_only = KafkaAccess(secure_kafka.bootstrap, security_protocol="SSL",
                            ssl_cafile=str(secure_kafka.security.ca_cert))
     with pytest.raises(KafkaError):
-        asyncio.run(write(tls_only))
+        asyncio.run(forge_outbox(tls_only))
     # authenticated, but a principal with no grant on the outbox (the collector's, the sign stage's)
     for role in ("collector", "sign"):
         with pytest.raises(TopicAuthorizationFailedError):
-            asyncio.run(write(secure_kafka.access(role)))
+            asyncio.run(forge_outbox(secure_kafka.access(role)))
     assert asyncio.run(end_offsets(admin, "traces.outbox")) == before
