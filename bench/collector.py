@@ -70,6 +70,7 @@ from bench.common import (
 )
 from pipeline.collector.state import state_file
 from pipeline.collector.turns import completed_turns
+from pipeline.kafka.security import client_settings
 from pipeline.model.snapshot import snapshot_id
 from tests.factory import messages
 
@@ -390,7 +391,7 @@ async def create_fleet_topics(bootstrap: str, topics: dict[str, str]) -> None:
 
     from pipeline.topics import COLLECTOR_PARTITIONS
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**client_settings(bootstrap))
     await admin.start()
     try:
         compact = {"cleanup.policy": "compact", "retention.ms": "-1"}

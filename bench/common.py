@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
 from devkit.kafka_local import LocalBroker, free_port  # noqa: E402
 from pipeline import config  # noqa: E402
 from pipeline.config import DEFAULT_CACHE_DIR  # noqa: E402
+from pipeline.kafka.security import client_settings  # noqa: E402
 from pipeline.model.envelope import turn_ended  # noqa: E402
 from pipeline.model.records import encode  # noqa: E402
 from pipeline.model.snapshot import SessionState, build_snapshot  # noqa: E402
@@ -192,7 +193,7 @@ def local_broker(workdir: Path | None = None, heap: str = "1g") -> Iterator[Loca
 
 
 async def create_topics(bootstrap: str, names: Sequence[str], partitions: int = 4) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**client_settings(bootstrap))
     await admin.start()
     try:
         for name in names:
@@ -206,7 +207,7 @@ async def create_topics(bootstrap: str, names: Sequence[str], partitions: int = 
 
 def producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
     """acks=all, as every stage produces; batches up to 1 MiB so 20 KB records share requests."""
-    settings: dict[str, Any] = {"bootstrap_servers": bootstrap, "acks": "all", "linger_ms": 5,
+    settings: dict[str, Any] = {**client_settings(bootstrap), "acks": "all", "linger_ms": 5,
                                 "max_batch_size": 1024 * 1024, "max_request_size": MAX_MESSAGE_BYTES}
     settings.update(overrides)
     return AIOKafkaProducer(**settings)
@@ -235,7 +236,7 @@ class EndOffsets:
     """Sum of a topic's end offsets (= records ever written to it), polled cheaply."""
 
     def __init__(self, bootstrap: str) -> None:
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+        self.consumer = AIOKafkaConsumer(**client_settings(bootstrap), group_id=None, enable_auto_commit=False)
 
     async def __aenter__(self) -> EndOffsets:
         await self.consumer.start()
@@ -259,7 +260,7 @@ class EndOffsets:
 
 
 async def committed_total(bootstrap: str, group: str, topic: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**client_settings(bootstrap))
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(group)
@@ -368,7 +369,7 @@ async def raw_passthrough(bootstrap: str, src: str, dst: str, group: str, expect
     without faust, decoding or validation. Exits after `expect` records (or when idle); when it
     has read the whole topic before that, it starts over from the beginning (so a short topic
     can be timed over several passes)."""
-    consumer = AIOKafkaConsumer(src, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(src, **client_settings(bootstrap), group_id=group, enable_auto_commit=False,
                                 auto_offset_reset="earliest", max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
                                 fetch_max_bytes=4 * MAX_MESSAGE_BYTES)
     prod = producer(bootstrap)

@@ -63,6 +63,7 @@ from bench.common import (
     watch,
 )
 from devkit.local_stack import Stack, StackSettings
+from pipeline.kafka.security import client_settings
 from pipeline.topics import STAGES
 
 ORDER = ("passthrough", "ingest", "sample", "scrub", "sign", "breaker", "deliver")
@@ -120,7 +121,7 @@ class Row:
 
 async def head(bootstrap: str, topic: str, n: int) -> list[tuple[bytes | None, bytes]]:
     """(key, value) of about the first `n` records of `topic`, partition by partition."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+    consumer = AIOKafkaConsumer(**client_settings(bootstrap), group_id=None, auto_offset_reset="earliest",
                                 enable_auto_commit=False, max_partition_fetch_bytes=16 * 1024 * 1024)
     await consumer.start()
     try:

@@ -40,7 +40,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CONTEXT_FIELDS = ("stage", "host", "session", "trace_id", "topic", "partition", "offset")
 
 # The libraries whose INFO lines are not the operator's business unless asked for (-v).
-LIBRARY_LOGGERS = ("httpx", "httpcore", "aiokafka", "faust", "mode")
+LIBRARY_LOGGERS = ("aiohttp", "httpx", "httpcore", "aiokafka", "faust", "mode")
 # aiokafka's lines about a broker it cannot reach: a one-shot command reports that itself.
 _BROKER_UNREACHABLE = re.compile(r"^Unable (connect to|to request metadata|to update metadata|to bootstrap)")
 

@@ -1,8 +1,10 @@
 """Async client for one panel endpoint's trace ingest (`POST /api/v1/traces`).
 
 It sends bytes it is given (already signed and attested) and reports what came back; it
-never retries: retries, re-signing and the breaker belong to the deliver stage. Every httpx
-failure is translated in one place, `PanelClient.post_trace`, into::
+never retries: retries, re-signing and the breaker belong to the deliver stage, except the one
+immediate retry, on a new connection, of a request whose pooled connection the server had dropped.
+Every failure of the HTTP client (`pipeline.clients.http.TransportError`) is translated in one
+place, `PanelClient.post_trace`, into::
 
     PanelError
     └── PanelUnavailable    no HTTP answer at all (connect error, timeout, broken connection)
@@ -24,6 +26,10 @@ import httpx
 from pipeline.clients.http import (
     FRESH_CONNECTION_LIMITS,
     ClosingClient,
+    Limits,
+    PooledClient,
+    Transport,
+    TransportError,
     checked_base_url,
     display_url,
     dropped_before_answer,
@@ -85,14 +91,15 @@ class PanelClient(ClosingClient):
         self,
         base_url: str,
         timeout: httpx.Timeout,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
         *,
-        limits: httpx.Limits | None = None,
+        limits: Limits | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.base_url = checked_base_url(base_url)
         self._clock = clock
-        self._client = pooled_client(timeout, transport, limits)
+        self._url = self.base_url + INGEST_PATH
+        self._client: PooledClient = pooled_client(timeout, transport, limits)
         # the one immediate retry of a request whose pooled connection the server had dropped
         self._fresh = pooled_client(timeout, transport, FRESH_CONNECTION_LIMITS)
 
@@ -119,16 +126,16 @@ class PanelClient(ClosingClient):
         # same holds for the one retry at once, on a new connection, of a request whose pooled
         # connection the server closed before answering (it had timed the connection out): that
         # is no failure of the panel, and must not count toward its breaker.
-        url = self.base_url + INGEST_PATH
+        url = self._url
         try:
             try:
                 response = await self._client.post(url, content=body, headers=headers)
-            except httpx.HTTPError as exc:
+            except TransportError as exc:
                 if not dropped_before_answer(exc):
                     raise
                 started = time.perf_counter()
                 response = await self._fresh.post(url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
+        except TransportError as exc:
             raise PanelUnavailable(
                 f"panel {self!r}: {type(exc).__name__}", reason=no_answer_reason(exc)
             ) from exc

@@ -33,6 +33,10 @@ import httpx
 
 from pipeline.clients.http import (
     ClosingClient,
+    HttpAnswer,
+    PooledClient,
+    Transport,
+    TransportError,
     checked_base_url,
     display_url,
     no_answer_reason,
@@ -262,7 +266,7 @@ def _bad(detail: str) -> ScrubberBadAnswer:
     return ScrubberBadAnswer(f"scrubber answer rejected: {detail}", reason="bad_answer")
 
 
-def _parse_answer(response: httpx.Response, sent: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def _parse_answer(response: HttpAnswer, sent: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     try:
         answer = parse_json(response.content)
     except (ValueError, RecursionError):
@@ -292,7 +296,7 @@ def _parse_answer(response: httpx.Response, sent: Sequence[Mapping[str, Any]]) -
     return answer
 
 
-def _check_status(response: httpx.Response, now: float, where: str) -> None:
+def _check_status(response: HttpAnswer, now: float, where: str) -> None:
     status = response.status_code
     kind = classify_http(status)
     if kind == "success":
@@ -325,7 +329,7 @@ class ScrubberClient(ClosingClient):
         api_key: str | None,
         jwt_secret: str | None,
         timeout: httpx.Timeout,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
         *,
         require_attestation: bool = False,
         rules: Sequence[str] = (),
@@ -343,7 +347,9 @@ class ScrubberClient(ClosingClient):
         self._params = {"rules": ",".join(rules)} if rules else None
         self._tenant = tenant
         self._clock = clock
-        self._client = pooled_client(timeout, transport)
+        self._url = self.base_url + SCRUB_PATH
+        self._where = repr(display_url(self.base_url))
+        self._client: PooledClient = pooled_client(timeout, transport)
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else "unset"
@@ -364,7 +370,7 @@ class ScrubberClient(ClosingClient):
         if self._tenant:
             headers["x-tenant-id"] = self._tenant
         response = await self._post(compact_json({"trace": entries}).encode("utf-8"), headers)
-        _check_status(response, self._clock(), repr(display_url(self.base_url)))
+        _check_status(response, self._clock(), self._where)
         answer = _parse_answer(response, entries)
         claims = self._verified_claims(answer)
         clean = {f.ref: entry["content"] for f, entry in zip(fields, answer["trace"], strict=True)}
@@ -400,15 +406,13 @@ class ScrubberClient(ClosingClient):
         return claims
 
 
-    async def _post(self, content: bytes, headers: Mapping[str, str]) -> httpx.Response:
-        """The one place httpx errors become ScrubberErrors."""
+    async def _post(self, content: bytes, headers: Mapping[str, str]) -> HttpAnswer:
+        """The one place the HTTP client's errors become ScrubberErrors."""
         try:
-            return await self._client.post(
-                self.base_url + SCRUB_PATH, content=content, headers=headers, params=self._params
-            )
-        except httpx.HTTPError as exc:
+            return await self._client.post(self._url, content=content, headers=headers, params=self._params)
+        except TransportError as exc:
             raise ScrubberUnavailable(
-                f"scrubber {display_url(self.base_url)!r}: {type(exc).__name__}",
+                f"scrubber {self._where}: {type(exc).__name__}",
                 reason=no_answer_reason(exc),
             ) from exc
 

@@ -21,13 +21,18 @@ lookup that reads the buckets with set.update instead of adding keys one by one 
 Scoring thousands of candidates (a large window, an unrelated query) compares the low byte of
 each signature value first, which bounds a candidate's match count from above, and compares
 full values only where that bound can still reach the best (`_bounded`; same answer, tested).
+At 100 000 entries a few dozen buckets hold thousands of rows each (sessions whose minimum in a
+band is the same common word); such a bucket keeps its rows in a numpy array (`_Rows`), so a
+query reads them as they are instead of copying them through a Python set, and the bound is
+counted from packed bits (`np.bitwise_count`). Neither changes which rows are candidates nor
+the answer, so signatures, shipped records and decisions are what they were.
 """
 
 from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,7 +56,11 @@ RECALL_FIRST_MAX_SIZE = 2048
 # Candidate counts above which scoring first bounds each candidate by its signature's low bytes:
 # a large window returns thousands of candidates for an unrelated query.
 PREFILTER_MIN_CANDIDATES = 256
-LANES_MAX_PERM = 8 * 255  # _bounded sums 0/1 bytes eight to a word: a byte lane holds at most 255
+# _bounded's limit when it summed 0/1 bytes eight to a word (a byte lane held at most 255); it
+# counts packed bits now, but wider signatures still compare every candidate in full, as tested
+LANES_MAX_PERM = 8 * 255
+# A bucket holding this many rows keeps them in a numpy array (_Rows) rather than a set.
+ARRAY_BUCKET_MIN = 64
 _MAX32 = 0xFFFFFFFF
 
 
@@ -70,26 +79,39 @@ def session_tokens(messages: Sequence[Mapping[str, Any]],
     return frozenset(tokens)
 
 
-# Common words recur in every session and sha1 per token is most of a signature's cost, so
-# their hashes are kept; long blobs are not, and the cache restarts when full.
-_HASHES: dict[str, int] = {}
-_HASHES_MAX = 1 << 18
+class _TokenHashes:
+    """sha1_hash32 of each token, remembered: common words recur in every session and sha1 per
+    token is most of a signature's cost. Two generations: when the young one is full it becomes
+    the old one, and a token found only in the old one moves back, so common words stay while
+    one-off identifiers age out (clearing everything at once made every decision after it hash
+    its common words again). Long blobs are not kept."""
 
+    def __init__(self, generation: int = 1 << 17) -> None:
+        self.generation = generation
+        self.young: dict[str, int] = {}
+        self.old: dict[str, int] = {}
 
-def _token_hashes(tokens: Collection[str]) -> np.ndarray:
-    cache = _HASHES
-    if len(cache) > _HASHES_MAX:
-        cache.clear()
-    out = []
-    for token in tokens:
-        value = cache.get(token)
+    def __call__(self, tokens: Collection[str]) -> np.ndarray:
+        # one C-level pass over the young generation; it holds most of a session's tokens
+        values = list(map(self.young.get, tokens))
+        if None in values:
+            values = [self._miss(token) if value is None else value
+                      for token, value in zip(tokens, values, strict=True)]
+        return np.array(values, dtype=np.uint32)
+
+    def _miss(self, token: str) -> int:
+        value = self.old.get(token)
         if value is None:
             # surrogatepass: a lone surrogate can arrive in JSON and must hash, not raise.
             value = sha1_hash32(token.encode("utf-8", "surrogatepass"))
-            if len(token) <= 64:
-                cache[token] = value
-        out.append(value)
-    return np.array(out, dtype=np.uint32)
+        if len(token) <= 64:
+            if len(self.young) >= self.generation:
+                self.old, self.young = self.young, {}
+            self.young[token] = value
+        return value
+
+
+_token_hashes = _TokenHashes()
 
 
 class MinHasher:
@@ -146,11 +168,58 @@ def default_lsh_params(size: int, num_perm: int, threshold: float) -> tuple[int,
 Signature = MinHash | np.ndarray | Sequence[int] | None
 
 
+class _Rows:
+    """A large bucket's rows: the first `n` entries of a numpy array, read by a query as they are,
+    and each row's place in it, so a row is added or removed in O(1) (the last takes its place).
+    The order depends on the history of the bucket; nothing that reads it depends on the order."""
+
+    __slots__ = ("array", "at", "n")
+
+    def __init__(self, rows: Iterable[int]) -> None:
+        ordered = sorted(rows)
+        self.n = len(ordered)
+        self.array = np.empty(max(2 * self.n, 16), dtype=np.intp)
+        self.array[:self.n] = ordered
+        self.at = {row: i for i, row in enumerate(ordered)}
+
+    def add(self, row: int) -> None:
+        if row in self.at:
+            return
+        if self.n == len(self.array):
+            self.array = np.concatenate([self.array, np.empty(self.n, dtype=np.intp)])
+        self.array[self.n] = row
+        self.at[row] = self.n
+        self.n += 1
+
+    def discard(self, row: int) -> None:
+        i = self.at.pop(row, None)
+        if i is None:
+            return
+        self.n -= 1
+        if i != self.n:
+            last = int(self.array[self.n])
+            self.array[i] = last
+            self.at[last] = i
+
+    def view(self) -> np.ndarray:
+        return self.array[:self.n]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.at)
+
+    def __contains__(self, row: object) -> bool:
+        return row in self.at
+
+
 class _Buckets(UnorderedStorage):
-    """One LSH band: band key -> a window row, or a set of rows once two share the bucket."""
+    """One LSH band: band key -> a window row, a set of rows once two share the bucket, and a
+    _Rows once ARRAY_BUCKET_MIN do."""
 
     def __init__(self) -> None:
-        self.map: dict[bytes, int | set[int]] = {}
+        self.map: dict[bytes, int | set[int] | _Rows] = {}
 
     def keys(self) -> Any:
         return self.map.keys()
@@ -169,6 +238,8 @@ class _Buckets(UnorderedStorage):
                     self.map[key] = {rows, val}
             else:
                 rows.add(val)
+                if type(rows) is set and len(rows) >= ARRAY_BUCKET_MIN:
+                    self.map[key] = _Rows(rows)
 
     def remove(self, *keys: bytes, **kwargs: Any) -> None:
         for key in keys:
@@ -228,8 +299,8 @@ class NoveltyWindow:
         self._slots: OrderedDict[str, int] = OrderedDict()
         self._keys: list[str | None] = [None] * size
         self._sig = np.zeros((size, num_perm), dtype=np.uint32)
-        # each value's low byte (see _bounded), rows padded with zeros to whole 8-byte words
-        self._low = np.zeros((size, -(-num_perm // 8) * 8), dtype=np.uint8)
+        # each value's low byte (see _bounded), rows padded with zeros to whole 64-byte blocks
+        self._low = np.zeros((size, -(-num_perm // 64) * 64), dtype=np.uint8)
         self._seq = np.zeros(size, dtype=np.int64)
         self._indexed = np.zeros(size, dtype=bool)
         self._indexed_count = 0
@@ -258,13 +329,12 @@ class NoveltyWindow:
         # LSH candidate: nothing in the window is near enough to matter.
         if hv is None or not self._indexed_count:
             return 1.0, None
-        candidates = self.candidates(hv)
+        rows = self._candidate_rows(hv)
         skip = self._slots.get(exclude) if exclude is not None else None
         if skip is not None:
-            candidates.discard(skip)
-        if not candidates:
+            rows = rows[rows != skip]
+        if not len(rows):
             return 1.0, None
-        rows = np.fromiter(candidates, dtype=np.intp, count=len(candidates))
         if len(rows) > PREFILTER_MIN_CANDIDATES and self.num_perm <= LANES_MAX_PERM:
             rows = self._bounded(rows, hv)
         matches = np.count_nonzero(self._sig.take(rows, axis=0) == hv, axis=1)
@@ -283,13 +353,40 @@ class NoveltyWindow:
         query = np.ones(self._low.shape[1], dtype=np.uint8)  # padding 1 against 0: never equal
         query[:self.num_perm] = hv.astype(np.uint8)
         equal = self._low.take(rows, axis=0) == query
-        # each byte of `equal` is 0 or 1, so summing its 8-byte words adds eight columns at once
-        # (a lane holds at most num_perm / 8, within a byte: LANES_MAX_PERM) and the lanes of each
-        # sum are then added up
-        lanes = equal.view(np.uint64).sum(axis=1, dtype=np.uint64)
-        upper = lanes.view(np.uint8).reshape(-1, 8).sum(axis=1, dtype=np.intp)
+        # one bit per column, packed across the whole array at once (a row is whole 64-bit words
+        # of bits, _low being padded to 64 columns, so no word straddles two rows) and counted a
+        # word at a time; packing row by row (axis=1) cost four times as much
+        words = np.bitwise_count(np.packbits(equal.reshape(-1)).view(np.uint64)).reshape(len(rows), -1)
+        upper = words[:, 0].astype(np.intp)
+        for k in range(1, words.shape[1]):
+            upper += words[:, k]
         reached = int(np.count_nonzero(self._sig[rows[int(np.argmax(upper))]] == hv))
         return rows[upper >= reached]
+
+    def _candidate_rows(self, hv: np.ndarray) -> np.ndarray:
+        """The rows of `candidates(hv)` as an array, each once; large buckets are read as arrays."""
+        raw = hv.astype(np.uint32, copy=False).byteswap().tobytes()
+        found: set[int] = set()
+        arrays: list[np.ndarray] = []
+        for (start, end), buckets in zip(self._lsh.hashranges, self._buckets, strict=True):
+            rows = buckets.map.get(raw[4 * start:4 * end])
+            if rows is None:
+                continue
+            if type(rows) is int:
+                found.add(rows)
+            elif type(rows) is set:
+                found.update(rows)
+            else:
+                arrays.append(rows.view())  # type: ignore[union-attr]
+        small = np.fromiter(found, dtype=np.intp, count=len(found))
+        if not arrays:
+            return small
+        # a row may sit in several buckets: marking rows in a window-sized mask leaves each once
+        seen = np.zeros(self.size, dtype=bool)
+        seen[small] = True
+        for array in arrays:
+            seen[array] = True
+        return np.flatnonzero(seen)
 
     def candidates(self, hv: np.ndarray) -> set[int]:
         """The rows MinHashLSH.query would return: those sharing a band with `hv`."""

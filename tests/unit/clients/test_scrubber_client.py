@@ -1,20 +1,25 @@
 """pipeline.clients.scrubber.ScrubberClient against the real stub scrubber over loopback HTTP, plus
-MockTransport answers no real scrubber should give: every one of them fails closed."""
+answers no real scrubber should give, from a transport standing in for the network: every one of
+them fails closed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 import pytest
 import pytest_asyncio
 
 from devkit.stubs.scrubber import ScrubberStubConfig, StubScrubber
+from pipeline.clients.http import HttpAnswer, HttpRequest, Transport
 from pipeline.clients.scrubber import (
     ScrubberAttestationError,
     ScrubberBadAnswer,
@@ -328,14 +333,18 @@ def test_client_construction_checks_and_repr_hides_secrets() -> None:
 # ---------------------------------------------------------------- answers no scrubber should give
 
 
+def json_answer(status: int, body: Any) -> HttpAnswer:
+    return HttpAnswer.of(status, json.dumps(body).encode(), {"content-type": "application/json"})
+
+
 def scrubbing_handler(
     mutate: Callable[[dict[str, Any]], Any] = lambda a: a,
     attest: Callable[[list[Any], list[Any]], str | None] | None = None,
-    seen: list[httpx.Request] | None = None,
-) -> Callable[[httpx.Request], httpx.Response]:
+    seen: list[HttpRequest] | None = None,
+) -> Callable[[HttpRequest], HttpAnswer]:
     """A well-behaved scrubber (redacts '@' addresses), then `mutate` spoils its answer."""
 
-    def handle(request: httpx.Request) -> httpx.Response:
+    def handle(request: HttpRequest) -> HttpAnswer:
         if seen is not None:
             seen.append(request)
         sent = json.loads(request.content)["trace"]
@@ -349,28 +358,36 @@ def scrubbing_handler(
         if attest is not None:
             answer["attestation"] = attest(sent, clean)
         answer = mutate(answer)
-        if isinstance(answer, httpx.Response):
+        if isinstance(answer, HttpAnswer):
             return answer
-        return httpx.Response(200, json=answer)
+        return json_answer(200, answer)
 
     return handle
 
 
+def mock_transport(handler: Callable[[HttpRequest], HttpAnswer]) -> Transport:
+    async def send(request: HttpRequest) -> HttpAnswer:
+        return handler(request)
+
+    return send
+
+
 def mock_client(
-    handler: Callable[[httpx.Request], httpx.Response], **kwargs: Any
+    handler: Callable[[HttpRequest], HttpAnswer], **kwargs: Any
 ) -> ScrubberClient:
     kwargs.setdefault("jwt_secret", None)
-    return client_for("http://scrubber.test", transport=httpx.MockTransport(handler), **kwargs)
+    return client_for("http://scrubber.test", transport=mock_transport(handler), **kwargs)
 
 
 @pytest.mark.asyncio
 async def test_the_request_is_one_trace_call_with_a_stable_index() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[HttpRequest] = []
     async with mock_client(scrubbing_handler(seen=seen), rules=("base", "eu")) as client:
         out = await client.scrub_trace(sampled())
     assert len(seen) == 1
     request = seen[0]
-    assert request.url.path == "/v1/scrub" and request.url.params["rules"] == "base,eu"
+    assert request.method == "POST"
+    assert urlsplit(request.url).path == "/v1/scrub" and request.params == {"rules": "base,eu"}
     assert request.headers["x-scrubber-key"] == KEY
     assert request.headers["x-request-id"] == "tr_oc_0123456789abcdef"
     entries = json.loads(request.content)["trace"]
@@ -410,7 +427,7 @@ def _without(k: int, key: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
 
 
 MALFORMED = {
-    "not json": lambda a: httpx.Response(200, content=b"<html>maintenance</html>"),
+    "not json": lambda a: HttpAnswer.of(200, b"<html>maintenance</html>"),
     "json list": lambda a: a["trace"],
     "no trace": lambda a: {k: v for k, v in a.items() if k != "trace"},
     "trace not a list": lambda a: {**a, "trace": {"0": a["trace"][0]}},
@@ -428,7 +445,7 @@ MALFORMED = {
     "text mode answer": lambda a: {**a, "mode": "text"},
     "detections not a list": lambda a: {**a, "detections": 3},
     "attestation not a string": lambda a: {**a, "attestation": 42},
-    "NaN in answer": lambda a: httpx.Response(200, content=b'{"trace": NaN}'),
+    "NaN in answer": lambda a: HttpAnswer.of(200, b'{"trace": NaN}'),
 }
 
 
@@ -455,28 +472,30 @@ async def test_malformed_answers_fail_closed(mutate: Callable[[dict[str, Any]], 
 async def test_status_codes_map_onto_the_tree(
     status: int, kind: type[ScrubberError], retriable: bool
 ) -> None:
-    answer = httpx.Response(status, json={"error": "body must include {text} or {trace:[]}"})
+    answer = json_answer(status, {"error": "body must include {text} or {trace:[]}"})
     error = await scrub_fails(mock_client(lambda request: answer), kind)
     assert error.retriable is retriable and error.status_code == status
 
 
-def _request_errors(
-    cls: type[httpx.RequestError] = httpx.RequestError,
-) -> list[type[httpx.RequestError]]:
+def _client_errors(cls: type[BaseException] = aiohttp.ClientError) -> list[type[BaseException]]:
     found = []
     for sub in cls.__subclasses__():
-        found += [sub, *_request_errors(sub)]
+        found += [sub, *_client_errors(sub)]
     return found
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("error", _request_errors(), ids=lambda e: e.__name__)
-async def test_every_httpx_request_error_is_translated(error: type[httpx.RequestError]) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise error("boom", request=request)
+@pytest.mark.parametrize("error", sorted({aiohttp.ClientError, *_client_errors(), asyncio.TimeoutError},
+                                         key=lambda e: e.__name__), ids=lambda e: e.__name__)
+async def test_every_client_error_is_translated(error: type[BaseException]) -> None:
+    def handler(request: HttpRequest) -> HttpAnswer:
+        # their constructors differ; an instance with a message is what the client is handed
+        exc = error.__new__(error)
+        Exception.__init__(exc, "boom")
+        raise exc
 
     raised = await scrub_fails(mock_client(handler), ScrubberUnavailable)
-    expected = "timeout" if issubclass(error, httpx.TimeoutException) else "transport"
+    expected = "timeout" if issubclass(error, asyncio.TimeoutError) else "transport"
     assert raised.reason == expected
 
 
@@ -514,12 +533,12 @@ async def test_attestations_that_do_not_verify_fail_closed(
 async def test_attestation_hash_is_over_json_stringify_not_the_wire_bytes() -> None:
     """The answer's spacing and escapes are the server's; the hash covers compact JSON."""
 
-    def handle(request: httpx.Request) -> httpx.Response:
+    def handle(request: HttpRequest) -> HttpAnswer:
         sent = json.loads(request.content)["trace"]
         clean = [{**e, "content": e["content"] + " ✓"} for e in sent]
         token = mint_attestation(compact_json(clean).encode(), JWT, time.time())
         wire = json.dumps({"trace": clean, "attestation": token}, indent=2, ensure_ascii=True)
-        return httpx.Response(200, content=wire.encode())
+        return HttpAnswer.of(200, wire.encode())
 
     async with mock_client(handle, jwt_secret=JWT) as client:
         out = await client.scrub_trace(sampled())

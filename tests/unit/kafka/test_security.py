@@ -83,7 +83,7 @@ def _takes_settings(call: ast.Call, scope: ast.AST | None) -> bool:
 
 def test_every_kafka_client_takes_the_one_settings_function() -> None:
     seen, wrong = 0, []
-    for package in ("pipeline", "agents", "devkit"):
+    for package in ("pipeline", "agents", "devkit", "bench"):
         for path in sorted((REPO / package).rglob("*.py")):
             tree = ast.parse(path.read_text(), str(path))
             for call, scope in _constructors(tree):
