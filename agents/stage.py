@@ -74,6 +74,15 @@ class Table(Protocol):
 
     def __setitem__(self, key: bytes, value: Any) -> None: ...
 
+    def __delitem__(self, key: bytes) -> None: ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def items(self) -> Any: ...
+
+
+_DELETED = object()  # a staged deletion
+
 
 class StagedTable:
     """A stage's table, read through pending writes that reach it only after the batch's outputs
@@ -94,10 +103,23 @@ class StagedTable:
     async def get(self, key: bytes) -> Any:
         if self._ready is not None:
             await self._ready.wait()
-        return self._pending[key] if key in self._pending else self._table.get(key)
+        if key in self._pending:
+            value = self._pending[key]
+            return None if value is _DELETED else value
+        return self._table.get(key)
 
     def stage(self, key: bytes, value: Any) -> None:
         self._pending[key] = value
+
+    def delete(self, key: bytes) -> None:
+        """Remove `key` (a tombstone in the changelog) with the batch's other writes."""
+        self._pending[key] = _DELETED
+
+    def items(self) -> list[tuple[bytes, Any]]:
+        """Every key and value, pending writes included (a snapshot: safe to stage while walking it)."""
+        merged = dict(self._table.items())
+        merged.update(self._pending)
+        return [(k, v) for k, v in merged.items() if v is not _DELETED]
 
     @property
     def pending(self) -> Mapping[bytes, Any]:
@@ -105,7 +127,10 @@ class StagedTable:
 
     def flush(self) -> None:
         for key, value in self._pending.items():
-            self._table[key] = value
+            if value is not _DELETED:
+                self._table[key] = value
+            elif key in self._table:
+                del self._table[key]
         self._pending.clear()
 
 

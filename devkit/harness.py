@@ -102,6 +102,7 @@ class StageHarness:
         self.sinks = MemorySinks(self.stage)
         self._handler: Handler | None = core.handle if core is not None else None
         self._offset = 0
+        self.inputs: dict[tuple[int, int], bytes] = {}  # what was fed, where: the input topic as stored
 
     def bind(self, core: StageCore) -> StageHarness:
         self._handler = core.handle
@@ -125,9 +126,19 @@ class StageHarness:
         self.state.flush()  # the batch's outputs are acknowledged: its state may be written
         return batch
 
+    async def read(self, partition: int, offset: int) -> bytes | None:
+        """An input record read back by where it is (pipeline.kafka.history.RecordReader.read);
+        None once `forget` dropped it, as retention would."""
+        return self.inputs.get((partition, offset))
+
+    def forget(self) -> None:
+        """Every input fed so far is past retention."""
+        self.inputs.clear()
+
     def _meta(self, record: dict[str, Any] | bytes, key: str | bytes | None) -> Meta:
         raw = record if isinstance(record, bytes) else encode(record)
         meta = Meta(key.encode("utf-8") if isinstance(key, str) else key, 0, self._offset, raw)
+        self.inputs[(0, self._offset)] = raw
         self._offset += 1
         return meta
 

@@ -20,7 +20,7 @@ PRODUCER_BATCH_BYTES = 1024 * 1024
 @dataclass(frozen=True)
 class Topic:
     name: str
-    schema: str  # file name under schemas/ without .json
+    schema: str  # file name under schemas/ without .json: what is written to the topic
     key: str  # what the record key is, for operators
     doc: str
     partitions: int | None = None  # None: the configured default (kafka.partitions)
@@ -31,6 +31,14 @@ class Topic:
     # a dead-letter topic: where `pipeline dead redrive` puts its letters back (None: nowhere)
     redrive_to: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    # older schemas still read from the topic (records written before an upgrade), each known by
+    # the `schema` value its records carry
+    reads: tuple[str, ...] = ()
+
+    @property
+    def schemas(self) -> tuple[str, ...]:
+        """Every schema a record of the topic may have: the one written, then the older ones."""
+        return (self.schema, *self.reads)
 
     def retention(self, unscrubbed_retention_ms: int | None = None) -> int:
         """Retention on the broker: an unscrubbed topic never keeps more than the configured bound."""
@@ -103,16 +111,20 @@ def _dead(name: str, stage: str, key: str, doc: str, redrive_to: str | None) -> 
 TOPICS: dict[str, Topic] = {t.name: t for t in [
     Topic("opencode.events", "event.v1", HOST_SESSION, "normalised opencode events from the collector",
           unscrubbed=True, retention_ms=SOURCE_RETENTION_MS),
-    Topic("sessions.idle", "snapshot.v1", HOST_SESSION, "one snapshot per ended turn", unscrubbed=True),
-    Topic("traces.sampled", "trace-sampled.v1", HOST_SESSION, "forwarded turns in the panel's message shape",
-          unscrubbed=True),
+    # keyed by the turn's prompt_ref (host:session_id for a turn without one): the sampler's pair
+    # window is partitioned like it (README, "Pairwise across hosts")
+    Topic("sessions.idle", "snapshot.v2", "prompt_ref", "one snapshot per ended turn", unscrubbed=True,
+          reads=("snapshot.v1",)),
+    Topic("traces.sampled", "trace-sampled.v2", HOST_SESSION, "forwarded turns in the panel's message shape",
+          unscrubbed=True, reads=("trace-sampled.v1",)),
     # Compacted by snapshot id so a replica rebuilding the novelty window reads each session once;
     # retention bounds it to what a window of any sane lruSize can still hold. MinHash signatures
     # only: no text.
     Topic("sampler.shipped", "shipped.v1", "site_key:snapshot_id",
           "MinHash signatures of forwarded sessions; every sampler replica reads all of it",
           partitions=1, compacted=True, retention_ms=30 * DAY_MS),
-    Topic("traces.scrubbed", "trace-scrubbed.v1", HOST_SESSION, "traces whose text came back from the scrubber"),
+    Topic("traces.scrubbed", "trace-scrubbed.v2", HOST_SESSION, "traces whose text came back from the scrubber",
+          reads=("trace-scrubbed.v1",)),
     Topic("traces.signed", "trace-signed.v1", "trace_id", "canonical bodies with HMAC and attestation"),
     Topic("traces.outbox", "trace-signed.v1", "trace_id", "traces the breaker admitted for delivery"),
     # One partition: every breaker replica reads the whole history in order and reaches the same state.

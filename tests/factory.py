@@ -84,21 +84,38 @@ def snapshot(i: int, *, host: str = "h1", site_key: str = "pk_test_thirdparty", 
     return build_snapshot(env, SessionState(), max_messages=25, now_ms=1795236913836 + i)
 
 
-def text_snapshot(i: int, user_text: str, reply_text: str, *, host: str = "h1",
-                  site_key: str = "pk_test_thirdparty") -> dict[str, Any]:
-    """A one-turn snapshot with exactly this text (for novelty tests: the token sets are known)."""
+def text_turn_envelope(i: int, user_text: str, reply_text: str, *, host: str = "h1",
+                       site_key: str = "pk_test_thirdparty", model: str | None = None, ended_at: int = 3,
+                       tool_error: bool = False) -> dict[str, Any]:
+    """The `pipeline.turn_ended` envelope of a one-turn session with exactly this text; `model`
+    (`provider/model`) names who answered, so the turn can pair; `tool_error` adds a failed tool
+    call to the answer."""
     sid = f"ses_txt{i:06d}"
     uid, aid = f"msg_{i:06d}u", f"msg_{i:06d}a"
+    answered: dict[str, Any] = {}
+    if model is not None:
+        provider, model_id = model.split("/", 1)
+        answered = {"providerID": provider, "modelID": model_id, "agent": "build", "mode": "build"}
+    reply = [_part(sid, aid, 0, type="text", text=reply_text)]
+    if tool_error:
+        reply.append(_part(sid, aid, 1, type="tool", tool="bash", callID="call_1",
+                           state={"status": "error", "input": {"command": "false"}, "error": "exit 1"}))
     msgs = [
         {"info": {"id": uid, "sessionID": sid, "role": "user", "time": {"created": 1}},
          "parts": [_part(sid, uid, 0, type="text", text=user_text)]},
-        {"info": {"id": aid, "sessionID": sid, "role": "assistant", "time": {"created": 2, "completed": 3},
-                  "finish": "stop"},
-         "parts": [_part(sid, aid, 0, type="text", text=reply_text)]},
+        {"info": {"id": aid, "sessionID": sid, "role": "assistant", "time": {"created": 2, "completed": ended_at},
+                  "finish": "stop", **answered},
+         "parts": reply},
     ]
     session = {"id": sid, "projectID": "global", "directory": "/w", "title": f"text {i}"}
-    env = turn_ended(host=host, site_key=site_key, session=session, messages=msgs, trigger="session.idle",
-                     received_at_ms=1795236913836 + i)
+    return turn_ended(host=host, site_key=site_key, session=session, messages=msgs, trigger="session.idle",
+                      received_at_ms=1795236913836 + i)
+
+
+def text_snapshot(i: int, user_text: str, reply_text: str, **kw: Any) -> dict[str, Any]:
+    """The snapshot ingest makes of text_turn_envelope(i, ...) (for novelty tests: the token sets
+    are known)."""
+    env = text_turn_envelope(i, user_text, reply_text, **kw)
     return build_snapshot(env, SessionState(), max_messages=25, now_ms=1795236913836 + i)
 
 

@@ -175,6 +175,18 @@ class StubPanel(StubServer[PanelStubConfig]):
         with self.lock:
             return {tid: dict(rec) for tid, rec in self._accepted.items()}
 
+    def pairwise(self) -> dict[str, dict[str, list[str]]]:
+        """The pairwise units the panel's splitter would form across its traces: per prompt_ref
+        answered by more than one agent_id, each agent's trace ids (assistant messages only)."""
+        seen: dict[str, dict[str, set[str]]] = {}
+        with self.lock:
+            for tid, rec in self._accepted.items():
+                for message in rec["body"]["blob"]["messages"]:
+                    ref, agent = message.get("prompt_ref"), message.get("agent_id")
+                    if message.get("role") == "assistant" and isinstance(ref, str) and isinstance(agent, str):
+                        seen.setdefault(ref, {}).setdefault(agent, set()).add(tid)
+        return {ref: {a: sorted(t) for a, t in agents.items()} for ref, agents in seen.items() if len(agents) > 1}
+
     def refused(self) -> list[dict[str, Any]]:
         """Every refusal, oldest first: {at, status, error, site_key, trace_id, fault, detail?}."""
         with self.lock:

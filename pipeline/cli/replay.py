@@ -106,7 +106,7 @@ async def replay(cfg: Config, kafka: Any, from_ms: int, to_ms: int | None, *, se
     from aiokafka import AIOKafkaProducer
 
     from pipeline.kafka.admin import start_client
-    from pipeline.kafka.history import Stored, read_between
+    from pipeline.kafka.history import RecordReader, Stored, read_between
     from pipeline.kafka.security import client_settings
     from pipeline.model.records import decode, encode, validate_for_topic
     from pipeline.sampling.replay import Replay
@@ -144,23 +144,28 @@ async def replay(cfg: Config, kafka: Any, from_ms: int, to_ms: int | None, *, se
     outgoing: list[tuple[bytes | None, bytes]] = []
     now_ms = int(time.time() * 1000)
 
-    def decide(stored: Stored) -> None:
+    partners = RecordReader(kafka, "sessions.idle", timeout_s)
+
+    async def decide(stored: Stored) -> None:
         try:
             snapshot = decode(stored.value, "sessions.idle")
         except RecordError as exc:
             unusable("sessions.idle", exc)
             return
-        forwarded = job.decide(snapshot, now_ms)
-        if forwarded is not None and send:
+        for forwarded in await job.decide(snapshot, stored.partition, stored.offset, partners.read, now_ms):
+            if not send:
+                continue
             trace = forwarded.trace
             trace["decision"]["detail"] = (REPLAYED + trace["decision"]["detail"])[:500]
             validate_for_topic("traces.sampled", trace)
-            key = stored.key or f"{snapshot['host']}:{snapshot['session_id']}".encode()
-            outgoing.append((key, encode(trace)))
+            outgoing.append((f"{trace['host']}:{trace['session_id']}".encode(), encode(trace)))
 
     # in time order across partitions, as close as a replay gets to the order the turns were decided in
-    read = await read_between(kafka, "sessions.idle", from_ms, to_ms, decide, progress=show("re-deciding turns"),
-                              in_time_order=True, timeout_s=timeout_s)
+    try:
+        read = await read_between(kafka, "sessions.idle", from_ms, to_ms, decide,
+                                  progress=show("re-deciding turns"), in_time_order=True, timeout_s=timeout_s)
+    finally:
+        await partners.close()
     sent = 0
     if outgoing:
         producer = AIOKafkaProducer(**client_settings(kafka), acks="all", enable_idempotence=True,

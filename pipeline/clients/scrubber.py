@@ -45,6 +45,7 @@ from pipeline.clients.http import (
 )
 from pipeline.delivery.retry import classify_http, parse_retry_after
 from pipeline.delivery.signing import AttestationError, sha256_hex, verify_attestation
+from pipeline.model.prompt import AGENT_ID_PATTERN, PROMPT_REF_PATTERN
 from pipeline.model.records import compact_json
 
 __all__ = [
@@ -123,8 +124,23 @@ def _optional_text(value: Any, where: str) -> str | None:
 
 
 _RECORD_KEYS = ("schema", *_COPIED, "directory", "title", "messages", "decision", "sampled_at")
+_SAMPLED = frozenset({"trace.sampled/1", "trace.sampled/2"})  # read; trace.scrubbed/2 written
+# Identifiers that pass unscrubbed, each held to its alphabet (no free text can ride along):
+# who answered, and the prompt's fingerprint (pipeline/model/prompt.py).
+_IDENTIFIERS = {"agent_id": AGENT_ID_PATTERN, "prompt_ref": PROMPT_REF_PATTERN}
 _MESSAGE_KEYS = ("role", "content", "id", "session_id", "idx")
 _TOOL_KEYS = ("name", "status", "error", "input", "output")
+
+
+def _identifiers(obj: Mapping[str, Any], where: str) -> dict[str, str | None]:
+    """The record's or a message's identifiers (None where absent: a v1 record)."""
+    found: dict[str, str | None] = {}
+    for name, pattern in _IDENTIFIERS.items():
+        value = obj.get(name)
+        if value is not None and not (isinstance(value, str) and pattern.fullmatch(value)):
+            raise ScrubberInputError(f"{where}.{name} is not an identifier of its form")
+        found[name] = value
+    return found
 
 
 def _missing(obj: Mapping[str, Any], keys: Sequence[str], where: str) -> None:
@@ -152,11 +168,13 @@ def _tool_calls(message: Mapping[str, Any], where: str) -> list[Mapping[str, Any
 def _text_fields(record: Mapping[str, Any]) -> list[_Field]:
     """The fields to scrub, after checking the record has every key the rebuild will read,
     so a bad record fails before anything is sent."""
-    if record.get("schema") != "trace.sampled/1":
+    if not isinstance(record.get("schema"), str) or record["schema"] not in _SAMPLED:
         raise ScrubberInputError(
-            f"expected a trace.sampled/1 record, got schema {record.get('schema')!r}"
+            f"expected a trace.sampled/1 or /2 record, got schema {str(record.get('schema'))[:40]!r}"
         )
     _missing(record, _RECORD_KEYS, "record")
+    for where, obj in [("record", record), *((f"messages[{i}]", m) for i, m in enumerate(_messages(record)))]:
+        _identifiers(obj, where)
     if not isinstance(record["decision"], Mapping):
         raise ScrubberInputError("decision is not an object")
     fields: list[_Field] = []
@@ -204,6 +222,7 @@ def _rebuild_messages(record: Mapping[str, Any], clean: Mapping[str, str]) -> li
             "id": message["id"],
             "session_id": message["session_id"],
             "idx": message["idx"],
+            **_identifiers(message, f"messages[{i}]"),
         }
         calls = _tool_calls(message, f"messages[{i}]")
         if calls is not None:
@@ -231,12 +250,14 @@ def _scrubbed_record(
 ) -> dict[str, Any]:
     # Only after _text_fields checked the record: every key read here is there.
     return {
-        "schema": "trace.scrubbed/1",
+        "schema": "trace.scrubbed/2",
         **{key: record[key] for key in _COPIED},
+        **_identifiers(record, "record"),
         "directory": clean.get("directory"),
         "title": clean.get("title"),
         "messages": _rebuild_messages(record, clean),
-        "decision": dict(record["decision"]),
+        # a v1 decision has neither: its one fact is its reason, it has no pair
+        "decision": {"facts": [record["decision"].get("reason")], "pair": None, **record["decision"]},
         "sampled_at": record["sampled_at"],
         "scrub": scrub,
     }
@@ -357,7 +378,7 @@ class ScrubberClient(ClosingClient):
         return f"ScrubberClient({display_url(self.base_url)!r}, api_key={key}, jwt_secret={jwt})"
 
     async def scrub_trace(self, trace_record: Mapping[str, Any]) -> dict[str, Any]:
-        """A trace.scrubbed/1 record whose every text field came back from the scrubber."""
+        """A trace.scrubbed/2 record whose every text field came back from the scrubber."""
         fields = _text_fields(trace_record)
         entries = [
             {"i": k, "ref": f.ref, "role": f.role, "content": f.text} for k, f in enumerate(fields)

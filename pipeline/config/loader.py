@@ -121,6 +121,11 @@ class Config(PluginOptions):
         return self.optional_secret("SCRUBBER_JWT_SECRET")
 
     @property
+    def prompt_ref_key(self) -> Secret | None:
+        """The key prompt_refs are an HMAC under (pipeline/model/prompt.py); None: a plain hash."""
+        return self.optional_secret("PIPELINE_PROMPT_REF_KEY")
+
+    @property
     def scrubber_api_key(self) -> Secret | None:
         return self.optional_secret("SCRUBBER_API_KEY")
 
@@ -288,6 +293,11 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], source: str) -> Config:
         top["enabled"] = False
     built = {name: _section(name, cls, tables[name]) for name, cls in declared.items()}
     _check_services(top, built)
+    retention = built["kafka"].unscrubbed_retention_hours
+    if built["sampler"].pair_window_hours > retention:
+        # a partner's snapshot is read back from sessions.idle when its pair forms
+        warnings.append(f"[sampler] pair_window_hours {built['sampler'].pair_window_hours:g}: pairs form within "
+                        f"[kafka] unscrubbed_retention_hours ({retention:g}) only: sessions.idle keeps turns no longer")
     hosts = _hosts(hosts_raw, top["site_key"], env)
     for w in warnings:
         log.warning(w)

@@ -85,7 +85,7 @@ class PluginOptions:
     budget_per_hour: int = key(
         0, between(0, 10_000_000, int, "an integer between 0 and 10000000"),
         "rater budget: the most traces forwarded per site in any rolling hour, spent by priority (error_flag, "
-        "then novelty, then sample stop at 100 / 75 / 50 % of it); 0: no budget", name="budgetPerHour")
+        "then pair, novelty, sample stop at 100 / 90 / 75 / 50 % of it); 0: no budget", name="budgetPerHour")
     enabled: bool = key(True, BOOL, "`PANEL_OPENCODE_DISABLED=1` forces off, `PANEL_OPENCODE_ENABLED=1` forces on")
 
 
@@ -227,12 +227,19 @@ class CollectorConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """The novelty sampler's MinHash."""
+    """The novelty sampler's MinHash and the pair window."""
 
     num_perm: int = key(128, between(16, 1024, int, "an integer between 16 and 1024"),
                         "MinHash permutations per session signature")
     novelty_window_tokens_messages: int = key(8, count(10_000),
                                               "the last N messages of a session its novelty tokens come from")
+    pair_window_hours: float = key(
+        24.0, between(0.0, MAX_UNSCRUBBED_RETENTION_HOURS, (int, float), "hours between 0 and 168"),
+        "pairs across hosts: turns of the same prompt answered by different agents that end at most this far "
+        "apart are forwarded as a pair (cut to `[kafka] unscrubbed_retention_hours` with a warning: the partner "
+        "is read back from sessions.idle); 0: no pairing")
+    pair_max_turns: int = key(16, between(2, 1000, int, "an integer between 2 and 1000"),
+                              "turns of one prompt the pair window remembers (the oldest go first)")
 
     def __post_init__(self) -> None:
         check_fields(self)

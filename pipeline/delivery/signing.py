@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 ATTESTATION_TTL_S = 300
+SCRUBBED_SCHEMAS = ("trace.scrubbed/1", "trace.scrubbed/2")
 ENGINE_VERSION = f"opencode-panel-pipeline/{__version__}"
 AttestationWhy = Literal[
     "malformed", "bad_signature", "expired", "stale", "hash_mismatch", "no_secret"
@@ -81,18 +82,18 @@ def secret_env_name(site_key: str) -> str:
 def canonical_body(
     trace_record: Mapping[str, Any], source_agent: str, plugin_version: str
 ) -> bytes:
-    """The exact panel request body for a scrubbed trace record (`trace.scrubbed/1`).
+    """The exact panel request body for a scrubbed trace record (`trace.scrubbed/1` or `/2`).
 
     Sorted keys make the bytes a function of the record alone, so signing the same record
     twice gives the same body. The record must have been through the scrub stage (its
     `scrub` block is there, whether the scrubber ran or was bypassed on purpose): anything
     else has not been scrubbed and must not become a panel body.
     """
-    if trace_record.get("schema") != "trace.scrubbed/1" or not isinstance(
+    if trace_record.get("schema") not in SCRUBBED_SCHEMAS or not isinstance(
         trace_record.get("scrub"), Mapping
     ):
         raise ValueError(
-            "canonical_body needs a trace.scrubbed/1 record: this one was never scrubbed"
+            "canonical_body needs a trace.scrubbed record: this one was never scrubbed"
         )
     decision = trace_record["decision"]
     body = {
@@ -105,6 +106,11 @@ def canonical_body(
             "messages": trace_record["messages"],
             "reason": decision["reason"],
             "plugin_version": plugin_version,
+            # what the panel pairs by (also on each message) and the pair the sampler formed
+            "prompt_ref": trace_record.get("prompt_ref"),
+            "agent_id": trace_record.get("agent_id"),
+            "pair_id": (decision.get("pair") or {}).get("pair_id"),
+            "reasons": decision.get("facts") or [decision["reason"]],
         },
     }
     if orjson is not None:

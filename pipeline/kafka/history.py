@@ -1,5 +1,6 @@
-"""Reading a topic's history between two instants, without a consumer group: what `pipeline
-replay` reads (sessions.idle for the window, sampler.shipped before it, traces.sampled during it).
+"""Reading a topic's history without a consumer group: between two instants, what `pipeline
+replay` reads (sessions.idle for the window, sampler.shipped before it, traces.sampled during it);
+one record at a time by where it is (`RecordReader`: a pair partner's snapshot).
 
 The window is found per partition with the broker's time index (`offsets_for_times`: the first
 offset whose record timestamp is at or after the instant), and bounded by the end offsets when
@@ -9,12 +10,14 @@ stages' groups and offsets are untouched.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.kafka.admin import DEFAULT_TIMEOUT_S, start_client, topic_partitions
+from pipeline.kafka.admin import DEFAULT_TIMEOUT_S, broker_calls, start_client, topic_partitions
 from pipeline.kafka.security import KafkaAccess, client_settings
 
 FETCH_MAX_RECORDS = 500
@@ -32,15 +35,25 @@ class Stored:
     value: bytes
 
 
+Each = Callable[[Stored], "Awaitable[None] | None"]
+
+
+async def _call(each: Each, stored: Stored) -> None:
+    result = each(stored)
+    if inspect.isawaitable(result):
+        await result
+
+
 async def read_between(kafka: KafkaAccess | str, topic: str, from_ms: int | None, to_ms: int | None,
-                       each: Callable[[Stored], None], *, progress: Callable[[int, int], None] | None = None,
+                       each: Each, *, progress: Callable[[int, int], None] | None = None,
                        in_time_order: bool = False, slice_ms: int = SLICE_MS,
                        timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
     """Call `each` for every record of `topic` written at or after `from_ms` (None: from the log
     start) and before `to_ms` (None: up to the end when the read began). Partition by partition
     in offset order; with `in_time_order`, across partitions in timestamp order (then partition,
-    offset), a `slice_ms` of time at a time, so memory holds one slice. `progress(read, total)`
-    after each fetch. Returns how many were read."""
+    offset), a `slice_ms` of time at a time, so memory holds one slice. `each` may be a coroutine
+    function (awaited before the next record). `progress(read, total)` after each fetch. Returns
+    how many were read."""
     consumer = AIOKafkaConsumer(**client_settings(kafka), group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="earliest", max_poll_records=FETCH_MAX_RECORDS,
                                 request_timeout_ms=int(timeout_s * 1000) + 30_000)
@@ -54,8 +67,8 @@ async def read_between(kafka: KafkaAccess | str, topic: str, from_ms: int | None
         total = sum(max(0, stops[tp] - starts[tp]) for tp in partitions)
         counted = [0]
 
-        def counting(stored: Stored) -> None:
-            each(stored)
+        async def counting(stored: Stored) -> None:
+            await _call(each, stored)
             counted[0] += 1
 
         def tick() -> None:
@@ -73,7 +86,7 @@ async def read_between(kafka: KafkaAccess | str, topic: str, from_ms: int | None
             held: list[Stored] = []
             await _read_ranges(consumer, {tp: (starts[tp], ends[tp]) for tp in partitions}, held.append, tick)
             for stored in sorted(held, key=lambda r: (r.timestamp, r.partition, r.offset)):
-                counting(stored)
+                await counting(stored)
             tick()
             starts = ends
             # an empty slice (a quiet spell) jumps to the next record instead of a minute at a time
@@ -86,7 +99,7 @@ async def read_between(kafka: KafkaAccess | str, topic: str, from_ms: int | None
 
 
 async def _read_ranges(consumer: AIOKafkaConsumer, ranges: dict[TopicPartition, tuple[int, int]],
-                       each: Callable[[Stored], None], tick: Callable[[], None]) -> None:
+                       each: Each, tick: Callable[[], None]) -> None:
     """Every record in [start, stop) of each partition, in offset order per partition."""
     todo = {tp: bounds for tp, bounds in ranges.items() if bounds[0] < bounds[1]}
     consumer.assign(list(todo))
@@ -99,7 +112,8 @@ async def _read_ranges(consumer: AIOKafkaConsumer, ranges: dict[TopicPartition, 
             for record in records:
                 if record.offset >= stop:
                     break
-                each(Stored(tp.partition, record.offset, record.timestamp, record.key, record.value or b""))
+                await _call(each, Stored(tp.partition, record.offset, record.timestamp, record.key,
+                                         record.value or b""))
         for tp in list(todo):
             if await consumer.position(tp) >= todo[tp][1]:
                 del todo[tp]
@@ -124,3 +138,49 @@ async def _offsets_at(consumer: AIOKafkaConsumer, partitions: list[TopicPartitio
         return dict(await consumer.beginning_offsets(partitions)) if default == "start" else dict(ends)
     found = await consumer.offsets_for_times({tp: at_ms for tp in partitions})
     return {tp: (found[tp].offset if found.get(tp) is not None else ends[tp]) for tp in partitions}
+
+
+class RecordReader:
+    """Reads single records of one topic back by (partition, offset), without a consumer group:
+    the sample stage reading a pair partner's snapshot. One consumer, started on first use, one
+    read at a time (pairs are rare next to the records around them)."""
+
+    def __init__(self, kafka: KafkaAccess | str, topic: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.kafka, self.topic, self.timeout_s = kafka, topic, timeout_s
+        self._consumer: AIOKafkaConsumer | None = None
+        self._lock = asyncio.Lock()
+
+    async def read(self, partition: int, offset: int) -> bytes | None:
+        """The value stored at `offset` of `partition`; None when it is no longer there (past
+        retention) or was never written. BrokerError when the broker cannot be asked."""
+        async with self._lock:
+            consumer = await self._started()
+            tp = TopicPartition(self.topic, partition)
+            async with broker_calls(self.kafka, self.timeout_s):
+                first = (await consumer.beginning_offsets([tp]))[tp]
+                end = (await consumer.end_offsets([tp]))[tp]
+                if not first <= offset < end:
+                    return None
+                consumer.assign([tp])
+                consumer.seek(tp, offset)
+                deadline = asyncio.get_running_loop().time() + self.timeout_s
+                while asyncio.get_running_loop().time() < deadline:
+                    batch = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+                    for record in batch.get(tp, []):
+                        # a compacted or transactional log may skip offsets: past it, it is gone
+                        return (record.value or b"") if record.offset == offset else None
+            raise TimeoutError(f"{self.topic}[{partition}]@{offset} not read within {self.timeout_s:g}s")
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
+
+    async def _started(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            consumer = AIOKafkaConsumer(**client_settings(self.kafka), group_id=None, enable_auto_commit=False,
+                                        auto_offset_reset="earliest",
+                                        request_timeout_ms=int(self.timeout_s * 1000) + 30_000)
+            await start_client(consumer, self.kafka, self.timeout_s)
+            self._consumer = consumer
+        return self._consumer

@@ -192,8 +192,32 @@ def _violation(keyword: str, expected: Any, instance: Any, node: Any) -> str:
     return f"failed {keyword} (a {_json_type(instance)})"
 
 
+@functools.cache
+def _schema_named(topic: str) -> dict[str, str]:
+    """The topic's schemas by the `schema` value their records carry (the `const` of their
+    `schema` property)."""
+    named: dict[str, str] = {}
+    for schema in TOPICS[topic].schemas:
+        doc = json.loads((SCHEMA_DIR / f"{schema}.json").read_text(encoding="utf-8"))
+        const = (doc.get("properties", {}).get("schema") or {}).get("const")
+        if isinstance(const, str):
+            named[const] = schema
+    return named
+
+
+def schema_of(topic: str, record: Any) -> str:
+    """The schema a record of `topic` is checked against: the one its `schema` value names among
+    those the topic reads (an older version still on the broker), else the one written today."""
+    spec = TOPICS[topic]
+    if spec.reads and isinstance(record, dict) and isinstance(record.get("schema"), str):
+        found = _schema_named(topic).get(record["schema"])
+        if found is not None:
+            return found
+    return spec.schema
+
+
 def validate_for_topic(topic: str, record: Any, *, plain: bool = False) -> None:
-    validate(TOPICS[topic].schema, record, plain=plain)
+    validate(schema_of(topic, record), record, plain=plain)
 
 
 def is_plain_json(value: Any) -> bool:
@@ -299,7 +323,7 @@ def decode(raw: bytes | str | None, topic: str) -> dict[str, Any]:
         raise RecordError("invalid_json", str(exc)[:200]) from None
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"top level is {type(record).__name__}")
-    _validate(TOPICS[topic].schema, record, from_json=True)
+    _validate(schema_of(topic, record), record, from_json=True)
     return record
 
 

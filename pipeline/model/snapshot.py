@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.model.envelope import TURN_ENDED, MalformedEvent
+from pipeline.model.prompt import turn_agent_id, turn_prompt_ref
 from pipeline.model.records import plain_json_bytes
 
 try:
@@ -42,7 +43,7 @@ __all__ = [
     "snapshot_id",
 ]
 
-SNAPSHOT_SCHEMA = "session.snapshot/1"
+SNAPSHOT_SCHEMA = "session.snapshot/2"
 # Duplicates arrive close together (a resend, a replay from the last committed offset), so a
 # window of recent ids is enough; it also bounds the state written to the changelog per event.
 DEFAULT_MAX_SEEN_EVENTS = 256
@@ -304,11 +305,12 @@ def _turn_ended_at(messages: Sequence[Mapping[str, Any]], fallback: int) -> int:
 
 
 def build_snapshot(envelope: Mapping[str, Any], state: SessionState, *, max_messages: int,
-                   now_ms: int) -> dict[str, Any]:
-    """A `session.snapshot/1` record from a `pipeline.turn_ended` envelope and session state.
+                   now_ms: int, prompt_key: bytes | None = None) -> dict[str, Any]:
+    """A `session.snapshot/2` record from a `pipeline.turn_ended` envelope and session state.
 
     The session info fetched at idle wins over what the state learned from earlier events;
-    those only fill what it lacks.
+    those only fill what it lacks. `prompt_ref` is taken from the whole listing (a long turn's
+    prompt may be older than the last `max_messages`), keyed by `prompt_key` (model/prompt.py).
     """
     if max_messages < 1:
         raise ValueError(f"max_messages must be >= 1, got {max_messages}")
@@ -320,14 +322,14 @@ def build_snapshot(envelope: Mapping[str, Any], state: SessionState, *, max_mess
     kept = [{"info": m["info"], "parts": m["parts"]} for m in listing[-max_messages:]]
     _check_nesting(kept)
     host, session_id = envelope["host"], envelope["session_id"]
+    project_id = (_text(session.get("projectID")) or state.project_id or _text(envelope.get("project")))
     return {
         "schema": SNAPSHOT_SCHEMA,
         "snapshot_id": snapshot_id(host, session_id, kept),
         "host": host,
         "site_key": envelope["site_key"],
         "session_id": session_id,
-        "project_id": (_text(session.get("projectID")) or state.project_id
-                       or _text(envelope.get("project"))),
+        "project_id": project_id,
         "directory": (_text(session.get("directory")) or state.directory
                       or _text(envelope.get("directory"))),
         "title": _text(session.get("title")) or state.title,
@@ -336,6 +338,8 @@ def build_snapshot(envelope: Mapping[str, Any], state: SessionState, *, max_mess
         "backfill": bool(envelope.get("backfill")),
         "messages": kept,
         "error_markers": error_markers(kept, state.session_errors),
+        "prompt_ref": turn_prompt_ref(listing, project_id, prompt_key),
+        "agent_id": turn_agent_id(kept),
     }
 
 
@@ -348,8 +352,8 @@ def _bounded_append(items: list[Any], item: Any, bound: int) -> list[Any]:
 
 
 def apply_event(state: SessionState | Mapping[str, Any] | None, envelope: Mapping[str, Any], *,
-                max_messages: int, now_ms: int,
-                max_seen: int = DEFAULT_MAX_SEEN_EVENTS) -> tuple[SessionState, list[Action]]:
+                max_messages: int, now_ms: int, max_seen: int = DEFAULT_MAX_SEEN_EVENTS,
+                prompt_key: bytes | None = None) -> tuple[SessionState, list[Action]]:
     """Fold one envelope into a session's state. Never mutates `state`.
 
     Returns the new state and the actions: `[Emit(snapshot)]` for a new turn's end,
@@ -382,7 +386,8 @@ def apply_event(state: SessionState | Mapping[str, Any] | None, envelope: Mappin
             current.session_errors, {"event_id": event_id, "name": name, "detail": detail},
             MAX_SESSION_ERRORS)
     elif event_type == TURN_ENDED:
-        snapshot = build_snapshot(envelope, current, max_messages=max_messages, now_ms=now_ms)
+        snapshot = build_snapshot(envelope, current, max_messages=max_messages, now_ms=now_ms,
+                                  prompt_key=prompt_key)
         if snapshot["snapshot_id"] in current.snapshot_ids:
             return current, [Skip("repeated_snapshot")]
         current.snapshot_ids = _bounded_append(

@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from pipeline.errors import RecordError
+from pipeline.model.prompt import agent_id, turn_agent_id, turn_start
 
-TRACE_SCHEMA = "trace.sampled/1"
+TRACE_SCHEMA = "trace.sampled/2"
 TRACE_ID_PREFIX = "tr_oc_"
 
 
@@ -63,13 +64,16 @@ def tool_call(part: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def panel_messages(snapshot_messages: Sequence[Mapping[str, Any]], max_messages: int,
-                   *, session_id: str | None = None) -> list[dict[str, Any]]:
+                   *, session_id: str | None = None, prompt_ref: str | None = None) -> list[dict[str, Any]]:
     """The last `max_messages` opencode messages (`[{info, parts}]`) in the panel's shape.
 
     `idx` counts from 0 within the trace. `session_id` is only a fallback for messages whose
-    `info.sessionID` is missing. A missing role is never guessed: RecordError (dead letter)."""
+    `info.sessionID` is missing. A missing role is never guessed: RecordError (dead letter).
+    Every message carries its `agent_id`; the messages of the last turn (from its prompt on)
+    carry the turn's `prompt_ref`, earlier turns' messages none (their own traces carry theirs)."""
     start = len(snapshot_messages) - max_messages
     kept = snapshot_messages[max(0, start):] if max_messages > 0 else []
+    turn_from = turn_start(kept) or 0
     out: list[dict[str, Any]] = []
     for idx, message in enumerate(kept):
         info = message.get("info") or {}
@@ -91,14 +95,18 @@ def panel_messages(snapshot_messages: Sequence[Mapping[str, Any]], max_messages:
             "session_id": sid,
             "idx": idx,
             "tool_calls": [tool_call(p) for p in parts if p.get("type") == "tool"],
+            "agent_id": agent_id(info),
+            "prompt_ref": prompt_ref if idx >= turn_from else None,
         })
     return out
 
 
 def sampled_trace(snapshot: Mapping[str, Any], decision: _Decision | Mapping[str, Any],
                   max_messages: int, now_ms: int) -> dict[str, Any]:
-    """A `trace.sampled/1` record (schemas/trace-sampled.v1.json) for a forwarded snapshot."""
+    """A `trace.sampled/2` record (schemas/trace-sampled.v2.json) for a forwarded snapshot (a
+    `session.snapshot/1` from before prompt_refs has none: it never pairs)."""
     messages = snapshot["messages"]
+    ref = snapshot.get("prompt_ref")
     last_id = messages[-1]["info"]["id"] if messages else ""
     return {
         "schema": TRACE_SCHEMA,
@@ -110,7 +118,9 @@ def sampled_trace(snapshot: Mapping[str, Any], decision: _Decision | Mapping[str
         "project_id": snapshot.get("project_id"),
         "directory": snapshot.get("directory"),
         "title": snapshot.get("title"),
-        "messages": panel_messages(messages, max_messages, session_id=snapshot["session_id"]),
+        "messages": panel_messages(messages, max_messages, session_id=snapshot["session_id"], prompt_ref=ref),
+        "prompt_ref": ref,
+        "agent_id": snapshot["agent_id"] if "agent_id" in snapshot else turn_agent_id(messages),
         "decision": dict(decision) if isinstance(decision, Mapping) else decision.to_dict(),
         "sampled_at": now_ms,
     }

@@ -1,7 +1,8 @@
 """Sampling policies: which ended turns go to the panel, and why.
 
-`reference_sampler` builds the reference forwarder's order: error_flag -> novelty -> sample,
-and `baseline` (not forwarded) when none of them forwards. `force` is not implemented here.
+`reference_sampler` builds the decision order: error_flag -> pair -> novelty -> sample (the
+reference forwarder's, with pairs across hosts added), and `baseline` (not forwarded) when none
+of them forwards. `force` is not implemented here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pipeline.sampling.novelty import (
     session_tokens,
     shipped_record,
 )
+from pipeline.sampling.pairing import PairPolicy
 from pipeline.sampling.random_sample import (
     DEFAULT_RATE,
     MAX_RATE,
@@ -38,7 +40,7 @@ def reference_sampler(windows: NoveltyWindows, *, rate: object = DEFAULT_RATE,
     and the result is `sampler.rate`; `effective_rate(rate, rate_override)` (the same rule)
     tells the caller whether it was capped or defaulted, to warn at start."""
     sample = RandomBaseline(rate, rate_override)
-    return Sampler([ErrorFlag(max_messages), NoveltyPolicy(windows, token_messages), sample],
+    return Sampler([ErrorFlag(max_messages), PairPolicy(), NoveltyPolicy(windows, token_messages), sample],
                    rate=sample.rate)
 
 

@@ -19,12 +19,15 @@ log = logging.getLogger(__name__)
 
 # Bump when a change would make the same snapshot decide differently (policy order, token
 # rules, MinHash seed or scheme, LSH banding), so decisions can be told apart downstream.
-POLICY_VERSION = "sampling/1"
+# sampling/2: `pair` between error_flag and novelty.
+POLICY_VERSION = "sampling/2"
 
 # budget_exhausted: a forward the rater budget refused (pipeline/sampling/budget.py); like
 # baseline, never on traces.sampled
-Reason = Literal["error_flag", "novelty", "sample", "force", "baseline", "budget_exhausted"]
+Reason = Literal["error_flag", "pair", "novelty", "sample", "force", "baseline", "budget_exhausted"]
 REASONS: tuple[str, ...] = get_args(Reason)
+# The reasons that forward, in the order the Sampler asks (force is set from outside).
+FORWARDING: tuple[str, ...] = ("force", "error_flag", "pair", "novelty", "sample")
 DETAIL_MAX_CHARS = 500
 
 
@@ -37,6 +40,10 @@ class Decision:
     rate: float = 0.0
     policy_version: str = POLICY_VERSION
     detail: str = ""
+    # Every forwarding reason that applies, the deciding one included (a paired error: error_flag
+    # and pair); and the turn it was paired with (pipeline/sampling/pairing.py), if any.
+    facts: tuple[str, ...] = ()
+    pair: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
@@ -48,7 +55,8 @@ class Decision:
             raise ValueError(f"rate must be within [0, 1], got {self.rate!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The `decision` object of trace-sampled.v1.json."""
+        """The `decision` object of trace-sampled.v2.json."""
+        facts = self.facts or ((self.reason,) if self.forward else ())
         return {
             "forward": self.forward,
             "reason": self.reason,
@@ -56,6 +64,8 @@ class Decision:
             "rate": float(self.rate),
             "policy_version": self.policy_version,
             "detail": self.detail[:DETAIL_MAX_CHARS],
+            "facts": [r for r in FORWARDING if r in facts],
+            "pair": dict(self.pair) if self.pair is not None else None,
         }
 
 

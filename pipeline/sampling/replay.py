@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.model.trace import trace_id
-from pipeline.sampling.configured import ConfiguredSampler, Forwarded
+from pipeline.sampling.configured import ConfiguredSampler, FetchSnapshot, Forwarded, trace_id_of
+from pipeline.sampling.pairing import Turn
 
 
 @dataclass
@@ -42,21 +42,32 @@ class Replay:
         # (host, session, snapshot id): a repeated idle is decided once, as the stage does
         self._decided: set[tuple[str, str, str]] = set()
         self._turns: dict[str, tuple[str, str | None]] = {}  # trace id -> (site, reason forwarded now or None)
+        self._pairs: dict[str, list[Turn]] = {}  # prompt_ref -> its pair window
 
     def seed(self, shipped: Mapping[str, Any]) -> None:
         """One sampler.shipped record from before the replayed window, into the novelty window."""
         self.policy.learn(shipped)
 
-    def decide(self, snapshot: Mapping[str, Any], now_ms: int) -> Forwarded | None:
-        """Decide one recorded snapshot; the trace to send when the policy forwards it."""
+    async def decide(self, snapshot: Mapping[str, Any], partition: int, offset: int, fetch: FetchSnapshot,
+                     now_ms: int) -> list[Forwarded]:
+        """Decide one recorded snapshot (where it is in sessions.idle: a pair partner is read back
+        from there); the traces to send (its own, its partner's when a pair forms)."""
         seen = (snapshot["host"], snapshot["session_id"], snapshot["snapshot_id"])
         if seen in self._decided:
-            return None
+            return []
         self._decided.add(seen)
-        decision, forwarded = self.policy.decide(snapshot, now_ms)
-        tid = _trace_id(snapshot)
-        self._turns[tid] = (snapshot["site_key"], decision.reason if forwarded else None)
-        return forwarded
+        ref = snapshot.get("prompt_ref")
+        result = await self.policy.decide_turn(snapshot, partition, offset, self._pairs.get(ref or "", []), fetch,
+                                               now_ms)
+        if ref:
+            self._pairs[ref] = result.turns
+        own = trace_id_of(snapshot)
+        self._turns[own] = (snapshot["site_key"], result.decision.reason if result.forwards else None)
+        for forwarded in result.forwards:
+            tid = forwarded.trace["trace_id"]
+            if tid != own and self._turns.get(tid, ("", None))[1] is None:  # a partner forwarded for the pair
+                self._turns[tid] = (forwarded.trace["site_key"], forwarded.decision.reason)
+        return result.forwards
 
     @property
     def turns(self) -> int:
@@ -84,7 +95,3 @@ class Replay:
             tally.only_before += bool(then and not now)
         return dict(sorted(sites.items()))
 
-
-def _trace_id(snapshot: Mapping[str, Any]) -> str:
-    messages = snapshot["messages"]
-    return trace_id(snapshot["host"], snapshot["session_id"], messages[-1]["info"]["id"] if messages else "")

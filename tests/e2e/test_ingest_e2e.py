@@ -110,7 +110,7 @@ def test_every_turn_one_snapshot_across_restarts(kafka, tmp_path: Path) -> None:
                 snaps = snapshots(kafka.bootstrap, turns, expected, 120)
                 check_exactly_one_per_turn(snaps, turns)
                 for s in snaps:
-                    validate("snapshot.v1", s)
+                    validate("snapshot.v2", s)
 
                 by_sid = {s["session_id"]: s for s in snaps}
                 markers = {sid: Counter(m["source"] for m in s["error_markers"]) for sid, s in by_sid.items()}

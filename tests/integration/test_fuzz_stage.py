@@ -190,7 +190,7 @@ def oracle(raw: bytes) -> str | None:
         _, actions = apply_event(None, record, max_messages=MAX_MESSAGES, now_ms=T0)
         for action in actions:
             if isinstance(action, Emit):
-                validate("snapshot.v1", action.snapshot)
+                validate("snapshot.v2", action.snapshot)
                 encode(action.snapshot)
     except RecordError as exc:
         return exc.reason
@@ -358,7 +358,7 @@ def test_ingest_worker_dead_letters_every_bad_record_and_snapshots_every_turn(
     got: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for key, value in idle:
         snapshot = json.loads(value)
-        validate("snapshot.v1", snapshot)
+        validate("snapshot.v2", snapshot)
         assert key is not None
         got[key.decode()].append(snapshot)
     assert set(got) <= set(expected_snapshots), "snapshots for bad records"

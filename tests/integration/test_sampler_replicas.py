@@ -20,7 +20,7 @@ from pipeline.model.records import encode
 from pipeline.model.trace import sampled_trace
 from pipeline.sampling import NoveltyWindows, reference_sampler
 from pipeline.sampling.novelty import NoveltyPolicy
-from tests.factory import text_snapshot
+from tests.factory import text_snapshot, text_turn_envelope
 from tests.kafka_util import produce, read_all
 
 pytestmark = pytest.mark.integration
@@ -102,5 +102,73 @@ def test_two_replicas_decide_like_one(tmp_path: Path) -> None:
             assert re.search(ASSIGNED, w.log()), f"{w.name} got no partition"
     finally:
         for w in workers:
+            w.stop()
+        broker.stop()
+
+
+PAIRED_PROMPTS = [f"prompt {k}: " + " ".join(f"p{k}w{j}" for j in range(25)) for k in range(4)]
+
+
+def test_two_replicas_pair_turns_of_one_prompt_from_two_hosts(tmp_path: Path) -> None:
+    """Ingest and two sample replicas on four partitions: each prompt answered by two models on
+    two hosts (their sessions on different opencode.events partitions) is forwarded as one pair;
+    a prompt answered twice by the same model is not."""
+    envelopes = []
+    for k, prompt in enumerate(PAIRED_PROMPTS):
+        envelopes.append(text_turn_envelope(100 + k, prompt, f"answer a {k} " * 20, host="host-a", model="prov/a"))
+        envelopes.append(text_turn_envelope(200 + k, prompt, f"answer b {k} " * 20, host="host-b", model="prov/b"))
+    same = "same model twice: " + " ".join(f"s{j}" for j in range(25))
+    envelopes.append(text_turn_envelope(300, same, "one " * 20, host="host-a", model="prov/a"))
+    envelopes.append(text_turn_envelope(301, same, "two " * 20, host="host-b", model="prov/a"))
+    keys = {f"{e['host']}:{e['session_id']}".encode() for e in envelopes}
+    broker = LocalBroker("127.0.0.1", free_port(), free_port(), tmp_path / "kafka", DEFAULT_CACHE_DIR)
+    broker.start()
+    env = {"PIPELINE_KAFKA__BOOTSTRAP": broker.bootstrap, "PIPELINE_KAFKA__PARTITIONS": "4",
+           "PIPELINE_SAMPLING_RATE": "0.0", "PIPELINE_KAFKA__CACHE_DIR": str(tmp_path / "cache")}
+    workers = [PipelineProcess(["worker", "sample", "--loglevel", "info"], env, tmp_path, f"sample-{i}")
+               for i in range(2)]
+    ingest = PipelineProcess(["worker", "ingest", "--loglevel", "info"], env, tmp_path, "ingest")
+    try:
+        asyncio.run(admin.create_topics(broker.bootstrap, 4, 1))
+        for w in [*workers, ingest]:
+            w.start()
+        for w in workers:
+            w.wait_for_log(ASSIGNED, 120)
+        # the first turn of each prompt goes in first, so its partner arrives to a window that has it
+        firsts = [e for e in envelopes if e["host"] == "host-a"]
+        asyncio.run(produce(broker.bootstrap, "opencode.events",
+                            [(f"{e['host']}:{e['session_id']}".encode(), encode(e)) for e in firsts]))
+        wait_for(lambda: len(asyncio.run(read_all(broker.bootstrap, "sessions.idle", len(firsts), 3))) >= len(firsts),
+                 90, what="the first turns' snapshots")
+        seconds = [e for e in envelopes if e["host"] == "host-b"]
+        asyncio.run(produce(broker.bootstrap, "opencode.events",
+                            [(f"{e['host']}:{e['session_id']}".encode(), encode(e)) for e in seconds]))
+
+        def paired() -> dict[str, list[dict]]:
+            by_pair: dict[str, dict[str, dict]] = {}
+            for m in asyncio.run(read_all(broker.bootstrap, "traces.sampled", 64, 3)):
+                trace = json.loads(m.value)
+                pair = trace["decision"]["pair"]
+                if pair is not None:
+                    by_pair.setdefault(pair["pair_id"], {})[trace["trace_id"]] = trace
+            return {pid: list(traces.values()) for pid, traces in by_pair.items()}
+
+        wait_for(lambda: len(paired()) >= len(PAIRED_PROMPTS) and all(len(t) == 2 for t in paired().values()),
+                 120, what="a pair per prompt")
+        pairs = paired()
+        assert len(pairs) == len(PAIRED_PROMPTS)
+        for traces in pairs.values():
+            assert {t["host"] for t in traces} == {"host-a", "host-b"}
+            assert len({t["prompt_ref"] for t in traces}) == 1
+            assert {t["agent_id"] for t in traces} == {"prov/a:build", "prov/b:build"}
+        same_model = [json.loads(m.value) for m in asyncio.run(read_all(broker.bootstrap, "traces.sampled", 64, 3))]
+        assert not any(t["decision"]["pair"] for t in same_model if t["session_id"] in ("ses_txt000300",
+                                                                                       "ses_txt000301"))
+        # the sessions really came in on different partitions of opencode.events
+        partitions = {m.partition for m in asyncio.run(read_all(broker.bootstrap, "opencode.events", len(keys), 3))}
+        assert len(partitions) > 1
+        assert all(w.alive() for w in [*workers, ingest]), [w.log()[-2000:] for w in [*workers, ingest]]
+    finally:
+        for w in [*workers, ingest]:
             w.stop()
         broker.stop()

@@ -47,7 +47,7 @@ def scrubber(clock: FakeClock) -> Iterator[StubScrubber]:
 async def sampled(config: config_mod.Config, clock: FakeClock, snapshot: dict[str, Any]) -> dict[str, Any]:
     """The traces.sampled record the sample stage makes of `snapshot` (which it must forward)."""
     h = StageHarness("sample", clock)
-    core = SampleStage(config, clock, h.state)
+    core = SampleStage(config, clock, h.state, h.read)
     core.ready.set()  # no other replica: nothing to replay
     h.bind(core)
     batch = await h.feed(snapshot, key=f"{snapshot['host']}:{snapshot['session_id']}")

@@ -24,14 +24,29 @@ def ingest(tmp_path: Path, clock: FakeClock, table: MemoryTable | None = None) -
 
 
 @pytest.mark.asyncio
-async def test_a_turn_end_emits_its_snapshot_keyed_by_session(tmp_path: Path, clock: FakeClock) -> None:
+async def test_a_turn_end_emits_its_snapshot_keyed_by_its_prompt(tmp_path: Path, clock: FakeClock) -> None:
     h = ingest(tmp_path, clock)
     batch = await h.feed(turn_ended_envelope(1), key=KEY)
     (snapshot,) = batch.values("sessions.idle")
     assert snapshot["session_id"] == "ses_test000001" and snapshot["host"] == "h1"
-    assert [w.key for w in batch.written] == [KEY.encode()]
+    assert snapshot["prompt_ref"].startswith("pr_") and snapshot["schema"] == "session.snapshot/2"
+    # the pair window's partition: every turn of the prompt, from any host, lands there
+    assert [w.key for w in batch.written] == [snapshot["prompt_ref"].encode()]
     assert batch.dead == []
-    assert h.table.get(KEY.encode()) is not None
+    assert h.table.get(KEY.encode()) is not None  # the session's own state stays keyed by session
+
+
+@pytest.mark.asyncio
+async def test_a_turn_without_a_prompt_is_keyed_by_its_session(tmp_path: Path, clock: FakeClock) -> None:
+    h = ingest(tmp_path, clock)
+    envelope = turn_ended_envelope(1)
+    for message in envelope["properties"]["messages"]:
+        if message["info"]["role"] == "user":
+            message["parts"] = [p for p in message["parts"] if p.get("type") != "text"]
+    batch = await h.feed(envelope, key=KEY)
+    (snapshot,) = batch.values("sessions.idle")
+    assert snapshot["prompt_ref"] is None
+    assert [w.key for w in batch.written] == [KEY.encode()]
 
 
 @pytest.mark.asyncio

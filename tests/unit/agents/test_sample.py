@@ -20,7 +20,7 @@ TEXT = "refactor the kafka sampler module and fix the failing schema tests in th
 
 def sampler(tmp_path: Path, clock: FakeClock, table: MemoryTable | None = None) -> tuple[StageHarness, SampleStage]:
     h = StageHarness("sample", clock, table=table)
-    core = SampleStage(make_config(tmp_path, PIPELINE_SAMPLING_RATE="0"), clock, h.state)
+    core = SampleStage(make_config(tmp_path, PIPELINE_SAMPLING_RATE="0"), clock, h.state, h.read)
     core.ready.set()
     return h.bind(core), core
 
@@ -86,7 +86,7 @@ async def test_the_budget_is_shared_by_replicas_and_survives_a_restart(tmp_path:
     def replica() -> tuple[StageHarness, SampleStage]:
         h = StageHarness("sample", clock)
         core = SampleStage(make_config(tmp_path, PIPELINE_SAMPLING_RATE="1.0", PIPELINE_SAMPLING_RATE_OVERRIDE="true",
-                                       PIPELINE_BUDGET_PER_HOUR="10"), clock, h.state)
+                                       PIPELINE_BUDGET_PER_HOUR="10"), clock, h.state, h.read)
         core.ready.set()
         return h.bind(core), core
 
@@ -114,3 +114,126 @@ async def test_the_budget_is_shared_by_replicas_and_survives_a_restart(tmp_path:
     clock_hour = 3601
     await clock.advance(clock_hour)
     assert len((await restarted.feed(snapshot(98, tool_error=True), key="h1:x")).values("traces.sampled")) == 1
+
+
+# ---------------------------------------------------------------- pairs across hosts
+
+PROMPT = "port the retry loop in the deliver stage to the new breaker interface and add tests"
+REPLY = "done: the retry loop now asks the breaker before each attempt and the tests cover it " * 2
+
+
+def prompt_key(snap: dict[str, object]) -> str:
+    """How ingest keys sessions.idle."""
+    return str(snap["prompt_ref"])
+
+
+async def filled_window(h: StageHarness) -> None:
+    """The same text forwarded once already (by a turn that cannot pair), so what follows is not
+    novel: only a pair can forward it."""
+    seen = text_snapshot(900, PROMPT, REPLY)
+    batch = await h.feed(seen, key=key_of(seen))
+    assert [t["decision"]["reason"] for t in batch.values("traces.sampled")] == ["novelty"]
+
+
+@pytest.mark.asyncio
+async def test_the_same_prompt_on_two_models_and_hosts_is_forwarded_as_one_pair(tmp_path: Path,
+                                                                                   clock: FakeClock) -> None:
+    h, _ = sampler(tmp_path, clock)
+    await filled_window(h)
+    a = text_snapshot(1, PROMPT, REPLY, host="h1", model="prov/model-a")
+    b = text_snapshot(2, PROMPT, REPLY, host="h2", model="prov/model-b", ended_at=5)
+    assert a["prompt_ref"] == b["prompt_ref"] and a["agent_id"] != b["agent_id"]
+    first = await h.feed(a, key=prompt_key(a))
+    assert first.written == []  # alone it is nothing: not novel, not sampled, no partner yet
+    second = await h.feed(b, key=prompt_key(b))
+    traces = second.values("traces.sampled")
+    assert [t["host"] for t in traces] == ["h2", "h1"]  # the turn, then its partner read back
+    assert [t["decision"]["reason"] for t in traces] == ["pair", "pair"]
+    pair_ids = {t["decision"]["pair"]["pair_id"] for t in traces}
+    assert len(pair_ids) == 1
+    assert traces[0]["decision"]["pair"]["partner_trace_id"] == traces[1]["trace_id"]
+    assert traces[1]["decision"]["pair"]["partner_agent_id"] == "prov/model-b:build"
+    for trace in traces:  # what the panel's splitter pairs by, on the answering messages
+        answer = [m for m in trace["messages"] if m["role"] == "assistant"]
+        assert {m["prompt_ref"] for m in answer} == {a["prompt_ref"]}
+    assert {m["agent_id"] for t in traces for m in t["messages"] if m["role"] == "assistant"} == {
+        "prov/model-a:build", "prov/model-b:build"}
+    assert len(second.values(SHIPPED)) == 2  # both forwards count in the window and the budget
+    again = text_snapshot(3, PROMPT, REPLY, host="h3", model="prov/model-a", ended_at=7)
+    assert (await h.feed(again, key=prompt_key(again))).written == []  # a turn is in one pair at most
+
+
+@pytest.mark.asyncio
+async def test_the_same_prompt_on_the_same_model_never_pairs(tmp_path: Path, clock: FakeClock) -> None:
+    h, _ = sampler(tmp_path, clock)
+    await filled_window(h)
+    for i, host in enumerate(["h1", "h2", "h3"]):
+        snap = text_snapshot(10 + i, PROMPT, REPLY, host=host, model="prov/model-a")
+        assert (await h.feed(snap, key=prompt_key(snap))).written == []
+
+
+@pytest.mark.asyncio
+async def test_a_paired_error_is_forwarded_once_with_both_facts(tmp_path: Path, clock: FakeClock) -> None:
+    h, _ = sampler(tmp_path, clock)
+    await filled_window(h)
+    a = text_snapshot(1, PROMPT, REPLY, host="h1", model="prov/model-a")
+    b = text_snapshot(2, PROMPT, REPLY, host="h2", model="prov/model-b", tool_error=True)
+    await h.feed(a, key=prompt_key(a))
+    traces = (await h.feed(b, key=prompt_key(b))).values("traces.sampled")
+    own = [t for t in traces if t["snapshot_id"] == b["snapshot_id"]]
+    assert len(own) == 1
+    assert own[0]["decision"]["reason"] == "error_flag"
+    assert own[0]["decision"]["facts"] == ["error_flag", "pair"]
+    assert [t["decision"]["reason"] for t in traces if t["snapshot_id"] == a["snapshot_id"]] == ["pair"]
+
+
+@pytest.mark.asyncio
+async def test_a_partner_forwarded_before_is_sent_again_with_the_pair_and_not_counted_twice(
+        tmp_path: Path, clock: FakeClock) -> None:
+    h, _ = sampler(tmp_path, clock)
+    a = text_snapshot(1, PROMPT, REPLY, host="h1", model="prov/model-a")
+    first = await h.feed(a, key=prompt_key(a))
+    (forwarded,) = first.values("traces.sampled")
+    assert forwarded["decision"]["reason"] == "novelty" and forwarded["decision"]["pair"] is None
+    b = text_snapshot(2, PROMPT, REPLY, host="h2", model="prov/model-b")
+    second = await h.feed(b, key=prompt_key(b))
+    resent = [t for t in second.values("traces.sampled") if t["snapshot_id"] == a["snapshot_id"]]
+    assert len(resent) == 1 and resent[0]["trace_id"] == forwarded["trace_id"]  # the panel upserts it
+    assert resent[0]["decision"]["reason"] == "novelty"
+    assert resent[0]["decision"]["facts"] == ["pair", "novelty"]
+    assert [s["snapshot_id"] for s in second.values(SHIPPED)] == [b["snapshot_id"]]
+
+
+@pytest.mark.asyncio
+async def test_a_partner_past_retention_is_forgotten_and_the_turn_decided_alone(tmp_path: Path,
+                                                                                clock: FakeClock) -> None:
+    h, _ = sampler(tmp_path, clock)
+    await filled_window(h)
+    a = text_snapshot(1, PROMPT, REPLY, host="h1", model="prov/model-a")
+    await h.feed(a, key=prompt_key(a))
+    h.forget()
+    b = text_snapshot(2, PROMPT, REPLY, host="h2", model="prov/model-b")
+    assert (await h.feed(b, key=prompt_key(b))).written == []
+    c = text_snapshot(3, PROMPT, REPLY, host="h3", model="prov/model-c")
+    traces = (await h.feed(c, key=prompt_key(c))).values("traces.sampled")  # b is still there to pair
+    assert {t["snapshot_id"] for t in traces} == {b["snapshot_id"], c["snapshot_id"]}
+
+
+@pytest.mark.asyncio
+async def test_the_pair_window_survives_a_restart_and_is_swept_after_it(tmp_path: Path, clock: FakeClock) -> None:
+    h, _ = sampler(tmp_path, clock)
+    await filled_window(h)
+    a = text_snapshot(1, PROMPT, REPLY, host="h1", model="prov/model-a")
+    await h.feed(a, key=prompt_key(a))
+    restarted, core = sampler(tmp_path, clock, table=h.table)
+    restarted.inputs = h.inputs  # the topic is the same
+    restarted._offset = h._offset
+    for shipped in h.sinks.values(SHIPPED):  # its novelty window: sampler.shipped replayed
+        await core.apply_shipped(encode(shipped))
+    b = text_snapshot(2, PROMPT, REPLY, host="h2", model="prov/model-b")
+    assert len((await restarted.feed(b, key=prompt_key(b))).values("traces.sampled")) == 2
+    assert prompt_key(a).encode() in restarted.table
+    await clock.advance(25 * 3600)  # past the 24 h window (and the 10-minute sweep period)
+    other = text_snapshot(5, "something else entirely", "fine")
+    await restarted.feed(other, key=key_of(other))
+    assert prompt_key(a).encode() not in restarted.table

@@ -142,7 +142,7 @@ async def scrub_fails(client: ScrubberClient, kind: type[E]) -> E:
 async def test_every_text_field_is_scrubbed_in_one_request(stub: StubScrubber) -> None:
     async with client_for(stub.url) as client:
         out = await client.scrub_trace(sampled())
-    validate("trace-scrubbed.v1", out)
+    validate("trace-scrubbed.v2", out)
     dumped = json.dumps(out, ensure_ascii=False)
     for secret in [*SECRETS, "alice"]:
         assert secret not in dumped
@@ -179,15 +179,54 @@ async def test_identifiers_and_decision_pass_through(stub: StubScrubber) -> None
         "site_key",
         "session_id",
         "project_id",
-        "decision",
         "sampled_at",
     ):
         assert out[key] == record[key]
+    # a v1 decision comes out in the v2 shape: its reason its one fact, no pair
+    assert out["decision"] == {**record["decision"], "facts": [record["decision"]["reason"]], "pair": None}
     for got, sent in zip(out["messages"], record["messages"], strict=True):
         assert [got[k] for k in ("role", "id", "session_id", "idx")] == [
             sent[k] for k in ("role", "id", "session_id", "idx")
         ]
+        assert got["agent_id"] is None and got["prompt_ref"] is None
     assert out["messages"][1]["tool_calls"][0]["call_id"] == "call_1"
+    validate("trace-scrubbed.v2", out)
+
+
+def paired_v2() -> dict[str, Any]:
+    """sampled() as a trace.sampled/2 record of a turn forwarded in a pair."""
+    record = sampled()
+    ref = "pr_" + "ab" * 16
+    record.update(schema="trace.sampled/2", prompt_ref=ref, agent_id="anthropic/claude-sonnet-4:build")
+    record["decision"] = {**record["decision"], "reason": "pair", "facts": ["pair"], "pair": {
+        "pair_id": "pair_" + "cd" * 12, "prompt_ref": ref, "partner_trace_id": "tr_oc_" + "ef" * 16,
+        "partner_agent_id": "openai/gpt-5:build", "partner_host": "other"}}
+    for message in record["messages"]:
+        message.update(agent_id="anthropic/claude-sonnet-4:build", prompt_ref=ref)
+    validate("trace-sampled.v2", record)
+    return record
+
+
+@pytest.mark.asyncio
+async def test_the_pair_identifiers_pass_through_unscrubbed(stub: StubScrubber) -> None:
+    record = paired_v2()
+    async with client_for(stub.url) as client:
+        out = await client.scrub_trace(record)
+    assert (out["prompt_ref"], out["agent_id"], out["decision"]) == (
+        record["prompt_ref"], record["agent_id"], record["decision"])
+    assert [(m["agent_id"], m["prompt_ref"]) for m in out["messages"]] == [
+        (m["agent_id"], m["prompt_ref"]) for m in record["messages"]]
+    validate("trace-scrubbed.v2", out)
+
+
+@pytest.mark.asyncio
+async def test_free_text_posing_as_an_identifier_is_refused_before_anything_is_sent(stub: StubScrubber) -> None:
+    record = paired_v2()
+    record["messages"][0]["agent_id"] = "alice@example.com said hi"
+    async with client_for(stub.url) as client:
+        with pytest.raises(ScrubberInputError, match=r"messages\[0\]\.agent_id"):
+            await client.scrub_trace(record)
+    assert stub.stats()["requests"] == 0
 
 
 @pytest.mark.asyncio
@@ -304,7 +343,7 @@ def test_bypass_keeps_the_shape_and_says_so_loudly(caplog: pytest.LogCaptureFixt
     record = sampled()
     with caplog.at_level(logging.WARNING, logger="pipeline.clients.scrubber"):
         out = bypass_record(record, now_ms=5)
-    validate("trace-scrubbed.v1", out)
+    validate("trace-scrubbed.v2", out)
     assert out["scrub"] == {
         "mode": "bypass",
         "jti": None,

@@ -145,8 +145,15 @@ def test_canonical_body_is_the_panel_shape_compact_and_utf8() -> None:
         "messages",
         "reason",
         "plugin_version",
+        "prompt_ref",
+        "agent_id",
+        "pair_id",
+        "reasons",
     }
     assert parsed["blob"]["reason"] == "novelty"
+    # a trace.scrubbed/1 record (from before pairs) has neither pair nor prompt: null, its reason its one fact
+    assert parsed["blob"]["pair_id"] is None and parsed["blob"]["prompt_ref"] is None
+    assert parsed["blob"]["reasons"] == ["novelty"]
     assert parsed["blob"]["messages"] == scrubbed()["messages"]
     assert b": " not in body and b", " not in body
     assert "héllo ✓".encode() in body  # raw UTF-8, not \\u escapes

@@ -31,9 +31,10 @@ JWT = "scrubber-jwt-secret-at-least-32-bytes!"
 TIMEOUT = httpx.Timeout(connect=2.0, read=5.0, write=5.0, pool=2.0)
 
 
-def body_for(trace_id: str = "tr_oc_00000001", content: str = "hello") -> bytes:
+def body_for(trace_id: str = "tr_oc_00000001", content: str = "hello", *, agent: str | None = None,
+             prompt_ref: str | None = None) -> bytes:
     record = {
-        "schema": "trace.scrubbed/1",
+        "schema": "trace.scrubbed/1" if agent is None else "trace.scrubbed/2",
         "trace_id": trace_id,
         "session_id": "ses_1",
         "project_id": "prj",
@@ -60,6 +61,10 @@ def body_for(trace_id: str = "tr_oc_00000001", content: str = "hello") -> bytes:
         "decision": {"reason": "sample"},
         "scrub": {"mode": "trace"},
     }
+    if agent is not None:
+        record.update(prompt_ref=prompt_ref, agent_id=agent)
+        for message in record["messages"]:
+            message.update(agent_id=agent, prompt_ref=prompt_ref)
     return canonical_body(record, "opencode", "0.1.0")
 
 
@@ -126,6 +131,19 @@ async def test_same_trace_id_is_an_upsert(panel: StubPanel, client: PanelClient)
     assert accepted["tr_oc_00000001"]["upserts"] == 2
     assert accepted["tr_oc_00000001"]["body"]["blob"]["messages"][0]["content"] == "second"
     assert panel.stats()["accepted_traces"] == 1 and panel.stats()["upserts"] == 2
+
+
+@pytest.mark.asyncio
+async def test_assistant_messages_of_one_prompt_by_two_agents_across_traces_are_a_pairwise_unit(
+        panel: StubPanel, client: PanelClient) -> None:
+    ref = "pr_" + "12" * 16
+    for n, agent in enumerate(["p/a:build", "p/b:build", "p/b:build"]):
+        body = body_for(f"tr_oc_0000000{n}", agent=agent, prompt_ref=ref)
+        assert (await client.post_trace(body, SITE, sign(body, SITE_SECRET), attest(body))).status == 200
+    other = body_for("tr_oc_00000009", agent="p/a:build", prompt_ref="pr_" + "34" * 16)
+    assert (await client.post_trace(other, SITE, sign(other, SITE_SECRET), attest(other))).status == 200
+    assert panel.pairwise() == {ref: {"p/a:build": ["tr_oc_00000000"],
+                                      "p/b:build": ["tr_oc_00000001", "tr_oc_00000002"]}}
 
 
 @pytest.mark.asyncio

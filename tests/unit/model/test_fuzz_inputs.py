@@ -601,7 +601,7 @@ def turn_envelope(listing: Any, session: Any, event_id: str = "evt_syn_fuzz") ->
 
 def check_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
     """Schema-valid, and what the sample stage decodes from sessions.idle is the same record."""
-    records.validate("snapshot.v1", snapshot)
+    records.validate("snapshot.v2", snapshot)
     raw = records.encode(snapshot)
     decoded = records.decode(raw, "sessions.idle")
     assert records.encode(decoded) == raw
@@ -666,11 +666,12 @@ def test_apply_event_folds_wrong_sessions_into_valid_snapshots_or_record_errors(
         state = new_state
 
 
-TRACE_BASE = {"schema": "trace.sampled/1", "trace_id": "tr_oc_" + "0" * 32, "snapshot_id": "snp_" + "0" * 32,
+TRACE_BASE = {"schema": "trace.sampled/2", "trace_id": "tr_oc_" + "0" * 32, "snapshot_id": "snp_" + "0" * 32,
               "host": HOST, "site_key": SITE, "session_id": "ses_fuzz", "project_id": None, "directory": None,
               "title": None, "decision": {"forward": True, "reason": "sample", "novelty": None, "rate": 1.0,
-                                          "policy_version": "sampling/1", "detail": ""},
-              "sampled_at": NOW}
+                                          "policy_version": "sampling/2", "detail": "", "facts": ["sample"],
+                                          "pair": None},
+              "prompt_ref": None, "agent_id": None, "sampled_at": NOW}
 
 
 @st.composite
@@ -709,7 +710,7 @@ def test_panel_messages_are_schema_valid_or_record_error(
         assert exc.reason == "bad_messages"
         return
     event(f"messages out: {min(len(out), 3)}")
-    records.validate("trace-sampled.v1", {**TRACE_BASE, "messages": out})
+    records.validate("trace-sampled.v2", {**TRACE_BASE, "messages": out})
     assert len(out) <= max(0, max_messages)
     assert [m["idx"] for m in out] == list(range(len(out)))
 
@@ -732,7 +733,7 @@ def test_sampler_decides_every_snapshot_and_the_trace_is_schema_valid_or_record_
         decision = sampler.decide(snapshot)
         event(f"decision: {decision.reason}")
         assert not sampler.policy_errors, dict(sampler.policy_errors)  # no policy crashed on it
-        records.validate("trace-sampled.v1", {**TRACE_BASE, "messages": [], "decision": decision.to_dict()})
+        records.validate("trace-sampled.v2", {**TRACE_BASE, "messages": [], "decision": decision.to_dict()})
         if not decision.forward:
             continue
         try:
@@ -740,7 +741,7 @@ def test_sampler_decides_every_snapshot_and_the_trace_is_schema_valid_or_record_
         except RecordError as exc:
             assert exc.reason == "bad_messages"
             continue
-        records.validate("trace-sampled.v1", trace)
+        records.validate("trace-sampled.v2", trace)
         records.encode(trace)
         shipped = novelty.shipped_record(snapshot, trace["trace_id"], NOW)
         records.validate("shipped.v1", shipped)
@@ -783,7 +784,7 @@ def test_bug_lone_surrogate_in_message_text_yields_a_snapshot_and_a_trace() -> N
     sampler = reference_sampler(NoveltyWindows(size=8), rate=1.0, rate_override=True)
     decision = sampler.decide(snapshot)
     assert not sampler.policy_errors
-    records.validate("trace-sampled.v1", sampled_trace(snapshot, decision, 25, NOW))
+    records.validate("trace-sampled.v2", sampled_trace(snapshot, decision, 25, NOW))
 
 
 @pytest.mark.xfail(not LONE_SURROGATES_OK, strict=True,
@@ -839,4 +840,4 @@ def test_bug_long_message_session_id_is_not_an_invalid_trace() -> None:
         out = panel_messages(listing, 25, session_id="ses_fuzz")
     except RecordError:
         return
-    records.validate("trace-sampled.v1", {**TRACE_BASE, "messages": out})
+    records.validate("trace-sampled.v2", {**TRACE_BASE, "messages": out})

@@ -26,7 +26,7 @@ from tests.fixtures import OPENCODE, REPO
 
 REFERENCE = OPENCODE
 SNAPSHOT_SCHEMA = Draft202012Validator(
-    json.loads((REPO / "schemas" / "snapshot.v1.json").read_text()))
+    json.loads((REPO / "schemas" / "snapshot.v2.json").read_text()))
 
 TOOL_SESSION = "ses_e038a9defffeKV8LTT3N7zqfNy"
 ERROR_SESSION = "ses_e038a9c4dffeJ03R2r5LNfh5K7"
@@ -379,7 +379,7 @@ def test_nesting_within_the_bound_gives_a_snapshot_later_stages_can_write(place:
     envelope = _decoded_with_nesting(ended(listing("tool-session"), TOOL_SESSION), place, MAX_NESTING - 10)
     _, [emit] = apply_event(None, envelope, max_messages=25, now_ms=NOW)
     assert isinstance(emit, Emit)
-    records_module.validate("snapshot.v1", emit.snapshot)
+    records_module.validate("snapshot.v2", emit.snapshot)
     again = records_module.decode(records_module.encode(emit.snapshot), "sessions.idle")
     assert again["snapshot_id"] == emit.snapshot["snapshot_id"]
 
@@ -389,7 +389,7 @@ def test_nesting_within_the_bound_gives_a_snapshot_later_stages_can_write(place:
 LEAKY = "password=hunter2 AKIAIOSFODNN7EXAMPLE"  # what a record may hold and a dead letter must not
 
 
-def _schema_error(record: dict[str, Any], schema: str = "snapshot.v1") -> str:
+def _schema_error(record: dict[str, Any], schema: str = "snapshot.v2") -> str:
     with pytest.raises(SchemaError) as err:
         records_module.validate(schema, record)
     return str(err.value)
@@ -425,7 +425,7 @@ def test_secret_in_a_wrong_typed_field_stays_out_of_the_dead_letter_text() -> No
     (lambda s: s.update(host="h" * 600), "at host: string longer than maxLength 512"),
     (lambda s: s.update(error_markers=[{"source": LEAKY, "name": "x", "detail": ""}]),
      "at error_markers/0/source: value not in the allowed enum"),
-    (lambda s: s.update(schema=LEAKY), 'at schema: value is not the constant "session.snapshot/1"'),
+    (lambda s: s.update(schema=LEAKY), 'at schema: value is not the constant "session.snapshot/2"'),
     (lambda s: s.update(emitted_at=-1), "at emitted_at: number below minimum 0"),
 ])
 def test_schema_error_wording(change: Any, expected: str) -> None:

@@ -15,7 +15,7 @@ from pipeline.sampling import Decision, session_tokens
 from tests.fixtures import OPENCODE, REPO
 
 REFERENCE = OPENCODE
-SCHEMA = json.loads((REPO / "schemas" / "trace-sampled.v1.json").read_text())
+SCHEMA = json.loads((REPO / "schemas" / "trace-sampled.v2.json").read_text())
 VALIDATOR = Draft202012Validator(SCHEMA)
 
 

@@ -311,7 +311,7 @@ def test_order_of_evaluation(name: str, rate: float, shipped: list[dict[str, Any
 
 def test_reference_order_and_no_force() -> None:
     sampler = reference_sampler(NoveltyWindows())
-    assert [p.name for p in sampler.policies] == ["error_flag", "novelty", "sample"]
+    assert [p.name for p in sampler.policies] == ["error_flag", "pair", "novelty", "sample"]
 
 
 def test_raising_policy_is_counted_and_skipped() -> None:
@@ -336,7 +336,7 @@ def test_sampler_config_errors_name_the_problem() -> None:
 
 
 def test_decision_serialises_to_the_schema_object() -> None:
-    schema = json.loads((REPO / "schemas" / "trace-sampled.v1.json").read_text())
+    schema = json.loads((REPO / "schemas" / "trace-sampled.v2.json").read_text())
     validator = Draft202012Validator(schema["properties"]["decision"])
     sampler = sampler_for(0.05, [SHIPPED])
     for snapshot in (ERRORED, DISSIMILAR, SIMILAR):
