@@ -24,6 +24,11 @@ Requests that offer no tools (opencode's title and summary calls to its
 ``small_model``) always get a short plain text answer: directives there would
 only break title generation.
 
+Any model name is answered (the reply carries the name the request gave), so
+daemons configured with different models (``OpencodeDaemon(...,
+model_id="stub-model-b")``) can share one stub; ``/v1/models`` lists
+``model_id`` and ``model_ids``, and each recorded request its ``model``.
+
 A ``--script FILE`` (JSON) adds rules that rewrite prompts into directives
 before the built-in ones are read, for demos driven from outside::
 
@@ -99,6 +104,7 @@ class StubRequest:
     status: int
     prompt: str = ""
     step: int = 0
+    model: str = ""  # the chat request's `model` (the daemon's modelID); "" when it named none
 
 
 def _tool_call(name: str, arg: str) -> ToolCall:
@@ -192,12 +198,16 @@ class ModelStub:
         rules: Sequence[ScriptRule] = (),
         default: str | None = None,
         model_id: str = MODEL_ID,
+        model_ids: Sequence[str] = (),
     ) -> None:
         self._host = host
         self._want_port = port
         self._rules = list(rules)
         self._default = default
         self.model_id = model_id
+        # every name /v1/models lists: model_id first, then the others (daemons configured with
+        # different models share one stub); a chat request is answered whatever model it names
+        self.model_ids: tuple[str, ...] = tuple(dict.fromkeys([model_id, *model_ids]))
         self._port: int | None = None
         self._runner: web.AppRunner | None = None
         self._lock = threading.Lock()
@@ -225,9 +235,11 @@ class ModelStub:
         with self._lock:
             return list(self._requests)
 
-    def count(self, kind: str | None = None) -> int:
+    def count(self, kind: str | None = None, model: str | None = None) -> int:
+        """Requests answered, of one `kind` and for one `model` when given."""
         with self._lock:
-            return sum(1 for r in self._requests if kind is None or r.kind == kind)
+            return sum(1 for r in self._requests
+                       if (kind is None or r.kind == kind) and (model is None or r.model == model))
 
     def _take_error(self, prompt: str, times: int | None) -> bool:
         if times is None:
@@ -345,7 +357,7 @@ class ModelStub:
         return web.json_response(
             {
                 "object": "list",
-                "data": [{"id": self.model_id, "object": "model", "created": 0, "owned_by": "stub"}],
+                "data": [{"id": name, "object": "model", "created": 0, "owned_by": "stub"} for name in self.model_ids],
             }
         )
 
@@ -364,29 +376,30 @@ class ModelStub:
         messages = body.get("messages") if isinstance(body.get("messages"), list) else []
         messages = [m for m in messages if isinstance(m, dict)]
         stream = bool(body.get("stream"))
+        model = body.get("model") if isinstance(body.get("model"), str) else ""
         prompt, tool_results = _last_user_turn(messages)
         step = len(tool_results)
         if not body.get("tools"):
-            self._record(StubRequest(request.path, "auxiliary", stream, 200, prompt, step))
+            self._record(StubRequest(request.path, "auxiliary", stream, 200, prompt, step, model))
             text = f"Stub title {_echo_words(prompt, 5)}"
             return await self._answer(request, body, stream, text, None)
 
         try:
             plan = plan_reply(prompt, self._rules, self._default)
         except (ValueError, json.JSONDecodeError) as exc:
-            self._record(StubRequest(request.path, "agent", stream, 400, prompt, step))
+            self._record(StubRequest(request.path, "agent", stream, 400, prompt, step, model))
             return _error_response(400, f"bad stub directive: {exc}")
         if plan.delay > 0:
             # A deliberately slow model: the delay is the behaviour under test.
             await asyncio.sleep(plan.delay)
         if step < len(plan.tools):
-            self._record(StubRequest(request.path, "agent", stream, 200, prompt, step))
+            self._record(StubRequest(request.path, "agent", stream, 200, prompt, step, model))
             call = plan.tools[step]
             return await self._answer(request, body, stream, f"Calling {call.name}.", call)
         if plan.error is not None and self._take_error(prompt, plan.error_times):
-            self._record(StubRequest(request.path, "agent", stream, plan.error, prompt, step))
+            self._record(StubRequest(request.path, "agent", stream, plan.error, prompt, step, model))
             return _error_response(plan.error, f"stub error {plan.error} for: {_echo_words(prompt, 6)}")
-        self._record(StubRequest(request.path, "agent", stream, 200, prompt, step))
+        self._record(StubRequest(request.path, "agent", stream, 200, prompt, step, model))
         if plan.say is not None:
             text = plan.say
         else:
@@ -474,7 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--script", type=Path, default=None, help="JSON rules file")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME",
+                        help=f"a model name /v1/models lists (repeatable; default {MODEL_ID}); any name is answered")
     args = parser.parse_args(argv)
+    models: list[str] = args.model or [MODEL_ID]
     rules, default = load_script(args.script) if args.script else ([], None)
 
     async def serve() -> None:
@@ -483,7 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        async with ModelStub(args.port, args.host, rules=rules, default=default) as stub:
+        async with ModelStub(args.port, args.host, rules=rules, default=default, model_id=models[0],
+                             model_ids=models[1:]) as stub:
             print(f"model stub listening on {stub.base_url}", flush=True)
             await stop.wait()
             print(f"model stub answered {stub.count()} request(s)", flush=True)

@@ -40,6 +40,8 @@ from pipeline.clients.opencode import OpencodeClient
 __all__ = [
     "DEFAULT_BINARY",
     "INSTALL_HINT",
+    "MODEL_ID",
+    "PROVIDER_ID",
     "OpencodeBinaryNotFound",
     "OpencodeDaemon",
     "OpencodeDaemonError",
@@ -82,8 +84,15 @@ class _ExitedEarly(OpencodeDaemonError):
     """The process ended before it printed where it listens (a port race, say)."""
 
 
-def opencode_config(model_base_url: str) -> dict[str, Any]:
-    """The ``opencode.json`` of contracts/opencode.md, pointed at ``model_base_url``."""
+def opencode_config(model_base_url: str, model_id: str = MODEL_ID) -> dict[str, Any]:
+    """The ``opencode.json`` of contracts/opencode.md, pointed at ``model_base_url``, its
+    provider ``stub`` offering the one model ``model_id`` (the default and small model).
+
+    Two daemons given different ``model_id`` behind one :class:`~devkit.model_stub.ModelStub`
+    stand for hosts running different models: their assistant messages carry
+    ``providerID "stub"`` and their own ``modelID``, and the stub answers each under its name."""
+    if not model_id.strip():
+        raise ValueError(f"model_id must be a non-empty model name, got {model_id!r}")
     return {
         "$schema": "https://opencode.ai/config.json",
         "provider": {
@@ -91,11 +100,11 @@ def opencode_config(model_base_url: str) -> dict[str, Any]:
                 "npm": "@ai-sdk/openai-compatible",
                 "name": "Stub",
                 "options": {"baseURL": model_base_url, "apiKey": "x"},
-                "models": {MODEL_ID: {"name": "Stub Model", "tool_call": True}},
+                "models": {model_id: {"name": "Stub Model", "tool_call": True}},
             }
         },
-        "model": f"{PROVIDER_ID}/{MODEL_ID}",
-        "small_model": f"{PROVIDER_ID}/{MODEL_ID}",
+        "model": f"{PROVIDER_ID}/{model_id}",
+        "small_model": f"{PROVIDER_ID}/{model_id}",
         "autoupdate": False,
         "share": "disabled",
         "permission": {"bash": "allow", "edit": "allow"},
@@ -103,7 +112,11 @@ def opencode_config(model_base_url: str) -> dict[str, Any]:
 
 
 class OpencodeDaemon:
-    """``with OpencodeDaemon(workdir, stub.base_url) as daemon: daemon.url``."""
+    """``with OpencodeDaemon(workdir, stub.base_url) as daemon: daemon.url``.
+
+    ``model_id`` names the model the daemon's opencode.json offers (and uses by default);
+    daemons with different ones share a stub: ``OpencodeDaemon(a, stub.base_url,
+    model_id="stub-model-a")``."""
 
     def __init__(
         self,
@@ -118,9 +131,12 @@ class OpencodeDaemon:
         stop_timeout: float = 10.0,
         extra_env: Mapping[str, str] | None = None,
         log_lines: int = 400,
+        model_id: str = MODEL_ID,
     ) -> None:
+        opencode_config(model_base_url, model_id)  # a bad model_id fails here, not at start()
         self.workdir = Path(workdir).resolve()
         self.model_base_url = model_base_url
+        self.model_id = model_id
         self.port = port
         self.username = username or "opencode"
         self._username_set = username is not None
@@ -161,6 +177,12 @@ class OpencodeDaemon:
     @property
     def password(self) -> str | None:
         return self._password
+
+    @property
+    def model(self) -> str:
+        """The daemon's default model, ``provider/model`` (``stub/stub-model`` unless ``model_id``
+        named another): what its assistant messages' ``providerID``/``modelID`` say."""
+        return f"{PROVIDER_ID}/{self.model_id}"
 
     @property
     def pid(self) -> int | None:
@@ -204,7 +226,7 @@ class OpencodeDaemon:
             raise OpencodeBinaryNotFound(self.binary)
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "opencode.json").write_text(
-            json.dumps(opencode_config(self.model_base_url), indent=2) + "\n", encoding="utf-8"
+            json.dumps(opencode_config(self.model_base_url, self.model_id), indent=2) + "\n", encoding="utf-8"
         )
         if self._state_dir is None:
             self._state_dir = Path(tempfile.mkdtemp(prefix="opencode-daemon-"))

@@ -171,47 +171,100 @@ def cmd_replay(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
 @command("opencode")
 def cmd_opencode(args: argparse.Namespace, cfg: config_mod.Config) -> int:
-    """Run one turn on a configured host and say how it ended.
+    """Run one turn on a configured host, or the same prompt on several hosts at once (a new
+    session on each, all concurrently), and say how each turn ended.
 
     `prompt` answers with the turn's last message only, and a turn that failed (the model's
     API answered an error, a tool failed) still answers 200: so the turn's messages are read
     back and checked, and a failed turn exits EXIT_TURN_FAILED with each error on stderr
-    instead of printing an empty answer and exiting 0."""
-    from pipeline.clients.opencode import (
-        OpencodeAuthError,
-        OpencodeClient,
-        OpencodeUnavailable,
-        turn_errors,
-        turn_messages,
-    )
+    instead of printing an empty answer and exiting 0. Every host named is looked up, and its
+    client built, before anything is sent: an unknown name sends nothing to any host."""
+    from pipeline.clients.opencode import OpencodeClient
 
-    host = cfg.host(args.host)
-    client = OpencodeClient(host.base_url, host.password.reveal() if host.password else None,
-                            allow_insecure_http=host.allow_insecure_http, model=host.model, agent=host.agent)
+    hosts = _opencode_hosts(args, cfg)
+    clients = [OpencodeClient(h.base_url, h.password.reveal() if h.password else None,
+                              allow_insecure_http=h.allow_insecure_http, model=h.model, agent=h.agent)
+               for h in hosts]
+    if args.action == "continue" or (len(hosts) == 1 and not args.all_hosts):
+        return _one_turn(args, hosts[0], clients[0])
+    return _turns_on_hosts(args, hosts, clients)
+
+
+# Several hosts' exit codes as one: the first of these that any host has (a host that could not
+# run the turn, then a turn that ended in an error, then all well). A usage or configuration
+# mistake (2) is the whole command's, found before any host is sent anything.
+EXIT_WORST_FIRST = (1, EXIT_TURN_FAILED, 0)
+
+
+def _opencode_hosts(args: argparse.Namespace, cfg: config_mod.Config) -> list[config_mod.HostConfig]:
+    """The [[hosts]] entries `--host` (once; repeated for run-task) or `--all-hosts` name. Every
+    name is checked before any turn starts: an unknown one is a configuration error (exit 2)."""
+    names: list[str] = args.hosts
+    if args.action == "continue":
+        if len(names) > 1:
+            raise UsageError("continue takes one --host: the session lives on one host")
+        return [cfg.host(names[0])]
+    if args.all_hosts:
+        if not cfg.hosts:
+            raise config_mod.ConfigError("--all-hosts: no [[hosts]] entry is configured", "hosts")
+        return list(cfg.hosts)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"--host {', '.join(twice)} given more than once (each host runs the prompt once)")
+    return [cfg.host(name) for name in names]
+
+
+def _host_failure(host: config_mod.HostConfig, exc: Exception) -> str:
+    """Why `host` could not run the turn, in one line, with what to check."""
+    from pipeline.clients.opencode import OpencodeAuthError, OpencodeUnavailable
+
+    if isinstance(exc, OpencodeAuthError):
+        what = "; check [[hosts]] password / password_env"
+    elif isinstance(exc, OpencodeUnavailable):
+        what = "; check that `opencode serve` runs there and that [[hosts]] base_url names it"
+    else:
+        what = ""
+    return f"opencode host {host.name} at {host.base_url}: {' '.join(str(exc).split())}{what}"
+
+
+async def _run_turn(args: argparse.Namespace, host: config_mod.HostConfig, client: Any,
+                    say: Callable[[str], None]) -> dict[str, Any]:
+    """One turn on `host`: a new session (run-task) or `args.session_id` (continue), the prompt,
+    and the turn's messages read back. `say` tells the spinner what it waits for."""
+    from pipeline.clients.opencode import turn_messages
+
+    async with client:
+        session_id = args.session_id if args.action == "continue" else None
+        if session_id is None:
+            session_id = str((await client.create_session(title=args.title, agent=host.agent))["id"])
+        say(f"waiting for the turn to end on host {host.name} (session {session_id})")
+        result = dict(await client.continue_session(session_id, args.prompt))
+        say(f"reading the turn's messages from host {host.name}")
+        result["messages"] = turn_messages(await client.messages(session_id), result["response"])
+        return result
+
+
+def _turn_json(result: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    return {"session_id": result["session_id"], "ok": not errors, "errors": errors, "reply": result["reply"],
+            "messages": result["messages"], "response": result["response"]}
+
+
+def _one_turn(args: argparse.Namespace, host: config_mod.HostConfig, client: Any) -> int:
+    """`pipeline opencode` on one host: the session id and the reply (or JSON); a host that
+    cannot run the turn is the command's failure (one line, exit 1)."""
+    from pipeline.clients.opencode import OpencodeAuthError, OpencodeUnavailable, turn_errors
 
     async def run() -> dict[str, Any]:
-        async with client:
-            with waiting(f"connecting to opencode host {host.name} at {host.base_url}") as say:
-                session_id = args.session_id if args.action == "continue" else None
-                if session_id is None:
-                    session_id = str((await client.create_session(title=args.title, agent=host.agent))["id"])
-                say(f"waiting for the turn to end on host {host.name} (session {session_id})")
-                result = dict(await client.continue_session(session_id, args.prompt))
-                say(f"reading the turn's messages from host {host.name}")
-                result["messages"] = turn_messages(await client.messages(session_id), result["response"])
-                return result
+        with waiting(f"connecting to opencode host {host.name} at {host.base_url}") as say:
+            return await _run_turn(args, host, client, say)
 
     try:
         result = asyncio.run(run())
     except (OpencodeUnavailable, OpencodeAuthError) as exc:
-        what = "check [[hosts]] password / password_env" if isinstance(exc, OpencodeAuthError) else \
-            "check that `opencode serve` runs there and that [[hosts]] base_url names it"
-        raise PipelineError(f"opencode host {host.name} at {host.base_url}: {exc}; {what}") from None
+        raise PipelineError(_host_failure(host, exc)) from None
     errors = turn_errors(result["messages"])
     if args.json:
-        print(json.dumps({"session_id": result["session_id"], "ok": not errors, "errors": errors,
-                          "reply": result["reply"], "messages": result["messages"],
-                          "response": result["response"]}, indent=2, default=str))
+        print(json.dumps(_turn_json(result, errors), indent=2, default=str))
     else:
         print(f"session {result['session_id']}")
         if result["reply"]:
@@ -220,6 +273,58 @@ def cmd_opencode(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         print(f"pipeline opencode: the turn ended in an error: {line} (session {result['session_id']})",
               file=sys.stderr)
     return EXIT_TURN_FAILED if errors else 0
+
+
+def _turns_on_hosts(args: argparse.Namespace, hosts: Sequence[config_mod.HostConfig], clients: Sequence[Any]) -> int:
+    """`pipeline opencode run-task` on several hosts at once: each host's outcome (a block of
+    text naming the host, or one JSON object with its `host`), and the worst exit code of
+    theirs. A host that cannot run the turn does not stop the others."""
+    from pipeline.clients.opencode import OpencodeError, turn_errors
+
+    names = [h.name for h in hosts]
+
+    async def run() -> list[dict[str, Any] | str]:
+        with waiting(f"running the turn on {len(hosts)} opencode hosts: {', '.join(names)}") as say:
+            pending = set(names)
+
+            async def one(host: config_mod.HostConfig, client: Any) -> dict[str, Any] | str:
+                try:
+                    return await _run_turn(args, host, client, lambda _text: None)
+                except OpencodeError as exc:
+                    return _host_failure(host, exc)
+                finally:
+                    pending.discard(host.name)
+                    if pending:
+                        say(f"waiting for the turn to end on {', '.join(n for n in names if n in pending)}")
+
+            return list(await asyncio.gather(*(one(h, c) for h, c in zip(hosts, clients, strict=True))))
+
+    outcomes = asyncio.run(run())
+    codes: list[int] = []
+    documents: list[dict[str, Any]] = []
+    for index, (host, outcome) in enumerate(zip(hosts, outcomes, strict=True)):
+        if isinstance(outcome, str):
+            codes.append(1)
+            documents.append({"host": host.name, "session_id": None, "ok": False, "errors": [outcome],
+                              "reply": "", "messages": [], "response": None, "exit_code": 1})
+            if not args.json:
+                print(("\n" if index else "") + f"host {host.name}: no turn (the host could not run it)")
+            print(f"pipeline: {outcome}", file=sys.stderr)
+            continue
+        errors = turn_errors(outcome["messages"])
+        code = EXIT_TURN_FAILED if errors else 0
+        codes.append(code)
+        documents.append({"host": host.name, **_turn_json(outcome, errors), "exit_code": code})
+        if not args.json:
+            print(("\n" if index else "") + f"host {host.name}: session {outcome['session_id']}")
+            if outcome["reply"]:
+                print(outcome["reply"])
+        for line in errors:
+            print(f"pipeline opencode: the turn ended in an error on host {host.name}: {line} "
+                  f"(session {outcome['session_id']})", file=sys.stderr)
+    if args.json:
+        print(json.dumps(documents, indent=2, default=str))
+    return next(code for code in EXIT_WORST_FIRST if code in codes)
 
 
 @command("lag")
@@ -366,20 +471,35 @@ def parser() -> argparse.ArgumentParser:
     turn_codes = ("Exit 0 the turn ended well, 1 the host cannot be reached or refused the request, "
                   "2 a usage or configuration mistake (an unknown --host), 3 the turn ended in an error "
                   "(the model's API failed, a tool failed): each error on stderr.")
-    o = add("opencode", help="run a coding task on a configured opencode host",
-            description="Send a prompt to an [[hosts]] daemon and wait for the turn to end. " + turn_codes)
+    several = (" On several hosts the exit code is the worst of theirs, 1 before 3 before 0: a host that "
+               "cannot run the turn does not stop the others; an unknown name is exit 2 before anything is sent.")
+    o = add("opencode", help="run a coding task on one or several configured opencode hosts",
+            description="Send a prompt to an [[hosts]] daemon, or the same prompt to several at once, and wait "
+                        "for the turn to end. " + turn_codes + several)
     osub = o.add_subparsers(dest="action", required=True, metavar="ACTION")
-    rt = add("run-task", osub, help="create a session, send the prompt, wait for the turn",
+    rt = add("run-task", osub, help="create a session, send the prompt, wait for the turn (on one host or several)",
              description="Create a session on the host, send the prompt, wait for the turn to end and print "
-                         "the session id and the reply. " + turn_codes)
+                         "the session id and the reply. With several hosts (--host repeated, or --all-hosts) "
+                         "the same prompt goes to each at once, a new session on each, and each host's "
+                         "result is printed: a block naming the host, or with --json a list of the per-host "
+                         "objects, each with its `host` (and `exit_code`). " + turn_codes + several)
     co = add("continue", osub, help="send a prompt to an existing session, wait for the turn",
-             description="Send the prompt to an existing session, wait for the turn to end and print the "
-                         "session id and the reply. " + turn_codes)
-    for op in (rt, co):
-        op.add_argument("--host", required=True, metavar="NAME", help="the [[hosts]] entry's name")
-        op.add_argument("--json", action="store_true",
-                        help="print the turn as JSON: session_id, ok, errors, reply and the turn's messages")
-    rt.add_argument("--title", help="the new session's title")
+             description="Send the prompt to an existing session of one host, wait for the turn to end and "
+                         "print the session id and the reply. " + turn_codes)
+    targets = rt.add_mutually_exclusive_group(required=True)
+    targets.add_argument("--host", dest="hosts", action="append", metavar="NAME",
+                         help="the [[hosts]] entry's name; repeat it to send the same prompt to several hosts "
+                              "at once (one new session on each)")
+    targets.add_argument("--all-hosts", action="store_true",
+                         help="send the same prompt to every configured [[hosts]] entry at once")
+    co.add_argument("--host", dest="hosts", action="append", required=True, metavar="NAME",
+                    help="the [[hosts]] entry's name (one: the session lives on that host)")
+    rt.add_argument("--json", action="store_true",
+                    help="print the turn as JSON: session_id, ok, errors, reply and the turn's messages; "
+                         "with several hosts, a list of those objects, each with its host")
+    co.add_argument("--json", action="store_true",
+                    help="print the turn as JSON: session_id, ok, errors, reply and the turn's messages")
+    rt.add_argument("--title", help="the new session's title (each host's, with several)")
     co.add_argument("session_id", metavar="SESSION_ID", help="the session to continue (ses_...)")
     for op in (rt, co):
         op.add_argument("prompt", help="what to ask (the prompt text)")

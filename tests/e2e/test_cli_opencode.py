@@ -1,6 +1,8 @@
-"""`pipeline opencode run-task|continue` against a real opencode daemon and the scripted model,
+"""`pipeline opencode run-task|continue` against real opencode daemons and the scripted model,
 as an operator runs it: a turn that ends in an error says so (name and message) and exits 3;
-`--json` carries the turn's messages; no httpx line per request unless -v."""
+`--json` carries the turn's messages; no httpx line per request unless -v; one prompt on
+several hosts (`--host` repeated, `--all-hosts`) prints each host's turn and exits with the
+worst of their codes."""
 
 from __future__ import annotations
 
@@ -22,10 +24,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def config(opencode_daemon: OpencodeDaemon, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def config(opencode_daemon: OpencodeDaemon, secured_daemon: OpencodeDaemon,
+           tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cli-opencode") / "pipeline.toml"
     path.write_text(f'[[hosts]]\nname = "h"\nbase_url = "{opencode_daemon.url}"\n\n'
-                    f'[[hosts]]\nname = "gone"\nbase_url = "http://127.0.0.1:{free_port()}"\n')
+                    f'[[hosts]]\nname = "gone"\nbase_url = "http://127.0.0.1:{free_port()}"\n\n'
+                    f'[[hosts]]\nname = "s"\nbase_url = "{secured_daemon.url}"\n'
+                    f'password = "{secured_daemon.password}"\n')
     return path
 
 
@@ -94,3 +99,36 @@ def test_an_unreachable_host_is_one_line_and_exit_1(config: Path) -> None:
     assert "Traceback" not in done.stderr
     unknown = pipeline(config, "opencode", "run-task", "--host", "nope", "hello")
     assert unknown.returncode == 2 and unknown.stderr.startswith("pipeline: config error: unknown host 'nope'")
+
+
+def test_one_prompt_on_several_hosts_prints_each_and_exits_with_the_worst(config: Path) -> None:
+    marker = word()
+    both = pipeline(config, "opencode", "run-task", "--host", "h", "--host", "s", f"[[say:both {marker}]]")
+    assert both.returncode == 0, both.stderr
+    assert both.stderr == ""
+    blocks = [block.splitlines() for block in both.stdout.rstrip("\n").split("\n\n")]
+    assert [(head.split(": ")[0], reply) for head, reply in blocks] == [("host h", f"both {marker}"),
+                                                                        ("host s", f"both {marker}")]
+    sessions = [head.split("session ")[1] for head, _ in blocks]
+    assert all(sid.startswith("ses_") for sid in sessions) and sessions[0] != sessions[1]  # one new session each
+
+    failed = pipeline(config, "opencode", "run-task", "--host", "s", "--host", "h", f"no {marker} [[error:400]]")
+    assert failed.returncode == 3, failed.stdout + failed.stderr
+    lines = failed.stderr.splitlines()
+    assert [line.split(": APIError")[0] for line in lines] == [
+        "pipeline opencode: the turn ended in an error on host s",
+        "pipeline opencode: the turn ended in an error on host h"]
+
+    # every configured host, one of them unreachable: the others still run, and 1 is the exit code
+    every = pipeline(config, "opencode", "run-task", "--all-hosts", "--json", f"[[say:all {marker}]]")
+    assert every.returncode == 1, every.stderr
+    docs = json.loads(every.stdout)
+    assert [(d["host"], d["ok"], d["exit_code"], d["reply"]) for d in docs] == [
+        ("h", True, 0, f"all {marker}"), ("gone", False, 1, ""), ("s", True, 0, f"all {marker}")]
+    assert docs[1]["session_id"] is None and "opencode serve" in docs[1]["errors"][0]
+    (line,) = every.stderr.splitlines()
+    assert line.startswith("pipeline: opencode host gone at http://127.0.0.1:") and "Traceback" not in every.stderr
+
+    unknown = pipeline(config, "opencode", "run-task", "--host", "h", "--host", "nope", "hello")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("pipeline: config error: unknown host 'nope'")
+    assert unknown.stdout == ""

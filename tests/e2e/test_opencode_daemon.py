@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from devkit.model_stub import ModelStub
-from devkit.opencode_daemon import REPO_ROOT, OpencodeBinaryNotFound, OpencodeDaemon
+from devkit.opencode_daemon import REPO_ROOT, OpencodeBinaryNotFound, OpencodeDaemon, opencode_config
 from pipeline.clients.opencode import (
     OpencodeAuthError,
     OpencodeClient,
@@ -346,3 +346,41 @@ async def test_model_stub_in_process_plans_turns_and_counts() -> None:
         title = (await ask([{"role": "user", "content": "[[error:400]] x"}], tools=False)).json()
         assert title["choices"][0]["message"]["content"].startswith("Stub title")
         assert (stub.count("agent"), stub.count("auxiliary")) == (3, 1)
+
+
+@pytest.mark.asyncio
+async def test_model_stub_answers_any_model_and_lists_the_configured_ones() -> None:
+    assert opencode_config("http://127.0.0.1:1/v1")["model"] == "stub/stub-model"  # the default stays
+    config = opencode_config("http://127.0.0.1:1/v1", model_id="stub-model-b")
+    assert config["model"] == config["small_model"] == "stub/stub-model-b"
+    assert list(config["provider"]["stub"]["models"]) == ["stub-model-b"]
+    with pytest.raises(ValueError, match="model_id"):
+        opencode_config("http://127.0.0.1:1/v1", model_id=" ")
+
+    async with ModelStub(model_id="stub-model-a", model_ids=["stub-model-b", "stub-model-a"]) as stub, \
+            httpx.AsyncClient(base_url=stub.base_url) as http:
+        assert [m["id"] for m in (await http.get("/models")).json()["data"]] == ["stub-model-a", "stub-model-b"]
+        for name in ("stub-model-b", "anything-else"):
+            answer = (await http.post("/chat/completions", json={
+                "model": name, "tools": [{"type": "function", "function": {"name": "bash"}}],
+                "messages": [{"role": "user", "content": "[[say:hello]]"}]})).json()
+            assert answer["model"] == name and answer["choices"][0]["message"]["content"] == "hello"
+        assert [(r.kind, r.model) for r in stub.requests] == [
+            ("models", ""), ("agent", "stub-model-b"), ("agent", "anything-else")]
+        assert stub.count("agent", model="stub-model-b") == 1 and stub.count(model="stub-model-a") == 0
+
+
+@pytest.mark.asyncio
+async def test_two_daemons_with_different_models_share_one_stub(tmp_path: Path, opencode_binary: Path) -> None:
+    prompt = f"the same question {word()} [[say:the same answer]]"
+    with ModelStub(model_id="stub-model-a", model_ids=["stub-model-b"]) as stub:
+        a = OpencodeDaemon(tmp_path / "a", stub.base_url, binary=opencode_binary, model_id="stub-model-a")
+        b = OpencodeDaemon(tmp_path / "b", stub.base_url, binary=opencode_binary, model_id="stub-model-b")
+        with a, b:
+            assert (a.model, b.model) == ("stub/stub-model-a", "stub/stub-model-b")
+            async with a.client() as on_a, b.client() as on_b:
+                done = await asyncio.gather(on_a.run_task(prompt), on_b.run_task(prompt))
+            for result, model_id in zip(done, ("stub-model-a", "stub-model-b"), strict=True):
+                info = result["response"]["info"]
+                assert (info["providerID"], info["modelID"], result["reply"]) == ("stub", model_id, "the same answer")
+                assert stub.count("agent", model=model_id) == 1

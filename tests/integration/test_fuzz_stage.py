@@ -212,9 +212,26 @@ async def produce(bootstrap: str, topic: str, records: list[Produced]) -> None:
         await producer.stop()
 
 
-async def collect(bootstrap: str, topic: str, keep: Callable[[bytes | None], bool], expect: int,
+def of_host(host: str) -> Callable[[bytes | None, bytes], bool]:
+    """sessions.idle records of `host` (the topic is keyed by prompt: the host is in the value)."""
+    return lambda _, value: json.loads(value).get("host") == host
+
+
+def by_session(idle: list[tuple[bytes | None, bytes]]) -> list[tuple[bytes | None, bytes]]:
+    """sessions.idle records re-keyed `host:session_id`, after checking each is keyed as ingest
+    keys them: by its prompt_ref, by its session when it has none."""
+    out = []
+    for key, value in idle:
+        snapshot = json.loads(value)
+        session = f"{snapshot['host']}:{snapshot['session_id']}"
+        assert key == (snapshot.get("prompt_ref") or session).encode()
+        out.append((session.encode(), value))
+    return out
+
+
+async def collect(bootstrap: str, topic: str, keep: Callable[[bytes | None, bytes], bool], expect: int,
                   timeout_s: float) -> list[tuple[bytes | None, bytes]]:
-    """(key, value) of `topic`'s records whose key `keep` accepts, from the start, until `expect`
+    """(key, value) of `topic`'s records `keep` accepts, from the start, until `expect`
     of them arrived (and a little after, to catch extras) or the timeout."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="earliest", max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
@@ -229,7 +246,7 @@ async def collect(bootstrap: str, topic: str, keep: Callable[[bytes | None], boo
         settle: float | None = None
         while time.monotonic() < deadline and (settle is None or time.monotonic() < settle):
             batch = await consumer.getmany(timeout_ms=500)
-            out.extend((m.key, m.value) for msgs in batch.values() for m in msgs if keep(m.key))
+            out.extend((m.key, m.value) for msgs in batch.values() for m in msgs if keep(m.key, m.value))
             if settle is None and len(out) >= expect:
                 settle = time.monotonic() + 3.0
         return out
@@ -323,10 +340,9 @@ def test_ingest_worker_dead_letters_every_bad_record_and_snapshots_every_turn(
     try:
         mine = f"{host}:".encode()
         n_snapshots = sum(len(v) for v in expected_snapshots.values())
-        dead = asyncio.run(collect(bootstrap, "ingest.dead", lambda k: bool(k and k.startswith(mine)),
+        dead = asyncio.run(collect(bootstrap, "ingest.dead", lambda k, _: bool(k and k.startswith(mine)),
                                    len(bad), TIMEOUT_S))
-        idle = asyncio.run(collect(bootstrap, "sessions.idle", lambda k: bool(k and k.startswith(mine)),
-                                   n_snapshots, TIMEOUT_S))
+        idle = by_session(asyncio.run(collect(bootstrap, "sessions.idle", of_host(host), n_snapshots, TIMEOUT_S)))
         assert worker.alive(), worker.log()[-4000:]
     finally:
         worker.stop()
@@ -416,9 +432,8 @@ def test_ingest_worker_survives_records_that_fail_on_send(kafka: LocalBroker, tm
     mine = f"{host}:".encode()
     try:
         # while the bug stands nothing comes and this waits out its timeout: kept short
-        idle = asyncio.run(collect(bootstrap, "sessions.idle", lambda k: bool(k and k.startswith(mine)),
-                                   len(after), 60))
-        dead = asyncio.run(collect(bootstrap, "ingest.dead", lambda k: bool(k and k.startswith(mine)), 1, 10))
+        idle = by_session(asyncio.run(collect(bootstrap, "sessions.idle", of_host(host), len(after), 60)))
+        dead = asyncio.run(collect(bootstrap, "ingest.dead", lambda k, _: bool(k and k.startswith(mine)), 1, 10))
         assert worker.alive(), worker.log()[-3000:]
     finally:
         worker.stop()

@@ -5,9 +5,11 @@ once it has propagated (the bound documented in the README; waves here are space
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -66,23 +68,35 @@ def expected_forwarded(waves: list[list[dict]]) -> set[str]:
     return forwarded
 
 
-def test_two_replicas_decide_like_one(tmp_path: Path) -> None:
-    waves = corpus()
-    expected = expected_forwarded(waves)
-    assert 0 < len(expected) < sum(len(w) for w in waves), "the corpus must exercise both outcomes"
+@contextlib.contextmanager
+def sample_replicas(tmp_path: Path, also: Sequence[str] = ()) -> Iterator[tuple[LocalBroker, list[PipelineProcess]]]:
+    """A broker with the topics on four partitions, two sample replicas (each already holding
+    partitions of sessions.idle) and the `also` stages; stopped on the way out."""
     broker = LocalBroker("127.0.0.1", free_port(), free_port(), tmp_path / "kafka", DEFAULT_CACHE_DIR)
     broker.start()
     env = {"PIPELINE_KAFKA__BOOTSTRAP": broker.bootstrap, "PIPELINE_KAFKA__PARTITIONS": "4",
            "PIPELINE_SAMPLING_RATE": "0.0", "PIPELINE_KAFKA__CACHE_DIR": str(tmp_path / "cache")}
     workers = [PipelineProcess(["worker", "sample", "--loglevel", "info"], env, tmp_path, f"sample-{i}")
                for i in range(2)]
+    workers += [PipelineProcess(["worker", stage, "--loglevel", "info"], env, tmp_path, stage) for stage in also]
     try:
         asyncio.run(admin.create_topics(broker.bootstrap, 4, 1))
         for w in workers:
             w.start()
-        # both replicas hold partitions of sessions.idle before any record arrives
-        for w in workers:
+        for w in workers[:2]:
             w.wait_for_log(ASSIGNED, 120)
+        yield broker, workers
+    finally:
+        for w in workers:
+            w.stop()
+        broker.stop()
+
+
+def test_two_replicas_decide_like_one(tmp_path: Path) -> None:
+    waves = corpus()
+    expected = expected_forwarded(waves)
+    assert 0 < len(expected) < sum(len(w) for w in waves), "the corpus must exercise both outcomes"
+    with sample_replicas(tmp_path) as (broker, workers):
         forwarded_so_far = 0
         for wave in waves:
             asyncio.run(produce(broker.bootstrap, "sessions.idle",
@@ -100,10 +114,6 @@ def test_two_replicas_decide_like_one(tmp_path: Path) -> None:
         # both replicas really decided: each was assigned partitions of sessions.idle
         for w in workers:
             assert re.search(ASSIGNED, w.log()), f"{w.name} got no partition"
-    finally:
-        for w in workers:
-            w.stop()
-        broker.stop()
 
 
 PAIRED_PROMPTS = [f"prompt {k}: " + " ".join(f"p{k}w{j}" for j in range(25)) for k in range(4)]
@@ -121,19 +131,7 @@ def test_two_replicas_pair_turns_of_one_prompt_from_two_hosts(tmp_path: Path) ->
     envelopes.append(text_turn_envelope(300, same, "one " * 20, host="host-a", model="prov/a"))
     envelopes.append(text_turn_envelope(301, same, "two " * 20, host="host-b", model="prov/a"))
     keys = {f"{e['host']}:{e['session_id']}".encode() for e in envelopes}
-    broker = LocalBroker("127.0.0.1", free_port(), free_port(), tmp_path / "kafka", DEFAULT_CACHE_DIR)
-    broker.start()
-    env = {"PIPELINE_KAFKA__BOOTSTRAP": broker.bootstrap, "PIPELINE_KAFKA__PARTITIONS": "4",
-           "PIPELINE_SAMPLING_RATE": "0.0", "PIPELINE_KAFKA__CACHE_DIR": str(tmp_path / "cache")}
-    workers = [PipelineProcess(["worker", "sample", "--loglevel", "info"], env, tmp_path, f"sample-{i}")
-               for i in range(2)]
-    ingest = PipelineProcess(["worker", "ingest", "--loglevel", "info"], env, tmp_path, "ingest")
-    try:
-        asyncio.run(admin.create_topics(broker.bootstrap, 4, 1))
-        for w in [*workers, ingest]:
-            w.start()
-        for w in workers:
-            w.wait_for_log(ASSIGNED, 120)
+    with sample_replicas(tmp_path, also=["ingest"]) as (broker, workers):
         # the first turn of each prompt goes in first, so its partner arrives to a window that has it
         firsts = [e for e in envelopes if e["host"] == "host-a"]
         asyncio.run(produce(broker.bootstrap, "opencode.events",
@@ -167,8 +165,4 @@ def test_two_replicas_pair_turns_of_one_prompt_from_two_hosts(tmp_path: Path) ->
         # the sessions really came in on different partitions of opencode.events
         partitions = {m.partition for m in asyncio.run(read_all(broker.bootstrap, "opencode.events", len(keys), 3))}
         assert len(partitions) > 1
-        assert all(w.alive() for w in [*workers, ingest]), [w.log()[-2000:] for w in [*workers, ingest]]
-    finally:
-        for w in [*workers, ingest]:
-            w.stop()
-        broker.stop()
+        assert all(w.alive() for w in workers), [w.log()[-2000:] for w in workers]

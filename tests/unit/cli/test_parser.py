@@ -5,22 +5,29 @@ and the pure rules behind the exit codes (lag health, a failed opencode turn).""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from agents.registry import STAGE_MODULES
 from devkit import cli as dev_cli
+from pipeline import config as config_mod
 from pipeline import logs
 from pipeline.cli import lag as lag_cli
 from pipeline.cli import main as cli
-from pipeline.clients.opencode import turn_errors, turn_messages
+from pipeline.cli.errors import UsageError
+from pipeline.clients import opencode as opencode_client
+from pipeline.clients.opencode import OpencodeClient, turn_errors, turn_messages
+from pipeline.errors import ConfigError
 from pipeline.kafka.lag import LagReport, PartitionLag, StageLag
 
 REPO = Path(__file__).resolve().parents[3]
@@ -236,3 +243,183 @@ def test_one_shot_commands_drop_aiokafkas_unreachable_lines_only() -> None:
     assert not f.filter(record("aiokafka.client", logging.WARNING, 'Unable to request metadata from "%s": %s'))
     assert f.filter(record("aiokafka", logging.ERROR, "Heartbeat failed: %s %s"))
     assert f.filter(record("pipeline.lag", logging.ERROR, 'Unable connect to "%s": %s'))
+
+
+# ---------------------------------------------------------------- `pipeline opencode` on several hosts
+
+
+def test_run_task_takes_several_hosts_or_all_of_them_and_continue_one() -> None:
+    one = cli.parser().parse_args(["opencode", "run-task", "--host", "a", "hi"])
+    assert (one.hosts, one.all_hosts, one.prompt) == (["a"], False, "hi")
+    two = cli.parser().parse_args(["opencode", "run-task", "--host", "a", "--host", "b", "--json", "hi"])
+    assert (two.hosts, two.all_hosts, two.json) == (["a", "b"], False, True)
+    every = cli.parser().parse_args(["opencode", "run-task", "--all-hosts", "--title", "t", "hi"])
+    assert (every.hosts, every.all_hosts, every.title) == (None, True, "t")
+    go_on = cli.parser().parse_args(["opencode", "continue", "--host", "a", "ses_1", "more"])
+    assert (go_on.hosts, go_on.session_id, go_on.prompt) == (["a"], "ses_1", "more")
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["opencode", "run-task", "hi"], "one of the arguments --host --all-hosts is required"),
+    (["opencode", "run-task", "--host", "a", "--all-hosts", "hi"], "not allowed with argument"),
+    (["opencode", "continue", "--host", "a", "--all-hosts", "ses_1", "hi"], "unrecognized arguments: --all-hosts"),
+    (["opencode", "continue", "ses_1", "hi"], "the following arguments are required: --host"),
+])
+def test_run_task_host_usage_mistakes(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.parser().parse_args(argv)
+    assert exited.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_opencode_help_says_how_several_hosts_end() -> None:
+    shown = run_cli("opencode", "run-task", "--help")
+    assert shown.returncode == 0
+    text = " ".join(shown.stdout.split())
+    assert "--all-hosts" in text and "repeat it to send the same prompt to several hosts" in text
+    assert "the worst of theirs, 1 before 3 before 0" in text
+
+
+class FakeHosts:
+    """opencode daemons behind httpx.MockTransport, one per base URL: what each answers a turn
+    (`reply`, or `error` for an assistant message that ended in an API error), and what each
+    was sent. `down` hosts refuse the connection. Every prompt waits until all hosts that
+    answer have been prompted (at most 10 s): turns run one after the other fail the test."""
+
+    def __init__(self, answers: dict[str, dict[str, Any]], down: tuple[str, ...] = ()) -> None:
+        self.answers, self.down = answers, down
+        self.sent: dict[str, list[tuple[str, str, Any]]] = {name: [] for name in [*answers, *down]}
+        self.prompted: set[str] = set()
+        self.all_prompted = asyncio.Event()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{4100 + sorted(self.sent).index(name)}"
+
+    def toml(self) -> str:
+        return "".join(f'[[hosts]]\nname = "{n}"\nbase_url = "{self.url(n)}"\n\n' for n in sorted(self.sent))
+
+    def client(self, base_url: str, password: str | None = None, **kwargs: Any) -> OpencodeClient:
+        (name,) = [n for n in self.sent if self.url(n) == base_url]
+        return OpencodeClient(base_url, password, transport=httpx.MockTransport(self.handler(name)), **kwargs)
+
+    def handler(self, name: str) -> Callable[[httpx.Request], Awaitable[httpx.Response]]:
+        async def handle(request: httpx.Request) -> httpx.Response:
+            body = json.loads(request.content) if request.content else None
+            self.sent[name].append((request.method, request.url.path, body))
+            if name in self.down:
+                raise httpx.ConnectError("connection refused", request=request)
+            sid = f"ses_{name}"
+            answer = self.answers[name]
+            assistant = {"info": {"id": f"msg_{name}_2", "role": "assistant", "sessionID": sid,
+                                  **({"error": answer["error"]} if "error" in answer else {})},
+                         "parts": [{"type": "text", "text": answer.get("reply", "")}]}
+            if (request.method, request.url.path) == ("POST", "/session"):
+                return httpx.Response(200, json={"id": sid})
+            if (request.method, request.url.path) == ("POST", f"/session/{sid}/message"):
+                self.prompted.add(name)
+                if self.prompted == set(self.answers):
+                    self.all_prompted.set()
+                await asyncio.wait_for(self.all_prompted.wait(), 10)
+                return httpx.Response(200, json=assistant)
+            if (request.method, request.url.path) == ("GET", f"/session/{sid}/message"):
+                user = {"info": {"id": f"msg_{name}_1", "role": "user", "sessionID": sid},
+                        "parts": [{"type": "text", "text": "?"}]}
+                return httpx.Response(200, json=[user, assistant])
+            return httpx.Response(404, json={"name": "NotFoundError"})
+
+        return handle
+
+
+def run_opencode(fake: FakeHosts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
+    path = tmp_path / "pipeline.toml"
+    path.write_text(fake.toml())
+    monkeypatch.setattr(opencode_client, "OpencodeClient", fake.client)
+    args = cli.parser().parse_args(["opencode", *argv])
+    return cli.cmd_opencode(args, config_mod.load(path, {}))
+
+
+API_ERROR = {"name": "APIError", "data": {"message": "bad request", "statusCode": 400}}
+
+
+def test_one_prompt_on_two_hosts_runs_both_at_once_and_prints_a_block_each(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeHosts({"a": {"reply": "from a"}, "b": {"reply": "from b\nsecond line"}})
+    assert run_opencode(fake, tmp_path, monkeypatch, "run-task", "--host", "b", "--host", "a", "--title", "T",
+                        "same prompt") == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    # in the order the hosts were named
+    assert out == "host b: session ses_b\nfrom b\nsecond line\n\nhost a: session ses_a\nfrom a\n"
+    for name in ("a", "b"):  # a new session on each, the same title and prompt
+        (create, prompt, listing) = fake.sent[name]
+        assert create == ("POST", "/session", {"title": "T"})
+        assert prompt[:2] == ("POST", f"/session/ses_{name}/message")
+        assert prompt[2]["parts"] == [{"type": "text", "text": "same prompt"}]
+        assert listing[:2] == ("GET", f"/session/ses_{name}/message")
+
+
+def test_several_hosts_as_json_a_list_with_each_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeHosts({"a": {"reply": "fine"}, "b": {"error": API_ERROR}})
+    assert run_opencode(fake, tmp_path, monkeypatch, "run-task", "--all-hosts", "--json", "hi") == 3
+    out, err = capsys.readouterr()
+    docs = json.loads(out)
+    assert [(d["host"], d["session_id"], d["ok"], d["reply"], d["exit_code"]) for d in docs] == [
+        ("a", "ses_a", True, "fine", 0), ("b", "ses_b", False, "", 3)]
+    assert docs[1]["errors"] == ["APIError (HTTP 400): bad request"]
+    assert [m["info"]["role"] for m in docs[0]["messages"]] == ["user", "assistant"]
+    assert set(docs[0]) == {"host", "session_id", "ok", "errors", "reply", "messages", "response", "exit_code"}
+    assert err == ("pipeline opencode: the turn ended in an error on host b: APIError (HTTP 400): bad request "
+                   "(session ses_b)\n")
+
+
+def test_all_hosts_with_one_host_still_prints_the_several_hosts_shape(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeHosts({"only": {"reply": "ok"}})
+    assert run_opencode(fake, tmp_path, monkeypatch, "run-task", "--all-hosts", "--json", "hi") == 0
+    (doc,) = json.loads(capsys.readouterr().out)
+    assert doc["host"] == "only"
+
+
+def test_one_host_keeps_the_single_host_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeHosts({"a": {"reply": "just a"}, "b": {"reply": "never asked"}})
+    fake.all_prompted.set()  # only a is prompted
+    assert run_opencode(fake, tmp_path, monkeypatch, "run-task", "--host", "a", "hi") == 0
+    assert capsys.readouterr().out == "session ses_a\njust a\n"
+    assert fake.sent["b"] == []
+    assert run_opencode(fake, tmp_path, monkeypatch, "run-task", "--host", "a", "--json", "hi") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"session_id", "ok", "errors", "reply", "messages", "response"}
+
+
+def test_an_unreachable_host_does_not_stop_the_others_and_1_is_worse_than_3(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeHosts({"a": {"reply": "fine"}, "b": {"error": API_ERROR}}, down=("gone",))
+    code = run_opencode(fake, tmp_path, monkeypatch, "run-task", "--host", "a", "--host", "gone", "--host", "b",
+                        "hi")
+    assert code == 1
+    out, err = capsys.readouterr()
+    assert out.split("\n\n") == ["host a: session ses_a\nfine", "host gone: no turn (the host could not run it)",
+                                 "host b: session ses_b\n"]
+    lines = err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"pipeline: opencode host gone at {fake.url('gone')}: POST /session: ConnectError")
+    assert lines[0].endswith("check that `opencode serve` runs there and that [[hosts]] base_url names it")
+    assert lines[1].startswith("pipeline opencode: the turn ended in an error on host b: APIError")
+
+
+def test_an_unknown_or_repeated_host_sends_nothing_anywhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeHosts({"a": {"reply": "x"}, "b": {"reply": "y"}})
+    with pytest.raises(ConfigError, match="unknown host 'nope'"):
+        run_opencode(fake, tmp_path, monkeypatch, "run-task", "--host", "a", "--host", "nope", "hi")
+    with pytest.raises(UsageError, match="--host a given more than once"):
+        run_opencode(fake, tmp_path, monkeypatch, "run-task", "--host", "a", "--host", "b", "--host", "a", "hi")
+    with pytest.raises(UsageError, match="continue takes one --host"):
+        run_opencode(fake, tmp_path, monkeypatch, "continue", "--host", "a", "--host", "b", "ses_a", "hi")
+    assert fake.sent == {"a": [], "b": []}
+
+
+def test_all_hosts_without_hosts_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="no \\[\\[hosts\\]\\] entry is configured"):
+        run_opencode(FakeHosts({}), tmp_path, monkeypatch, "run-task", "--all-hosts", "hi")
