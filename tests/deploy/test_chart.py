@@ -525,3 +525,14 @@ def test_chartcheck_accepts_a_well_formed_object(chartcheck: Path, tmp_path: Pat
     assert proc.returncode == 0, proc.stderr
     [obj] = json.loads(proc.stdout)["objects"]
     assert (obj["kind"], obj["name"], obj["object"]["spec"]["replicas"]) == ("Deployment", "x", 2)
+
+
+def test_the_prompt_ref_key_reaches_ingest_only_and_only_when_named(chartcheck: Path, tmp_path: Path) -> None:
+    values = {"secrets": {"prompt": "pipeline-prompt-ref"}, "stages": {"ingest": {"secrets": ["prompt"]}}}
+    doc = summary(chartcheck, write(tmp_path, "values.yaml", values))
+    refs = {stage_of(d): {s["secretRef"]["name"] for s in container(d).get("envFrom", [])}
+            for d in of_kind(doc, "Deployment").values()}
+    assert "pipeline-prompt-ref" in refs["ingest"]
+    assert not any("pipeline-prompt-ref" in names for stage, names in refs.items() if stage != "ingest")
+    err = refused(chartcheck, tmp_path, {"stages": {"ingest": {"secrets": ["prompt"]}}})
+    assert "secrets.prompt names no Secret" in err, err
