@@ -233,23 +233,42 @@ def is_plain_json(value: Any) -> bool:
 
 
 def _plain(value: Any) -> bool:
+    # leaves are checked inline, containers by recursion: one call per container rather than one
+    # per leaf (a 128-value signature, a message's fields)
     kind = type(value)
     if kind is dict:
         for key, item in value.items():
             if type(key) is not str:
                 return False
             t = type(item)
-            if not (t is str or t is bool or item is None or _plain(item)):
+            if t is str or t is bool or item is None:
+                continue
+            if t is dict or t is list:
+                if not _plain(item):
+                    return False
+            elif not _plain_leaf(item):
                 return False
         return True
     if kind is list:
         for item in value:
             t = type(item)
-            if not (t is str or t is bool or item is None or _plain(item)):
+            if t is str or t is bool or item is None:
+                continue
+            if t is dict or t is list:
+                if not _plain(item):
+                    return False
+            elif t is int:
+                if not _INT_MIN <= item <= _UINT_MAX:
+                    return False
+            elif not _plain_leaf(item):
                 return False
         return True
-    if kind is str or kind is bool or value is None:
-        return True
+    return kind is str or kind is bool or value is None or _plain_leaf(value)
+
+
+def _plain_leaf(value: Any) -> bool:
+    """An int within 64 bits or a float repr writes without an exponent (exactly those types)."""
+    kind = type(value)
     if kind is int:
         return _INT_MIN <= value <= _UINT_MAX
     if kind is float:

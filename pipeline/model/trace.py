@@ -6,6 +6,7 @@ reference forwarder read `m.role`, found nothing and called everything `assistan
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -22,11 +23,27 @@ class _Decision(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
+# json.dumps(..., ensure_ascii=False) builds this encoder on every call; built once here (the
+# same settings, so the same text)
+_ID_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
 def trace_id(host: str, session_id: str, last_message_id: str) -> str:
     """`tr_oc_<32 hex>` from the turn's identity, so a retry, a replay or a second
     `session.idle` for the same turn upserts the same panel trace instead of adding one."""
-    material = json.dumps([host, session_id, last_message_id], ensure_ascii=False)
+    try:
+        return _remembered_trace_id(host, session_id, last_message_id)
+    except TypeError:  # an unhashable argument: not from a record
+        return _trace_id(host, session_id, last_message_id)
+
+
+def _trace_id(host: str, session_id: str, last_message_id: str) -> str:
+    material = _ID_ENCODER.encode([host, session_id, last_message_id])
     return TRACE_ID_PREFIX + hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+# the sample stage asks for a turn's id twice (its pair window entry, then its trace)
+_remembered_trace_id = functools.lru_cache(maxsize=1024, typed=True)(_trace_id)
 
 
 def visible_text(part: Mapping[str, Any]) -> str | None:
@@ -50,7 +67,9 @@ def _as_text(value: Any) -> str | None:
 
 def tool_call(part: Mapping[str, Any]) -> dict[str, Any]:
     """A tool part as the panel's step-validity unit reads it."""
-    state = part.get("state") if isinstance(part.get("state"), Mapping) else {}
+    state = part.get("state")
+    if type(state) is not dict and not isinstance(state, Mapping):
+        state = {}
     status = state.get("status")
     error = state.get("error")
     return {
@@ -86,15 +105,27 @@ def panel_messages(snapshot_messages: Sequence[Mapping[str, Any]], max_messages:
         sid = own if isinstance(own, str) and 0 < len(own) <= 512 else session_id
         if not sid:
             raise RecordError("bad_messages", f"message {message_id} has no info.sessionID")
-        parts = [p for p in message.get("parts") or [] if isinstance(p, Mapping)]
-        texts = [t for t in (visible_text(p) for p in parts) if t is not None]
+        # the visible texts (visible_text) and the tool calls, each in part order, in one pass
+        texts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        for part in message.get("parts") or []:
+            if type(part) is not dict and not isinstance(part, Mapping):
+                continue
+            kind = part.get("type")
+            if kind == "text":
+                if not part.get("synthetic") and not part.get("ignored"):
+                    text = part.get("text")
+                    if isinstance(text, str):
+                        texts.append(text)
+            elif kind == "tool":
+                calls.append(tool_call(part))
         out.append({
             "role": role,
             "content": "\n".join(texts),
             "id": message_id,
             "session_id": sid,
             "idx": idx,
-            "tool_calls": [tool_call(p) for p in parts if p.get("type") == "tool"],
+            "tool_calls": calls,
             "agent_id": agent_id(info),
             "prompt_ref": prompt_ref if idx >= turn_from else None,
         })

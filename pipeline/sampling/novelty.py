@@ -26,10 +26,17 @@ band is the same common word); such a bucket keeps its rows in a numpy array (`_
 query reads them as they are instead of copying them through a Python set, and the bound is
 counted from packed bits (`np.bitwise_count`). Neither changes which rows are candidates nor
 the answer, so signatures, shipped records and decisions are what they were.
+
+The window fills and empties the buckets itself (MinHashLSH's banding, with the band keys cut
+from one byteswap of the signature; MinHashLSH.insert/remove are not called). A window of at
+most SCAN_MAX_SIZE entries (the default 200 among them) is scored without reading them: its
+whole signature array is compared with the query at once, and the rows sharing every value of
+some band are exactly the rows sharing a bucket (`_scan`; tests/unit/sampling/test_novelty_scan.py).
 """
 
 from __future__ import annotations
 
+import array
 import functools
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -41,7 +48,6 @@ from datasketch.hashfunc import sha1_hash32
 from datasketch.storage import UnorderedStorage
 
 from pipeline.errors import RecordError
-from pipeline.model.trace import visible_text
 from pipeline.sampling.base import Decision
 
 DEFAULT_NUM_PERM = 128
@@ -61,7 +67,12 @@ PREFILTER_MIN_CANDIDATES = 256
 LANES_MAX_PERM = 8 * 255
 # A bucket holding this many rows keeps them in a numpy array (_Rows) rather than a set.
 ARRAY_BUCKET_MIN = 64
+# A window of at most this many entries scores a query by comparing its bands with every row
+# (`_scan`: numpy over the whole signature array) instead of reading the LSH buckets: the same
+# candidates, found in ~0.05 ms at 200 entries, where the bucket lookup cost more.
+SCAN_MAX_SIZE = 2048
 _MAX32 = 0xFFFFFFFF
+_INTP_CODE = "q" if np.dtype(np.intp).itemsize == 8 else "i"  # array.array's code for np.intp
 
 
 def session_tokens(messages: Sequence[Mapping[str, Any]],
@@ -70,13 +81,18 @@ def session_tokens(messages: Sequence[Mapping[str, Any]],
 
     The text parts are those the trace shows (`pipeline.model.trace.visible_text`), so the tokens
     can be recomputed from a sampled trace's messages and agree."""
-    tokens: set[str] = set()
+    texts: list[str] = []
     for message in messages[max(0, len(messages) - last):]:
         for part in message.get("parts") or []:
-            text = visible_text(part)
-            if text:
-                tokens.update(text.lower().split())
-    return frozenset(tokens)
+            # visible_text(part), inlined
+            if part.get("type") != "text" or part.get("synthetic") or part.get("ignored"):
+                continue
+            text = part.get("text")
+            if isinstance(text, str) and text:
+                texts.append(text)
+    # one lower() and split() over the texts joined by a space: the same words as text by text
+    # (a space ends a word, and lower()'s only context rule, a final sigma, stops at a space)
+    return frozenset(" ".join(texts).lower().split())
 
 
 class _TokenHashes:
@@ -169,40 +185,45 @@ Signature = MinHash | np.ndarray | Sequence[int] | None
 
 
 class _Rows:
-    """A large bucket's rows: the first `n` entries of a numpy array, read by a query as they are,
-    and each row's place in it, so a row is added or removed in O(1) (the last takes its place).
-    The order depends on the history of the bucket; nothing that reads it depends on the order."""
+    """A large bucket's rows: the first `n` entries of an array a query reads as a numpy array
+    without copying (`view`), and each row's place in it, so a row is added or removed in O(1)
+    (the last takes its place). The order depends on the history of the bucket; nothing that
+    reads it depends on the order. The storage is an `array.array` of machine integers: setting
+    and reading one item from Python costs a fraction of a numpy scalar access."""
 
     __slots__ = ("array", "at", "n")
 
     def __init__(self, rows: Iterable[int]) -> None:
         ordered = sorted(rows)
         self.n = len(ordered)
-        self.array = np.empty(max(2 * self.n, 16), dtype=np.intp)
-        self.array[:self.n] = ordered
+        self.array = array.array(_INTP_CODE, ordered)
+        self.array.extend([0] * max(self.n, 16 - self.n))  # room for as many again (16 at least)
         self.at = {row: i for i, row in enumerate(ordered)}
 
     def add(self, row: int) -> None:
-        if row in self.at:
+        at = self.at
+        if row in at:
             return
-        if self.n == len(self.array):
-            self.array = np.concatenate([self.array, np.empty(self.n, dtype=np.intp)])
-        self.array[self.n] = row
-        self.at[row] = self.n
-        self.n += 1
+        n = self.n
+        if n == len(self.array):
+            # a new array, not a resize: a numpy view of the old one may still be alive
+            self.array = self.array + array.array(_INTP_CODE, [0] * n)
+        self.array[n] = row
+        at[row] = n
+        self.n = n + 1
 
     def discard(self, row: int) -> None:
         i = self.at.pop(row, None)
         if i is None:
             return
-        self.n -= 1
-        if i != self.n:
-            last = int(self.array[self.n])
+        n = self.n = self.n - 1
+        if i != n:
+            last = self.array[n]
             self.array[i] = last
             self.at[last] = i
 
     def view(self) -> np.ndarray:
-        return self.array[:self.n]
+        return np.frombuffer(self.array, dtype=np.intp, count=self.n)
 
     def __len__(self) -> int:
         return self.n
@@ -295,7 +316,10 @@ class NoveltyWindow:
         self._lsh = MinHashLSH(num_perm=num_perm, params=self.lsh_params)
         self._buckets = [_Buckets() for _ in range(self._lsh.b)]
         self._lsh.hashtables = self._buckets  # type: ignore[assignment]
-        self._probe = self.hasher.probe()
+        self._maps = [buckets.map for buckets in self._buckets]
+        # each indexed row's band keys (what MinHashLSH.insert would compute), to remove it
+        self._band_keys: list[list[bytes] | None] = [None] * size
+        self._bytes_ranges = [(4 * start, 4 * end) for start, end in self._lsh.hashranges]
         self._slots: OrderedDict[str, int] = OrderedDict()
         self._keys: list[str | None] = [None] * size
         self._sig = np.zeros((size, num_perm), dtype=np.uint32)
@@ -329,8 +353,10 @@ class NoveltyWindow:
         # LSH candidate: nothing in the window is near enough to matter.
         if hv is None or not self._indexed_count:
             return 1.0, None
-        rows = self._candidate_rows(hv)
         skip = self._slots.get(exclude) if exclude is not None else None
+        if self.size <= SCAN_MAX_SIZE:
+            return self._scan(hv, skip)
+        rows = self._candidate_rows(hv)
         if skip is not None:
             rows = rows[rows != skip]
         if not len(rows):
@@ -338,11 +364,33 @@ class NoveltyWindow:
         if len(rows) > PREFILTER_MIN_CANDIDATES and self.num_perm <= LANES_MAX_PERM:
             rows = self._bounded(rows, hv)
         matches = np.count_nonzero(self._sig.take(rows, axis=0) == hv, axis=1)
+        return self._best(rows, matches)
+
+    def _best(self, rows: np.ndarray, matches: np.ndarray) -> tuple[float, str | None]:
         best = int(matches.max())
         tied = rows[matches == best]
         # Ties go to the newest entry, whatever order the LSH returned candidates in.
         row = int(tied[np.argmax(self._seq[tied])])
         return (self.num_perm - best) / self.num_perm, self._keys[row]
+
+    def _scan(self, hv: np.ndarray, skip: int | None) -> tuple[float, str | None]:
+        """score_hashvalues for a small window, without the buckets: the candidates are the
+        indexed rows that share a band with `hv` (all `r` values of the band equal: what makes
+        MinHashLSH's band keys equal), compared with every row at once, then scored as the
+        bucket path scores them (same rows, same answer; tests/unit/sampling/test_novelty_scan.py)."""
+        b, r = self._lsh.b, self._lsh.r
+        equal = self._sig == hv
+        shared = equal[:, 0:b * r:r]
+        for k in range(1, r):
+            shared = shared & equal[:, k:b * r:r]
+        found = shared.any(axis=1)
+        found &= self._indexed
+        if skip is not None:
+            found[skip] = False
+        rows = np.flatnonzero(found)
+        if not len(rows):
+            return 1.0, None
+        return self._best(rows, np.count_nonzero(equal[rows], axis=1))
 
     def _bounded(self, rows: np.ndarray, hv: np.ndarray) -> np.ndarray:
         """The rows among `rows` that can match `hv` best or tie the best: equal values have
@@ -384,8 +432,8 @@ class NoveltyWindow:
         # a row may sit in several buckets: marking rows in a window-sized mask leaves each once
         seen = np.zeros(self.size, dtype=bool)
         seen[small] = True
-        for array in arrays:
-            seen[array] = True
+        for rows in arrays:
+            seen[rows] = True
         return np.flatnonzero(seen)
 
     def candidates(self, hv: np.ndarray) -> set[int]:
@@ -412,7 +460,7 @@ class NoveltyWindow:
         if len(self._slots) >= self.size:
             _, old = self._slots.popitem(last=False)
             if self._indexed[old]:
-                self._lsh.remove(old)
+                self._unindex(old)
                 self._indexed[old] = False
                 self._indexed_count -= 1
             self._keys[old] = None
@@ -425,11 +473,47 @@ class NoveltyWindow:
         if hv is not None:
             self._sig[row] = hv
             self._low[row, :self.num_perm] = hv.astype(np.uint8)  # a cast to uint8 keeps the low byte
-            self._probe.hashvalues = hv
-            self._lsh.insert(row, self._probe, check_duplication=False)
+            self._index(row, hv)
             self._indexed[row] = True
             self._indexed_count += 1
         return True
+
+    def _index(self, row: int, hv: np.ndarray) -> None:
+        """MinHashLSH.insert(row) into the buckets (`_Buckets.insert`, inlined): the band keys are
+        sliced from one byteswap of the signature, as `_candidate_rows` reads them, and kept for
+        `_unindex`. MinHashLSH's own key store is not kept: nothing here reads it."""
+        raw = hv.astype(np.uint32, copy=False).byteswap().tobytes()
+        keys = [raw[start:end] for start, end in self._bytes_ranges]
+        self._band_keys[row] = keys
+        array_min = ARRAY_BUCKET_MIN
+        for rows_of, key in zip(self._maps, keys, strict=True):
+            rows = rows_of.get(key)
+            if rows is None:
+                rows_of[key] = row
+            elif type(rows) is int:
+                if rows != row:
+                    rows_of[key] = {rows, row}
+            else:
+                rows.add(row)
+                if type(rows) is set and len(rows) >= array_min:
+                    rows_of[key] = _Rows(rows)
+
+    def _unindex(self, row: int) -> None:
+        """MinHashLSH.remove(row) (`_Buckets.remove_val`, inlined): a bucket left with one row
+        holds it bare, an emptied one leaves the band."""
+        keys = self._band_keys[row]
+        self._band_keys[row] = None
+        if keys is None:
+            return
+        for rows_of, key in zip(self._maps, keys, strict=True):
+            rows = rows_of.get(key)
+            if type(rows) is int:
+                if rows == row:
+                    del rows_of[key]
+            elif rows is not None:
+                rows.discard(row)
+                if len(rows) == 1:
+                    rows_of[key] = next(iter(rows))
 
     def apply_shipped(self, record: Mapping[str, Any]) -> bool:
         """Add a `sampler.shipped/1` record; RecordError if it cannot belong to this window."""
@@ -503,7 +587,12 @@ def shipped_record(*, site_key: str, snapshot_id: str, trace_id: str, hashvalues
     """A sampler.shipped/1 record (schemas/shipped.v1.json); hashvalues None = empty set."""
     if isinstance(hashvalues, MinHash):
         hashvalues = None if hashvalues.is_empty() else hashvalues.hashvalues
-    values = [] if hashvalues is None else [int(v) for v in hashvalues]
+    if hashvalues is None:
+        values: list[int] = []
+    elif isinstance(hashvalues, np.ndarray) and hashvalues.dtype.kind in "iu":
+        values = hashvalues.tolist()  # Python ints, as int(v) of each gives, in one call
+    else:
+        values = [int(v) for v in hashvalues]
     if values and len(values) != num_perm:
         raise ValueError(f"{len(values)} hash values for num_perm={num_perm}")
     return {"schema": "sampler.shipped/1", "site_key": site_key, "snapshot_id": snapshot_id,
@@ -519,6 +608,9 @@ class NoveltyPolicy:
             raise ValueError(f"last_messages must be a positive integer, got {last_messages!r}")
         self.windows, self.last_messages = windows, last_messages
         self.threshold = windows.threshold
+        # the signature `evaluate` scored, with the messages list it was made from, until
+        # `shipped_record` of the same snapshot takes it: a forwarded turn needs it twice
+        self._scored: tuple[object, np.ndarray | None] | None = None
 
     def signature(self, snapshot: Mapping[str, Any]) -> np.ndarray | None:
         tokens = session_tokens(snapshot["messages"], self.last_messages)
@@ -526,6 +618,7 @@ class NoveltyPolicy:
 
     def evaluate(self, snapshot: Mapping[str, Any]) -> Decision:
         hv = self.signature(snapshot)
+        self._scored = (snapshot["messages"], hv)
         window = self.windows.get(snapshot["site_key"])
         novelty, closest = window.score_hashvalues(hv, exclude=snapshot["snapshot_id"])
         forward = novelty >= self.threshold
@@ -536,7 +629,10 @@ class NoveltyPolicy:
                         detail=f"novelty {novelty:.3f} {relation} {self.threshold:g} ({why})")
 
     def shipped_record(self, snapshot: Mapping[str, Any], trace_id: str, at: int) -> dict[str, Any]:
-        """What to publish on `sampler.shipped` once this snapshot is forwarded."""
+        """What to publish on `sampler.shipped` once this snapshot is forwarded (the signature
+        `evaluate` made of the same messages list just before, if it did: the same values)."""
+        scored, self._scored = self._scored, None
+        hv = scored[1] if scored is not None and scored[0] is snapshot["messages"] else self.signature(snapshot)
         return shipped_record(site_key=snapshot["site_key"], snapshot_id=snapshot["snapshot_id"],
-                              trace_id=trace_id, hashvalues=self.signature(snapshot),
+                              trace_id=trace_id, hashvalues=hv,
                               num_perm=self.windows.num_perm, seed=self.windows.seed, at=at)

@@ -89,3 +89,32 @@ def test_the_compiled_validator_refuses_what_jsonschema_refuses(field: str, bad:
     for plain in (False, records.is_plain_json(record)):
         with pytest.raises(SchemaError) if jsonschema_says else contextlib.nullcontext():
             records.validate("snapshot.v2", record, plain=plain)
+
+
+def reference_plain(value: Any) -> bool:
+    """is_plain_json's walk as it was before leaves were checked inline (issue 17)."""
+    kind = type(value)
+    if kind is dict:
+        return all(type(k) is str and reference_plain(v) for k, v in value.items())
+    if kind is list:
+        return all(reference_plain(v) for v in value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return -(2**63) <= value <= 2**64 - 1
+    if kind is float:
+        return value == 0.0 or 1e-4 <= abs(value) < 1e16
+    return False
+
+
+class IntSub(int):
+    pass
+
+
+@settings(max_examples=600, deadline=None)
+@given(VALUES | st.lists(SCALARS | st.just(IntSub(3)) | st.just(1.5e-5), max_size=40))
+@example([1, 2**64, 3])
+@example({"a": [0.0, -1e-4, 1e16], "b": {1: "non-str key"}})
+@example({"a": [IntSub(1)]})
+def test_the_plain_json_walk_answers_as_before(value: Any) -> None:
+    assert records.is_plain_json(value) == reference_plain(value)
