@@ -1,4 +1,5 @@
-"""agents/consumer_drain.py: faust's record hand-off, one race per fetched batch."""
+"""agents/consumer_drain.py: faust's record hand-off, one race per fetched batch; the fetch and the
+seek after a rebalance that keep the fetch position from passing a record no stream was handed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from faust.types import TP
 from mode import Service
 
 from agents import consumer_drain
@@ -19,11 +21,20 @@ from agents import consumer_drain
 # faust 0.15.3's Consumer._drain_messages, which drain_messages re-states: a faust upgrade that
 # changes it fails here, so the copy is reviewed against the new upstream before it runs.
 UPSTREAM_SHA256 = "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417"
+# ... and ThreadDelegateConsumer._getmany and Consumer.perform_seek, which fetch_active and
+# perform_seek replace
+UPSTREAM_GETMANY_SHA256 = "f9d47aa9010b5ff2b874ba65f927871f3612718d8a9db00b58601554a35236c4"
+UPSTREAM_PERFORM_SEEK_SHA256 = "0e8c130ff4b0afd82c0be9c5fd831316e10febc62c94032833911096e156d7c6"
 
 
-def test_the_upstream_loop_is_the_one_this_copy_was_written_against() -> None:
-    source = inspect.getsource(consumer_drain.UPSTREAM)
-    assert hashlib.sha256(source.encode()).hexdigest() == UPSTREAM_SHA256
+@pytest.mark.parametrize(("upstream", "sha256"), [
+    (consumer_drain.UPSTREAM, UPSTREAM_SHA256),
+    (consumer_drain.UPSTREAM_GETMANY, UPSTREAM_GETMANY_SHA256),
+    (consumer_drain.UPSTREAM_PERFORM_SEEK, UPSTREAM_PERFORM_SEEK_SHA256),
+])
+def test_the_upstream_code_is_the_one_these_copies_were_written_against(upstream: Any, sha256: str) -> None:
+    source = inspect.getsource(upstream)
+    assert hashlib.sha256(source.encode()).hexdigest() == sha256
 
 
 @dataclass(frozen=True)
@@ -205,3 +216,149 @@ async def test_a_new_rebalance_while_a_record_is_held_hands_nothing_more_over() 
     await again
     assert consumer.delivered == []
     assert consumer._read_offset["t"] is None  # fetched again after the reassignment, from the committed offset
+
+
+# ---------------------------------------------------------------- the fetch (faust's _getmany)
+
+STREAM, CHANGELOG = TP("t", 2), TP("t-changelog", 0)
+
+
+class FakeFetcher:
+    """aiokafka's fetched_records as faust's consumer thread calls it: it reads the partition set
+    only once records are there, an empty set meaning every partition, and returning a record
+    moves that partition's position past it."""
+
+    def __init__(self, buffered: dict[TP, list[int]]) -> None:
+        self.buffered = buffered
+        self.records_arrive = asyncio.Event()
+        self.asked: list[set[TP] | None] = []
+
+    async def getmany(self, partitions: set[TP] | None, timeout: float) -> dict[TP, list[int]]:
+        self.asked.append(partitions)
+        await asyncio.wait_for(self.records_arrive.wait(), timeout)
+        taken = {tp: offsets for tp, offsets in self.buffered.items() if not partitions or tp in partitions}
+        for tp in taken:
+            del self.buffered[tp]
+        return taken
+
+
+def fetching_consumer(fetcher: FakeFetcher, *, rebalancing: bool) -> Any:
+    return SimpleNamespace(_thread=fetcher, app=SimpleNamespace(
+        rebalancing=rebalancing, tables=SimpleNamespace(changelog_topics={CHANGELOG.topic})))
+
+
+async def recovery_pauses_the_changelog(fetch: Any, active: set[TP], fetcher: FakeFetcher) -> Any:
+    """A fetch waits with only the changelog partition active; the recovery has read the
+    changelog and pauses it (faust's set is now empty) before a stream record arrives."""
+    waiting = asyncio.create_task(fetch(fetching_consumer(fetcher, rebalancing=True), active, 1.0))
+    await asyncio.sleep(0.01)
+    active.discard(CHANGELOG)  # Recovery: consumer.pause_partitions(active changelog partitions)
+    fetcher.records_arrive.set()
+    return await waiting
+
+
+@pytest.mark.asyncio
+async def test_upstream_took_a_paused_stream_partitions_record_once_its_set_of_partitions_was_empty() -> None:
+    # what a restarted ingest did: the record left aiokafka (its position past it), and faust's
+    # getmany dropped it since the partition was not active; nothing sought back a partition
+    # without a committed offset
+    fetcher = FakeFetcher({STREAM: [0]})
+    taken = await recovery_pauses_the_changelog(consumer_drain.UPSTREAM_GETMANY, {CHANGELOG}, fetcher)
+    assert taken == {STREAM: [0]}
+
+
+@pytest.mark.asyncio
+async def test_a_fetch_asks_for_a_copy_of_the_active_partitions_so_a_paused_one_keeps_its_records() -> None:
+    fetcher = FakeFetcher({STREAM: [0]})
+    active = {CHANGELOG}
+    taken = await recovery_pauses_the_changelog(consumer_drain.fetch_active, active, fetcher)
+    assert taken == {}
+    assert fetcher.asked == [{CHANGELOG}] and fetcher.asked[0] is not active
+    assert fetcher.buffered == {STREAM: [0]}  # still in aiokafka, read once the stream is resumed
+
+
+@pytest.mark.asyncio
+async def test_while_rebalancing_only_the_changelog_is_fetched() -> None:
+    # the recovery resumes the stream partitions, then seeks them and ends the rebalance: a
+    # stream record fetched in between would come from before the seek
+    fetcher = FakeFetcher({STREAM: [7], CHANGELOG: [3]})
+    fetcher.records_arrive.set()
+    taken = await consumer_drain.fetch_active(fetching_consumer(fetcher, rebalancing=True), {STREAM, CHANGELOG}, 1.0)
+    assert taken == {CHANGELOG: [3]}
+    assert fetcher.asked == [{CHANGELOG}]
+
+
+@pytest.mark.asyncio
+async def test_nothing_is_fetched_when_no_partition_may_be() -> None:
+    fetcher = FakeFetcher({STREAM: [7]})
+    taken = await consumer_drain.fetch_active(fetching_consumer(fetcher, rebalancing=True), {STREAM}, 1.0)
+    assert taken == {} and fetcher.asked == []
+
+
+@pytest.mark.asyncio
+async def test_once_the_rebalance_is_over_every_active_partition_is_fetched() -> None:
+    fetcher = FakeFetcher({STREAM: [7], CHANGELOG: [3]})
+    fetcher.records_arrive.set()
+    active = {STREAM, CHANGELOG}
+    taken = await consumer_drain.fetch_active(fetching_consumer(fetcher, rebalancing=False), active, 1.0)
+    assert taken == {STREAM: [7], CHANGELOG: [3]}
+    assert fetcher.asked == [active] and fetcher.asked[0] is not active
+
+
+@pytest.mark.asyncio
+async def test_a_client_only_app_fetches_every_partition_as_upstream() -> None:
+    fetcher = FakeFetcher({STREAM: [7]})
+    fetcher.records_arrive.set()
+    taken = await consumer_drain.fetch_active(fetching_consumer(fetcher, rebalancing=False), None, 1.0)
+    assert taken == {STREAM: [7]} and fetcher.asked == [None]
+
+
+# ---------------------------------------------------------------- the seek after a rebalance
+
+class SeekingConsumer:
+    """What faust's perform_seek touches: aiokafka's seek_to_committed (which seeks only the
+    partitions committed past 0) and, for the replacement, the thread's seek_to_beginning."""
+
+    def __init__(self, committed: dict[TP, int | None]) -> None:
+        self.committed = committed
+        self._read_offset: dict[TP, int | None] = {}
+        self._committed_offset: defaultdict[TP, int | None] = defaultdict(lambda: None)
+        self.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: topic != "unacked"),
+                                   tables=SimpleNamespace(changelog_topics={CHANGELOG.topic}))
+        self.to_beginning: list[TP] = []
+        self._thread = SimpleNamespace(seek_to_beginning=self.seek_to_beginning)
+
+    async def seek_to_committed(self) -> dict[TP, int | None]:
+        return dict(self.committed)
+
+    async def seek_to_beginning(self, *partitions: TP) -> None:
+        self.to_beginning.extend(partitions)
+
+
+COMMITTED: dict[TP, int | None] = {TP("t", 0): 5, TP("t", 1): None, TP("t", 2): 0, CHANGELOG: None,
+                                   TP("unacked", 0): None}
+
+
+@pytest.mark.asyncio
+async def test_after_a_rebalance_a_stream_partition_without_a_commit_is_read_from_its_beginning() -> None:
+    # aiokafka's seek_to_committed leaves it where the fetch left it: past what faust dropped there
+    consumer = SeekingConsumer(COMMITTED)
+    await consumer_drain.perform_seek(consumer)
+    assert sorted(consumer.to_beginning) == [TP("t", 1), TP("t", 2)]  # not the changelog, not an unacked topic
+
+
+@pytest.mark.asyncio
+async def test_the_seek_keeps_upstreams_offset_bookkeeping() -> None:
+    ours, upstream = SeekingConsumer(COMMITTED), SeekingConsumer(COMMITTED)
+    await consumer_drain.perform_seek(ours)
+    await consumer_drain.UPSTREAM_PERFORM_SEEK(upstream)
+    assert ours._read_offset == upstream._read_offset
+    assert dict(ours._committed_offset) == dict(upstream._committed_offset)
+    assert upstream.to_beginning == []  # what upstream missed
+
+
+@pytest.mark.asyncio
+async def test_with_every_stream_partition_committed_the_seek_is_upstreams() -> None:
+    consumer = SeekingConsumer({TP("t", 0): 5, TP("t", 1): 9, CHANGELOG: None})
+    await consumer_drain.perform_seek(consumer)
+    assert consumer.to_beginning == []
