@@ -11,7 +11,8 @@ reads, how long it needs to drain, and which stage is the bottleneck.
     pipeline lag --serve --metrics-port 9100
                                     a lag exporter: /metrics with pipeline_consumer_lag for every
                                     stage, read every --interval seconds, whether or not any
-                                    replica of the stage runs (a stage exports only its own)
+                                    replica of the stage runs (a stage exports only its own);
+                                    it connects as the `lag` role, the rest as `operator`
 
 exit codes (one-shot, without --watch or --serve):
   0  every checked stage has a running member and is within --max-lag / --max-drain-s
@@ -110,6 +111,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """Run `pipeline lag`; the exit code is the health verdict (module docstring). Broker
     failures raise BrokerError (the CLI prints it, exit 1)."""
+    from pipeline.kafka.security import OPERATOR
     from pipeline.topics import PIPELINE_STAGES, STAGES
 
     if args.watch and args.interval == 0:
@@ -124,9 +126,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     stages = [STAGES[s] for s in args.stage] if args.stage else list(STAGES.values())
     try:
         if args.watch:
-            asyncio.run(_watch(_operator(cfg), stages, args.interval, args.json, args.timeout))
+            asyncio.run(_watch(_access(cfg, OPERATOR), stages, args.interval, args.json, args.timeout))
             return EXIT_OK
-        report = asyncio.run(_once(_operator(cfg), stages, args.interval, args.timeout))
+        report = asyncio.run(_once(_access(cfg, OPERATOR), stages, args.interval, args.timeout))
     except KeyboardInterrupt:
         return EXIT_OK  # Ctrl-C is how --watch ends
     from pipeline.kafka.lag import render_table, to_json
@@ -186,6 +188,7 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
     """
     from pipeline import metrics
     from pipeline.kafka.lag import export_stages_forever
+    from pipeline.kafka.security import LAG
     from pipeline.topics import PIPELINE_STAGES, STAGES
 
     if args.watch or args.json:
@@ -202,7 +205,7 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
     log.info("serving lag of %s on %s:%d/metrics, every %gs", ", ".join(s.name for s in stages),
              cfg.metrics.host, port, args.interval)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C or SIGINT is how it ends
-        asyncio.run(export_stages_forever(_operator(cfg), stages, args.interval, name="lag exporter",
+        asyncio.run(export_stages_forever(_access(cfg, LAG), stages, args.interval, name="lag exporter",
                                           request_timeout_ms=int(args.timeout * 1000)))
     return 0
 
@@ -216,11 +219,12 @@ async def _countdown(seconds: float, say: Any, text: str) -> None:
         await asyncio.sleep(min(left, 0.5))
 
 
-def _operator(cfg: Any) -> Any:
-    """`pipeline lag` and the lag exporter read offsets as the `operator` role."""
-    from pipeline.kafka.security import OPERATOR, kafka_access
+def _access(cfg: Any, role: str) -> Any:
+    """`pipeline lag` reads offsets as the `operator` (whoever runs it at a shell); the exporter
+    (`--serve`), a service that runs for ever, as `lag`, which may describe groups and topics only."""
+    from pipeline.kafka.security import kafka_access
 
-    return kafka_access(cfg, OPERATOR)
+    return kafka_access(cfg, role)
 
 
 async def _once(kafka: Any, stages: list[Any], interval_s: float, timeout_s: float) -> Any:

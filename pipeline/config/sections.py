@@ -137,7 +137,7 @@ class KafkaConfig:
         "SASL mechanism (`SASL_*` protocols); `PLAIN` sends the password itself, so only over `SASL_SSL`")
     sasl_username: str = key(
         "", Rule("a user name; `{role}` in it is replaced by the process's role (`ingest`, ..., `collector`, "
-                 "`operator`, `admin`)", _username_rule),
+                 "`operator`, `lag`, `admin`)", _username_rule),
         "SASL user name; `pipeline-{role}` gives every stage, the collector and the operator commands a "
         "principal of their own (what `pipeline kafka acls` grants); the password comes from "
         "`KAFKA_SASL_PASSWORD_<ROLE>` or `KAFKA_SASL_PASSWORD`, never from this file")

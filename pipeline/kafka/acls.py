@@ -12,6 +12,9 @@ table (`pipeline/topics.py`) and nothing else. Pure: `pipeline kafka acls` appli
 - the operator (`pipeline topics|lag|dead|hosts`): create and configure the table's topics and
   the changelogs, describe the stages' groups (lag), read the dead letters (unscrubbed up to the
   scrub stage) and write them back to their redrive targets, and edit the host table;
+- the lag exporter (`pipeline lag --serve`, a service that runs for ever and answers on the
+  network): DESCRIBE the stages' groups and input topics (committed and end offsets, members),
+  nothing it could read a record or write with;
 - the admin (`pipeline kafka acls`) gets nothing here: it is whoever may change ACLs (a super
   user, or ALTER on the cluster).
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from pipeline.kafka.security import COLLECTOR, OPERATOR, REPLAY
+from pipeline.kafka.security import COLLECTOR, LAG, OPERATOR, REPLAY
 from pipeline.topics import COLLECTOR_GROUP, STAGES, TABLES, TOPICS, Stage, changelog_topic, dead_letter_topics
 
 # Kafka's wire codes (org.apache.kafka.common.resource.ResourceType, acl.AclOperation, ...)
@@ -108,6 +111,12 @@ def operator_acls(who: str, stages: Iterable[Stage]) -> list[Acl]:
     return acls
 
 
+def lag_acls(who: str, stages: Iterable[Stage]) -> list[Acl]:
+    stages = list(stages)
+    return [*(Acl(who, "GROUP", s.app_id, "DESCRIBE") for s in stages),
+            *(Acl(who, "TOPIC", name, "DESCRIBE") for name in sorted({s.input for s in stages}))]
+
+
 def replay_acls(who: str) -> list[Acl]:
     """`pipeline replay`: read the turns and what was forwarded, write re-decided traces. No group:
     it reads by time and commits nothing."""
@@ -124,6 +133,7 @@ def pipeline_acls(template: str, stages: Mapping[str, Stage] | None = None) -> l
         acls += stage_acls(stage, principal(template, stage.name))
     acls += collector_acls(principal(template, COLLECTOR))
     acls += operator_acls(principal(template, OPERATOR), stages.values())
+    acls += lag_acls(principal(template, LAG), stages.values())
     acls += replay_acls(principal(template, REPLAY))
     return sorted(set(acls))
 

@@ -30,9 +30,10 @@ from pipeline.topics import STAGES
 
 COLLECTOR = "collector"
 OPERATOR = "operator"  # pipeline topics, lag, dead, hosts
+LAG = "lag"  # pipeline lag --serve, the long-running exporter: describes the stages' groups and inputs, no more
 ADMIN = "admin"  # pipeline kafka acls: may change ACLs (a super user, or ALTER on the cluster)
 REPLAY = "replay"  # pipeline replay: reads unscrubbed history, so not the operator's by default
-ROLES: tuple[str, ...] = (*STAGES, COLLECTOR, OPERATOR, REPLAY, ADMIN)
+ROLES: tuple[str, ...] = (*STAGES, COLLECTOR, OPERATOR, LAG, REPLAY, ADMIN)
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,8 @@ SCRUB_REPLICAS = 2
 # two collectors share the host through their consumer group: one follows it, and each turn arrives once
 COLLECTOR_REPLICAS = 2
 # the principals docker-compose.yml runs (pipeline-<role>): the stages, the collector, the operator
-# (topics-init, lag-exporter) and the admin (kafka-acls, the broker itself)
-KAFKA_ROLES = (*PIPELINE_STAGES, "collector", "operator", "admin")
+# (topics-init), the lag exporter and the admin (kafka-acls, the broker itself)
+KAFKA_ROLES = (*PIPELINE_STAGES, "collector", "operator", "lag", "admin")
 
 
 def digest(*parts: str | bytes | Path) -> str:

@@ -2,7 +2,8 @@
 principal per role, KRaft's StandardAuthorizer with allow.everyone.if.no.acl.found=false and
 the ACLs `pipeline kafka acls` computes from the topic table.
 
-- the delivery path runs end to end, every stage as its own principal;
+- the delivery path runs end to end, every stage as its own principal; the lag exporter's
+  principal reads every stage's lag and no record;
 - a wrong password is a start-up error naming the bootstrap, the mechanism and the variable
   (never the password), not a hang;
 - a stage whose principal lacks WRITE on an output holds its batch uncommitted, names the ACL,
@@ -31,6 +32,7 @@ from devkit.local_stack import PipelineProcess, Stack, StackSettings, wait_for
 from pipeline.errors import BrokerError
 from pipeline.kafka.acls import Acl
 from pipeline.kafka.admin import check_access, revoke_acls
+from pipeline.kafka.lag import collect_lag
 from pipeline.kafka.security import KafkaAccess
 from pipeline.model.records import encode
 from pipeline.topics import PIPELINE_STAGES, STAGES
@@ -88,6 +90,15 @@ def test_delivery_path_under_sasl_ssl_with_a_principal_per_stage(secure_kafka: L
         for stage in ("sample", "scrub", "sign", "breaker", "deliver"):
             wait_for(lambda stage=stage: sum(asyncio.run(committed(operator, STAGES[stage].app_id)).values()) > 0,
                      30, what=f"{stage} to commit its input")
+        # the lag exporter's principal sees every stage's offsets and members and reads no record
+        lag = secure_kafka.access("lag")
+        report = asyncio.run(collect_lag(lag, [STAGES[s] for s in PIPELINE_STAGES]))
+        for stage in ("sample", "scrub", "sign", "breaker", "deliver"):
+            row = report.stage(stage)
+            assert row.error is None and row.topic_exists and row.members, row
+            assert sum(p.committed or 0 for p in row.partitions) > 0, row
+        with pytest.raises(TopicAuthorizationFailedError):
+            asyncio.run(read_all(lag, "traces.sampled", 1, timeout_s=20))
         for name, proc in stack.procs.items():
             assert proc.alive(), f"{name} exited: {proc.log()[-2000:]}"
             assert "AuthorizationFailed" not in proc.log(), f"{name}: {proc.log()[-2000:]}"

@@ -4,7 +4,7 @@
 # (KAFKA_LOG_DIRS -> log.dirs). CLUSTER_ID names the cluster when the storage is formatted.
 #
 # Secured (docker-compose.yml sets SCRAM_USERNAME_TEMPLATE; it mounts this script into apache/kafka too):
-# - SCRAM_PASSWORD_<ROLE> (one per pipeline role: INGEST, ..., COLLECTOR, OPERATOR, ADMIN) becomes the
+# - SCRAM_PASSWORD_<ROLE> (one per pipeline role: INGEST, ..., COLLECTOR, OPERATOR, LAG, ADMIN) becomes the
 #   SCRAM-SHA-256 and -512 credentials of the user SCRAM_USERNAME_TEMPLATE names with {role} replaced by
 #   the role in lower case (`pipeline-{role}` -> pipeline-ingest), created when the storage is formatted
 #   (`kafka-storage format --add-scram`): on the first start of an empty data volume only;

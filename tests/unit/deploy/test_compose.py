@@ -21,7 +21,7 @@ from pipeline import config as config_mod
 from pipeline.cli.main import parser
 from pipeline.config import kafka_password_variable
 from pipeline.kafka.acls import principal
-from pipeline.kafka.security import ADMIN, COLLECTOR, OPERATOR, ROLES
+from pipeline.kafka.security import ADMIN, COLLECTOR, LAG, OPERATOR, ROLES
 from pipeline.topics import PIPELINE_STAGES, STAGES
 from tests.fixtures import REPO
 
@@ -29,7 +29,7 @@ ONE_SHOTS = {"kafka-acls", "topics-init"}  # run once before the stages (restart
 # the role (principal pipeline-<role>) each `pipeline` subcommand connects as (pipeline/kafka/security.py)
 ROLE_OF_COMMAND = {"collect": COLLECTOR, "topics": OPERATOR, "lag": OPERATOR, "dead": OPERATOR, "hosts": OPERATOR,
                    "kafka": ADMIN}
-DEPLOYED_ROLES = (*PIPELINE_STAGES, COLLECTOR, OPERATOR, ADMIN)  # passthrough is a wiring check, never deployed
+DEPLOYED_ROLES = (*PIPELINE_STAGES, COLLECTOR, OPERATOR, LAG, ADMIN)  # passthrough is a wiring check, never deployed
 
 
 def compose_doc() -> dict[str, Any]:
@@ -42,7 +42,9 @@ def pipeline_services() -> dict[str, dict[str, Any]]:
 
 def role_of(svc: dict[str, Any]) -> str:
     args = parser().parse_args(svc["command"])
-    return args.stage if args.command == "worker" else ROLE_OF_COMMAND[args.command]
+    if args.command == "worker":
+        return args.stage
+    return LAG if args.command == "lag" and args.serve else ROLE_OF_COMMAND[args.command]
 
 
 def properties(env: dict[str, Any]) -> dict[str, str]:
@@ -168,7 +170,7 @@ def test_every_pipeline_service_connects_as_its_own_principal_with_its_own_passw
         seen[name] = role
     assert {seen[s] for s in PIPELINE_STAGES} == set(PIPELINE_STAGES)
     assert (seen["collector"], seen["lag-exporter"], seen["topics-init"], seen["kafka-acls"]) == (
-        COLLECTOR, OPERATOR, OPERATOR, ADMIN)
+        COLLECTOR, LAG, OPERATOR, ADMIN)
     # the broker has a SCRAM user for each of them, with the password from the same variable
     kafka_env = services["kafka"]["environment"]
     users = {n[len("SCRAM_PASSWORD_"):].lower(): v for n, v in kafka_env.items() if n.startswith("SCRAM_PASSWORD_")}

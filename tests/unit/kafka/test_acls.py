@@ -21,7 +21,7 @@ def grants(role: str, operation: str, resource: str = "TOPIC") -> set[str]:
 
 
 def test_one_principal_per_stage_the_collector_and_the_operator() -> None:
-    assert set(BY) == {f"User:pipeline-{r}" for r in (*STAGES, "collector", "operator", "replay")}
+    assert set(BY) == {f"User:pipeline-{r}" for r in (*STAGES, "collector", "operator", "lag", "replay")}
     assert sorted(set(ACLS)) == ACLS  # sorted, no duplicates
     assert all(a.pattern == "LITERAL" for a in ACLS)  # no prefixes: nothing granted by name likeness
 
@@ -83,6 +83,13 @@ def test_the_operator_manages_topics_lag_and_dead_letters() -> None:
     assert grants("operator", "READ", "GROUP") == {REDRIVE_GROUP}
     assert grants("operator", "WRITE") == {"collector.hosts"} | {t.redrive_to for t in TOPICS.values()
                                                                  if t.redrive_to}
+
+
+def test_the_lag_exporter_describes_the_stages_and_reads_nothing() -> None:
+    # a service that runs for ever and answers on the network: offsets and members, no record
+    assert {a.operation for a in BY["User:pipeline-lag"]} == {"DESCRIBE"}
+    assert grants("lag", "DESCRIBE", "GROUP") == {s.app_id for s in STAGES.values()}
+    assert grants("lag", "DESCRIBE") == {s.input for s in STAGES.values()}
 
 
 def test_wire_codes() -> None:
