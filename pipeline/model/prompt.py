@@ -25,6 +25,7 @@ prompt_ref, so turns before and after the change never pair.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -81,12 +82,23 @@ def turn_prompt_ref(messages: Sequence[Mapping[str, Any]], project_id: str | Non
 
 def agent_id(info: Mapping[str, Any]) -> str | None:
     """`<providerID>/<modelID>:<agent>` of one message's info, or None when it names no model."""
-    model = info.get("model") if isinstance(info.get("model"), Mapping) else info
+    model = info.get("model")
+    if type(model) is not dict and not isinstance(model, Mapping):  # a decoded dict skips the ABC check
+        model = info
     provider, model_id = model.get("providerID"), model.get("modelID")
     if not isinstance(provider, str) or not isinstance(model_id, str) or not provider or not model_id:
         return None
-    agent = info.get("agent") if isinstance(info.get("agent"), str) else info.get("mode")
-    text = f"{provider}/{model_id}" + (f":{agent}" if isinstance(agent, str) and agent else "")
+    agent = info.get("agent")
+    if not isinstance(agent, str):
+        agent = info.get("mode")
+    return _agent_id(provider, model_id, agent if isinstance(agent, str) else "")
+
+
+# A trace asks for the agent_id of every message, and a session names a model or two: the
+# pattern check (and a hash for what fails it) is made once per (provider, model, agent).
+@functools.lru_cache(maxsize=1024)
+def _agent_id(provider: str, model_id: str, agent: str) -> str:
+    text = f"{provider}/{model_id}" + (f":{agent}" if agent else "")
     if AGENT_ID_PATTERN.fullmatch(text):
         return text
     return "agent_" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:24]

@@ -26,6 +26,8 @@ class _Decision(Protocol):
 # json.dumps(..., ensure_ascii=False) builds this encoder on every call; built once here (the
 # same settings, so the same text)
 _ID_ENCODER = json.JSONEncoder(ensure_ascii=False)
+# what that encoder writes each str with (json.encoder's choice: the C one where there is one)
+_ENCODE_STR = json.encoder.encode_basestring
 
 
 def trace_id(host: str, session_id: str, last_message_id: str) -> str:
@@ -38,7 +40,12 @@ def trace_id(host: str, session_id: str, last_message_id: str) -> str:
 
 
 def _trace_id(host: str, session_id: str, last_message_id: str) -> str:
-    material = _ID_ENCODER.encode([host, session_id, last_message_id])
+    if type(host) is str and type(session_id) is str and type(last_message_id) is str:
+        # the encoder's text for a list of three str, written directly: each str as it writes
+        # one, separated by its default ", " (tests/unit/model/test_trace_shape.py)
+        material = f"[{_ENCODE_STR(host)}, {_ENCODE_STR(session_id)}, {_ENCODE_STR(last_message_id)}]"
+    else:
+        material = _ID_ENCODER.encode([host, session_id, last_message_id])
     return TRACE_ID_PREFIX + hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import Config
 from pipeline.errors import BrokerError, RecordError
 from pipeline.model.records import decode
@@ -61,10 +63,17 @@ class ConfiguredSampler:
         hours = min(config.sampler.pair_window_hours, config.kafka.unscrubbed_retention_hours)
         self.pairs = PairWindow(int(hours * HOUR_MS), config.sampler.pair_max_turns) if hours > 0 else None
 
-    def learn(self, shipped: Mapping[str, Any]) -> None:
-        """One sampler.shipped record (a forward, any replica's) into the window and the budget."""
-        self.windows.apply_shipped(shipped)
+    def learn(self, shipped: Mapping[str, Any], signature: np.ndarray | None = None) -> None:
+        """One sampler.shipped record (a forward, any replica's) into the window and the budget
+        (`signature`: the array a forward of this replica wrote the record's values from)."""
+        self.windows.apply_shipped(shipped, signature)
         self.budget.record(shipped)
+
+    def _ship(self, snapshot: Mapping[str, Any], trace_id: str, now_ms: int) -> dict[str, Any]:
+        """The sampler.shipped record of a forward, learnt at once (its next decision sees it)."""
+        shipped, signature = self.novelty.shipped(snapshot, trace_id, now_ms)
+        self.learn(shipped, signature)
+        return shipped
 
     def decide(self, snapshot: Mapping[str, Any], now_ms: int,
                partner: Turn | None = None) -> tuple[Decision, Forwarded | None]:
@@ -87,8 +96,7 @@ class ConfiguredSampler:
                                pair=pair_facts(_turn(snapshot, tid), partner, snapshot["prompt_ref"],
                                                pair_id(tid, partner.trace_id)))
         trace = sampled_trace(snapshot, decision, self.max_messages, now_ms)
-        shipped = self.novelty.shipped_record(snapshot, trace["trace_id"], now_ms)
-        self.learn(shipped)
+        shipped = self._ship(snapshot, trace["trace_id"], now_ms)
         return decision, Forwarded(decision, trace, shipped)
 
     async def decide_turn(self, snapshot: Mapping[str, Any], partition: int, offset: int, turns: Sequence[Turn],
@@ -122,7 +130,7 @@ class ConfiguredSampler:
         agent, a snapshot from before prompt_refs)."""
         if not snapshot.get("prompt_ref") or not snapshot.get("agent_id"):
             return None
-        return replace(_turn(snapshot, trace_id_of(snapshot)), partition=partition, offset=offset)
+        return _turn(snapshot, trace_id_of(snapshot), partition, offset)
 
     async def _read_partner(self, partner: Turn, fetch: FetchSnapshot) -> dict[str, Any] | None:
         try:
@@ -148,8 +156,7 @@ class ConfiguredSampler:
             decision = Decision(forward=True, reason="pair", rate=self.sampler.rate, facts=("pair",), pair=facts,
                                 detail=f"same prompt as {turn.trace_id} answered by {turn.agent_id} on {turn.host}")
             trace = sampled_trace(snapshot, decision, self.max_messages, now_ms)
-            shipped = self.novelty.shipped_record(snapshot, trace["trace_id"], now_ms)
-            self.learn(shipped)
+            shipped = self._ship(snapshot, trace["trace_id"], now_ms)
             return Forwarded(decision, trace, shipped)
         decision = Decision(forward=True, reason=before["reason"], novelty=before.get("novelty"),
                             rate=before.get("rate", 0.0), detail=str(before.get("detail", "")),
@@ -163,7 +170,7 @@ def trace_id_of(snapshot: Mapping[str, Any]) -> str:
     return trace_id(snapshot["host"], snapshot["session_id"], messages[-1]["info"]["id"] if messages else "")
 
 
-def _turn(snapshot: Mapping[str, Any], tid: str) -> Turn:
+def _turn(snapshot: Mapping[str, Any], tid: str, partition: int = 0, offset: int = 0) -> Turn:
     return Turn(trace_id=tid, agent_id=snapshot.get("agent_id") or "", host=snapshot["host"],
-                session_id=snapshot["session_id"], snapshot_id=snapshot["snapshot_id"], partition=0, offset=0,
-                ended_at=snapshot["turn_ended_at"])
+                session_id=snapshot["session_id"], snapshot_id=snapshot["snapshot_id"], partition=partition,
+                offset=offset, ended_at=snapshot["turn_ended_at"])

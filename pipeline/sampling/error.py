@@ -46,20 +46,24 @@ def find_errors(snapshot: Mapping[str, Any], max_messages: int = DEFAULT_MAX_MES
     found: list[str] = []
     messages: Sequence[Mapping[str, Any]] = snapshot.get("messages") or []
     kept = messages[max(0, len(messages) - max_messages):]
+    # `type(x) is dict or isinstance(x, Mapping)`: a decoded record's dicts skip the ABC check,
+    # and `_present` is not called for the usual absent (None) error; the same tests otherwise
     for message in kept:
         info = message.get("info") or {}
-        message_id = info.get("id")
-        if info.get("role") == "assistant" and _present(info.get("error")):
-            found.append(f"message {message_id}: {_describe(info['error'])}")
+        if info.get("role") == "assistant":
+            error = info.get("error")
+            if error is not None and _present(error):
+                found.append(f"message {info.get('id')}: {_describe(info['error'])}")
         for part in message.get("parts") or []:
-            if not isinstance(part, Mapping) or part.get("type") != "tool":
+            if (type(part) is not dict and not isinstance(part, Mapping)) or part.get("type") != "tool":
                 continue
             state = part.get("state")
-            if not isinstance(state, Mapping):
+            if type(state) is not dict and not isinstance(state, Mapping):
                 continue
-            if state.get("status") == "error" or _present(state.get("error")):
-                error = state.get("error")
-                text = _describe(error) if _present(error) else "status error"
+            error = state.get("error")
+            present = error is not None and _present(error)
+            if present or state.get("status") == "error":
+                text = _describe(error) if present else "status error"
                 found.append(f"tool {part.get('tool')} ({part.get('id')}): {text}")
     for marker in snapshot.get("error_markers") or []:
         if isinstance(marker, Mapping) and marker.get("source") == "session":

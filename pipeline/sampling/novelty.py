@@ -31,7 +31,9 @@ The window fills and empties the buckets itself (MinHashLSH's banding, with the 
 from one byteswap of the signature; MinHashLSH.insert/remove are not called). A window of at
 most SCAN_MAX_SIZE entries (the default 200 among them) is scored without reading them: its
 whole signature array is compared with the query at once, and the rows sharing every value of
-some band are exactly the rows sharing a bucket (`_scan`; tests/unit/sampling/test_novelty_scan.py).
+some band are exactly the rows sharing a bucket (`_scan`; tests/unit/sampling/test_novelty_scan.py),
+so such a window keeps no buckets at all unless asked to (`buckets=True`, for the tests that
+compare them with MinHashLSH).
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ ARRAY_BUCKET_MIN = 64
 # candidates, found in ~0.05 ms at 200 entries, where the bucket lookup cost more.
 SCAN_MAX_SIZE = 2048
 _MAX32 = 0xFFFFFFFF
+# fmix32's shifts and multipliers as uint32 scalars, made once rather than per signature
+_U16, _U13 = np.uint32(16), np.uint32(13)
+_FMIX_1, _FMIX_2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
+_BYTE_LANES = np.uint64(0x0101010101010101)
 _INTP_CODE = "q" if np.dtype(np.intp).itemsize == 8 else "i"  # array.array's code for np.intp
 
 
@@ -148,12 +154,16 @@ class MinHasher:
             return None
         hv = _token_hashes(tokens)
         # MurmurHash3 fmix32, as datasketch applies before the affine permutations.
-        hv ^= hv >> np.uint32(16)
-        hv *= np.uint32(0x85EBCA6B)
-        hv ^= hv >> np.uint32(13)
-        hv *= np.uint32(0xC2B2AE35)
-        hv ^= hv >> np.uint32(16)
-        return (hv[:, None] * self._a + self._b).min(axis=0)
+        hv ^= hv >> _U16
+        hv *= _FMIX_1
+        hv ^= hv >> _U13
+        hv *= _FMIX_2
+        hv ^= hv >> _U16
+        # a * hv + b mod 2**32 for every (token, permutation), added in place: the same uint32
+        # values as `hv[:, None] * a + b` without a second tokens x num_perm array
+        permuted = np.multiply.outer(hv, self._a)
+        permuted += self._b
+        return permuted.min(axis=0)
 
     def minhash(self, hashvalues: np.ndarray) -> MinHash:
         return MinHash(seed=self.seed, hashvalues=hashvalues, permutations=self.permutations,
@@ -304,7 +314,10 @@ class NoveltyWindow:
     def __init__(self, site_key: str, size: int = DEFAULT_WINDOW,
                  num_perm: int = DEFAULT_NUM_PERM, *, seed: int = DEFAULT_SEED,
                  threshold: float = DEFAULT_THRESHOLD, lsh_params: tuple[int, int] | None = None,
-                 hasher: MinHasher | None = None) -> None:
+                 hasher: MinHasher | None = None, buckets: bool | None = None) -> None:
+        """`buckets`: keep the LSH buckets (`_index`, read by `_candidate_rows`). None: only a
+        window too large to scan (above SCAN_MAX_SIZE) keeps them, since a scanned one is scored
+        without reading them; True for what reads them itself (tests against MinHashLSH)."""
         _check(size, threshold)
         self.hasher = hasher or MinHasher(num_perm, seed)
         if (self.hasher.num_perm, self.hasher.seed) != (num_perm, seed):
@@ -317,12 +330,20 @@ class NoveltyWindow:
         self._buckets = [_Buckets() for _ in range(self._lsh.b)]
         self._lsh.hashtables = self._buckets  # type: ignore[assignment]
         self._maps = [buckets.map for buckets in self._buckets]
+        # filling and emptying 59 buckets per entry was a tenth of a forwarded turn's cost
+        self.keeps_buckets = size > SCAN_MAX_SIZE if buckets is None else buckets
         # each indexed row's band keys (what MinHashLSH.insert would compute), to remove it
         self._band_keys: list[list[bytes] | None] = [None] * size
         self._bytes_ranges = [(4 * start, 4 * end) for start, end in self._lsh.hashranges]
         self._slots: OrderedDict[str, int] = OrderedDict()
         self._keys: list[str | None] = [None] * size
         self._sig = np.zeros((size, num_perm), dtype=np.uint32)
+        # with two values a band (r=2, the default up to RECALL_FIRST_MAX_SIZE) band k is 64-bit
+        # word k of a row: one comparison of words says which bands are equal (`_sharing`)
+        self._sig_words = self._sig.view(np.uint64) if self._lsh.r == 2 and num_perm % 2 == 0 else None
+        # a row's equal values counted as bytes summed eight to a word (`_count_equal`): exact
+        # while the count fits a byte
+        self._count_by_words = num_perm % 8 == 0 and num_perm < 256
         # each value's low byte (see _bounded), rows padded with zeros to whole 64-byte blocks
         self._low = np.zeros((size, -(-num_perm // 64) * 64), dtype=np.uint8)
         self._seq = np.zeros(size, dtype=np.int64)
@@ -354,7 +375,7 @@ class NoveltyWindow:
         if hv is None or not self._indexed_count:
             return 1.0, None
         skip = self._slots.get(exclude) if exclude is not None else None
-        if self.size <= SCAN_MAX_SIZE:
+        if not self.keeps_buckets or self.size <= SCAN_MAX_SIZE:
             return self._scan(hv, skip)
         rows = self._candidate_rows(hv)
         if skip is not None:
@@ -378,19 +399,40 @@ class NoveltyWindow:
         indexed rows that share a band with `hv` (all `r` values of the band equal: what makes
         MinHashLSH's band keys equal), compared with every row at once, then scored as the
         bucket path scores them (same rows, same answer; tests/unit/sampling/test_novelty_scan.py)."""
-        b, r = self._lsh.b, self._lsh.r
         equal = self._sig == hv
-        shared = equal[:, 0:b * r:r]
-        for k in range(1, r):
-            shared = shared & equal[:, k:b * r:r]
-        found = shared.any(axis=1)
-        found &= self._indexed
+        found = self._sharing(hv, equal)
         if skip is not None:
             found[skip] = False
         rows = np.flatnonzero(found)
         if not len(rows):
             return 1.0, None
-        return self._best(rows, np.count_nonzero(equal[rows], axis=1))
+        # similar sessions share a band with every row: then no copy of the rows is needed
+        return self._best(rows, self._count_equal(equal if len(rows) == self.size else equal[rows]))
+
+    def _sharing(self, hv: np.ndarray, equal: np.ndarray) -> np.ndarray:
+        """The indexed rows sharing all `r` values of some band with `hv` (`equal`: `_sig == hv`),
+        as a mask: the rows MinHashLSH.query would return."""
+        b, r = self._lsh.b, self._lsh.r
+        if self._sig_words is not None:
+            words = np.ascontiguousarray(hv, dtype=np.uint32).view(np.uint64)
+            found = (self._sig_words == words)[:, :b].any(axis=1)
+        else:
+            shared = equal[:, 0:b * r:r]
+            for k in range(1, r):
+                shared = shared & equal[:, k:b * r:r]
+            found = shared.any(axis=1)
+        found &= self._indexed
+        return found
+
+    def _count_equal(self, equal: np.ndarray) -> np.ndarray:
+        """`np.count_nonzero(equal, axis=1)` of a C-ordered bool array with `num_perm` columns:
+        its bytes (0 or 1) summed eight to a 64-bit word, column word by column word (no byte
+        lane passes 255), and a word's eight lanes added by one multiplication, whose top byte is
+        their sum while that fits a byte (tests/unit/sampling/test_novelty_scan.py)."""
+        if not self._count_by_words:
+            return np.count_nonzero(equal, axis=1)
+        lanes = np.ascontiguousarray(equal).view(np.uint64).sum(axis=1, dtype=np.uint64)
+        return ((lanes * _BYTE_LANES) >> np.uint64(56)).astype(np.intp)
 
     def _bounded(self, rows: np.ndarray, hv: np.ndarray) -> np.ndarray:
         """The rows among `rows` that can match `hv` best or tie the best: equal values have
@@ -413,6 +455,8 @@ class NoveltyWindow:
 
     def _candidate_rows(self, hv: np.ndarray) -> np.ndarray:
         """The rows of `candidates(hv)` as an array, each once; large buckets are read as arrays."""
+        if not self.keeps_buckets:
+            return np.flatnonzero(self._sharing(hv, self._sig == hv))
         raw = hv.astype(np.uint32, copy=False).byteswap().tobytes()
         found: set[int] = set()
         arrays: list[np.ndarray] = []
@@ -438,6 +482,8 @@ class NoveltyWindow:
 
     def candidates(self, hv: np.ndarray) -> set[int]:
         """The rows MinHashLSH.query would return: those sharing a band with `hv`."""
+        if not self.keeps_buckets:
+            return set(np.flatnonzero(self._sharing(hv, self._sig == hv)).tolist())
         # A band's key is its values as big-endian bytes (datasketch's _byteswap), so one
         # byteswap of the whole signature gives every band's key by slicing.
         raw = hv.astype(np.uint32, copy=False).byteswap().tobytes()
@@ -460,7 +506,8 @@ class NoveltyWindow:
         if len(self._slots) >= self.size:
             _, old = self._slots.popitem(last=False)
             if self._indexed[old]:
-                self._unindex(old)
+                if self.keeps_buckets:
+                    self._unindex(old)
                 self._indexed[old] = False
                 self._indexed_count -= 1
             self._keys[old] = None
@@ -473,7 +520,8 @@ class NoveltyWindow:
         if hv is not None:
             self._sig[row] = hv
             self._low[row, :self.num_perm] = hv.astype(np.uint8)  # a cast to uint8 keeps the low byte
-            self._index(row, hv)
+            if self.keeps_buckets:
+                self._index(row, hv)
             self._indexed[row] = True
             self._indexed_count += 1
         return True
@@ -515,8 +563,10 @@ class NoveltyWindow:
                 if len(rows) == 1:
                     rows_of[key] = next(iter(rows))
 
-    def apply_shipped(self, record: Mapping[str, Any]) -> bool:
-        """Add a `sampler.shipped/1` record; RecordError if it cannot belong to this window."""
+    def apply_shipped(self, record: Mapping[str, Any], signature: np.ndarray | None = None) -> bool:
+        """Add a `sampler.shipped/1` record; RecordError if it cannot belong to this window.
+        `signature`: the array the record's `hashvalues` were written from (a forward of this
+        replica's own), taken instead of reading the 128 values back from the list."""
         if record.get("schema") != "sampler.shipped/1":
             raise RecordError("not_shipped",
                               f"expected sampler.shipped/1, got {record.get('schema')!r}")
@@ -528,7 +578,10 @@ class NoveltyWindow:
                 f"signature made with num_perm={record.get('num_perm')} seed={record.get('seed')}; "
                 f"this sampler uses num_perm={self.num_perm} seed={self.seed}"))
         try:
-            signature = None if record["empty"] else record["hashvalues"]
+            if record["empty"]:
+                signature = None
+            elif signature is None:
+                signature = record["hashvalues"]
             return self.add(record["snapshot_id"], signature)
         except (KeyError, TypeError, ValueError) as exc:
             raise RecordError("shipped_invalid", str(exc)) from None
@@ -542,6 +595,8 @@ class NoveltyWindow:
                 raise ValueError(f"MinHash must have seed={self.seed}, num_perm={self.num_perm}, "
                                  f"scheme={SCHEME}")
             return None if signature.is_empty() else signature.hashvalues.astype(np.uint32)
+        if type(signature) is np.ndarray and signature.dtype == np.uint32 and signature.shape == (self.num_perm,):
+            return signature.copy()  # what the checks and the cast below give: every uint32 is in range
         values = np.asarray(signature)
         if values.shape != (self.num_perm,) or values.dtype.kind not in "iu":
             raise ValueError(f"hashvalues must be {self.num_perm} integers, got shape "
@@ -571,11 +626,11 @@ class NoveltyWindows:
                 lsh_params=self.lsh_params, hasher=self.hasher)
         return window
 
-    def apply_shipped(self, record: Mapping[str, Any]) -> bool:
+    def apply_shipped(self, record: Mapping[str, Any], signature: np.ndarray | None = None) -> bool:
         site_key = record.get("site_key")
         if not isinstance(site_key, str) or not site_key:
             raise RecordError("shipped_site", f"site_key is {site_key!r}")
-        return self.get(site_key).apply_shipped(record)
+        return self.get(site_key).apply_shipped(record, signature)
 
     def sites(self) -> list[str]:
         return list(self._windows)
@@ -631,8 +686,14 @@ class NoveltyPolicy:
     def shipped_record(self, snapshot: Mapping[str, Any], trace_id: str, at: int) -> dict[str, Any]:
         """What to publish on `sampler.shipped` once this snapshot is forwarded (the signature
         `evaluate` made of the same messages list just before, if it did: the same values)."""
+        return self.shipped(snapshot, trace_id, at)[0]
+
+    def shipped(self, snapshot: Mapping[str, Any], trace_id: str, at: int
+                ) -> tuple[dict[str, Any], np.ndarray | None]:
+        """`shipped_record`, and the signature its `hashvalues` were written from (None: empty)."""
         scored, self._scored = self._scored, None
         hv = scored[1] if scored is not None and scored[0] is snapshot["messages"] else self.signature(snapshot)
-        return shipped_record(site_key=snapshot["site_key"], snapshot_id=snapshot["snapshot_id"],
-                              trace_id=trace_id, hashvalues=hv,
-                              num_perm=self.windows.num_perm, seed=self.windows.seed, at=at)
+        record = shipped_record(site_key=snapshot["site_key"], snapshot_id=snapshot["snapshot_id"],
+                                trace_id=trace_id, hashvalues=hv,
+                                num_perm=self.windows.num_perm, seed=self.windows.seed, at=at)
+        return record, hv

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from pipeline.sampling.base import Decision
@@ -48,13 +48,20 @@ class Turn:
     pair_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Every field but `decision` is a str, an int or None, which `dataclasses.asdict` would
+        # only deep-copy into an equal value; `decision` was always copied one level (`dict`),
+        # so a dict of the fields as they are is what asdict gave, without its deep copy
+        # (a tenth of the sample stage's decision; tests/unit/sampling/test_pairing.py).
+        data = {name: getattr(self, name) for name in _TURN_FIELDS}
         data["decision"] = dict(self.decision) if self.decision is not None else None
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Turn:
         return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})  # type: ignore[arg-type]
+
+
+_TURN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Turn))
 
 
 def pair_id(a: str, b: str) -> str:

@@ -3,6 +3,8 @@ panel's splitter read them."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -75,3 +77,28 @@ def test_an_agent_id_is_never_free_text(provider: str, model: str, agent: str) -
 @pytest.mark.parametrize("text", ["a  b", "a\u00a0b", " a b "])
 def test_normalised_prompt_folds_whitespace(text: str) -> None:
     assert normalised_prompt(text) == "a b"
+
+
+def reference_agent_id(info: Any) -> str | None:
+    """agent_id as it was before it remembered its answers per (provider, model, agent)."""
+    model = info.get("model") if isinstance(info.get("model"), Mapping) else info
+    provider, model_id = model.get("providerID"), model.get("modelID")
+    if not isinstance(provider, str) or not isinstance(model_id, str) or not provider or not model_id:
+        return None
+    agent = info.get("agent") if isinstance(info.get("agent"), str) else info.get("mode")
+    text = f"{provider}/{model_id}" + (f":{agent}" if isinstance(agent, str) and agent else "")
+    if AGENT_ID_PATTERN.fullmatch(text):
+        return text
+    return "agent_" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+NAME = st.sampled_from(["anthropic", "openai", "p", "claude-sonnet-4", "gpt 5", "m", "", "\u00e9", "\ud800"])
+FIELD = NAME | st.text(max_size=6) | st.none() | st.integers() | st.booleans() | st.lists(NAME, max_size=1)
+NAMING = st.fixed_dictionaries({}, optional={"providerID": FIELD, "modelID": FIELD})
+
+
+@given(st.fixed_dictionaries({}, optional={"providerID": FIELD, "modelID": FIELD, "agent": FIELD, "mode": FIELD,
+                                          "model": NAMING | FIELD}))
+def test_an_agent_id_is_what_it_was_before_it_was_remembered(info: dict[str, Any]) -> None:
+    # asked twice: computed, then remembered
+    assert agent_id(info) == reference_agent_id(info) == agent_id(info)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from pipeline.errors import RecordError
@@ -118,3 +121,18 @@ def test_trace_id_is_stable_and_content_derived() -> None:
     retry = sampled_trace(snapshot, decision, 25, now_ms=999_999)
     assert first["trace_id"] == retry["trace_id"] == trace_id(
         "host-a", snapshot["session_id"], "msg_1fc756325001Ki0RvDfn3O2B1c")
+
+
+class _Str(str):
+    pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(codec=None, exclude_categories=())), min_size=3, max_size=3),
+       st.booleans())
+@example(["a\"\\\n\x00\u2028\ud800\U0001f600", "\x7f\u00e9", ""], False)
+def test_a_trace_id_is_the_sha256_of_the_json_it_always_hashed(parts: list[str], subclass: bool) -> None:
+    # the JSON of the three str is written directly (str only); json.dumps is what it replaces
+    host, session_id, last_id = (_Str(p) for p in parts) if subclass else parts
+    material = json.dumps([host, session_id, last_id], ensure_ascii=False).encode("utf-8", "surrogatepass")
+    assert trace_id(host, session_id, last_id) == "tr_oc_" + hashlib.sha256(material).hexdigest()[:32]

@@ -168,7 +168,7 @@ def test_candidate_lookup_is_minhashlsh_query(params: tuple[int, int]) -> None:
     corpus = TokenCorpus(8)
     sets = [corpus.session() for _ in range(30)]
     sets += [corpus.near_duplicate(s) for s in sets] + [frozenset({"a"}), frozenset({"a"})]
-    window = NoveltyWindow("site", size=40, lsh_params=params)
+    window = NoveltyWindow("site", size=40, lsh_params=params, buckets=True)
     fill(window, sets)
     queries = [q for q in (corpus.near_duplicate(s) for s in sets) if q] + [frozenset({"a"})]
     found = 0

@@ -23,7 +23,7 @@ def records(n: int, seed: int) -> tuple[list[dict], list[frozenset[str]]]:
 
 
 def filled(size: int, shipped: list[dict], params: tuple[int, int]) -> NoveltyWindow:
-    window = NoveltyWindow("site", size=size, lsh_params=params)
+    window = NoveltyWindow("site", size=size, lsh_params=params, buckets=True)
     for record in shipped:
         window.apply_shipped(record)
     return window
@@ -65,7 +65,7 @@ def test_rows_add_and_discard_keep_each_row_once() -> None:
 
 def test_an_emptied_array_bucket_leaves_the_index(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(novelty, "ARRAY_BUCKET_MIN", 3)
-    window = NoveltyWindow("site", size=4, lsh_params=(59, 2))
+    window = NoveltyWindow("site", size=4, lsh_params=(59, 2), buckets=True)
     hv = np.arange(1, 129, dtype=np.uint32)
     for i in range(4):
         window.add(f"snp_{i}", hv)  # the same signature: every bucket holds every row

@@ -33,15 +33,22 @@ def corpus_sets(n: int, seed: int) -> tuple[list[frozenset[str]], list[frozenset
 def test_a_scanned_window_answers_as_its_buckets(monkeypatch: pytest.MonkeyPatch, params: tuple[int, int],
                                                  size: int) -> None:
     sets, queries = corpus_sets(500, size)
-    window = NoveltyWindow("site", size=size, lsh_params=params)
+    window = NoveltyWindow("site", size=size, lsh_params=params, buckets=True)
+    bare = NoveltyWindow("site", size=size, lsh_params=params, buckets=False)  # scanned whatever its size
+    assert not bare._maps[0] and not NoveltyWindow("site", size=size, lsh_params=params).keeps_buckets
     for i, s in enumerate(sets):
         window.add(f"snp_{i}", window.hasher.hashvalues(s))
+        bare.add(f"snp_{i}", window.hasher.hashvalues(s))
         if i % 50 == 49 or i == len(sets) - 1:  # through the evictions, not only at the end
+            assert not any(bare._maps)
             for q in queries:
                 hv = window.hasher.hashvalues(q)
+                assert bare.candidates(hv) == window.candidates(hv)
+                assert sorted(bare._candidate_rows(hv).tolist()) == sorted(window.candidates(hv))
                 for exclude in [None, *window.keys()[::13]]:
                     monkeypatch.setattr(novelty, "SCAN_MAX_SIZE", 0)
                     by_buckets = window.score_hashvalues(hv, exclude)
+                    assert bare.score_hashvalues(hv, exclude) == by_buckets
                     monkeypatch.setattr(novelty, "SCAN_MAX_SIZE", 10**9)
                     assert window.score_hashvalues(hv, exclude) == by_buckets
     hv = window.hasher.hashvalues(frozenset({"nothing", "shared", "here"}))
@@ -54,7 +61,7 @@ def test_the_buckets_hold_what_minhashlsh_would(monkeypatch: pytest.MonkeyPatch,
     # inserts and removes through its API, must return the same candidates for every query
     monkeypatch.setattr(novelty, "ARRAY_BUCKET_MIN", 3)
     sets, queries = corpus_sets(700, 5)
-    window = NoveltyWindow("site", size=150, lsh_params=params)
+    window = NoveltyWindow("site", size=150, lsh_params=params, buckets=True)
     lsh = MinHashLSH(num_perm=window.num_perm, params=params)
     held: list[str] = []
     for i, s in enumerate(sets):
@@ -139,3 +146,40 @@ def test_a_forwarded_turns_shipped_signature_is_the_one_it_was_scored_with() -> 
     # a decision's view of the snapshot (`{**snapshot, ...}`) shares its messages: the same values
     policy.evaluate({**first, "pair_partner": None})
     assert policy.shipped_record(first, "tr_1", 5)["hashvalues"] == fresh.signature(first).tolist()
+
+
+def test_only_a_window_too_large_to_scan_keeps_buckets() -> None:
+    assert not NoveltyWindow("site", size=novelty.SCAN_MAX_SIZE).keeps_buckets
+    assert NoveltyWindow("site", size=novelty.SCAN_MAX_SIZE + 1).keeps_buckets
+
+
+@pytest.mark.parametrize("num_perm", [128, 16, 20, 248, 256])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_equal_values_counted_by_words_are_counted(num_perm: int, data: st.DataObject) -> None:
+    # 128, 16, 248: counted from 64-bit words; 20 (not whole words) and 256 (a count past a byte):
+    # np.count_nonzero itself
+    window = NoveltyWindow("site", size=4, num_perm=num_perm, lsh_params=(num_perm // 2, 2))
+    rows = data.draw(st.integers(0, 9))
+    equal = np.array(data.draw(st.lists(st.lists(st.booleans(), min_size=num_perm, max_size=num_perm),
+                                        min_size=rows, max_size=rows)), dtype=bool).reshape(rows, num_perm)
+    assert window._count_equal(equal).tolist() == np.count_nonzero(equal, axis=1).tolist()
+    full = np.ones((3, num_perm), dtype=bool)
+    assert window._count_equal(full).tolist() == [num_perm] * 3
+
+
+def test_a_forward_learnt_from_its_own_signature_is_the_record_read_back() -> None:
+    # ConfiguredSampler learns its own forwards from the array the record was written from;
+    # another replica reads the record's list: the same window either way
+    sets, _ = corpus_sets(260, 3)
+    own, other = NoveltyWindows(size=200), NoveltyWindows(size=200)
+    for i, s in enumerate(sets):
+        hv = own.hasher.hashvalues(s)
+        record = shipped_record(site_key="site", snapshot_id=f"snp_{i}", trace_id=f"tr_{i}", hashvalues=hv, at=i)
+        assert own.apply_shipped(record, hv) == other.apply_shipped(record)
+    a, b = own.get("site"), other.get("site")
+    assert a.keys() == b.keys() and (a._sig == b._sig).all() and (a._indexed == b._indexed).all()
+    assert (a._low == b._low).all() and (a._seq == b._seq).all()
+    values = np.array([0, 1, 2**32 - 1] * 42 + [7, 8], dtype=np.uint32)
+    assert a._hashvalues(values).tolist() == a._hashvalues(values.tolist()).tolist()
+    assert a._hashvalues(values) is not values

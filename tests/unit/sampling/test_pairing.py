@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -79,3 +81,27 @@ def test_eviction_bounds_memory(arrivals: list[tuple[str, int]], max_turns: int)
 def test_a_turn_round_trips_through_the_table() -> None:
     t = turn(3, "p/a", 5)
     assert Turn.from_dict(t.to_dict()) == t
+
+
+def reference_to_dict(t: Turn) -> dict[str, object]:
+    """Turn.to_dict as it was: dataclasses.asdict (a deep copy), the decision copied one level."""
+    data = asdict(t)
+    data["decision"] = dict(t.decision) if t.decision is not None else None
+    return data
+
+
+JSON_LEAF = st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+DECISION = st.dictionaries(st.text(max_size=8), st.recursive(
+    JSON_LEAF, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8), max_size=5)
+
+
+@given(st.builds(Turn, trace_id=st.text(), agent_id=st.text(), host=st.text(), session_id=st.text(),
+                 snapshot_id=st.text(), partition=st.integers(), offset=st.integers(), ended_at=st.integers(),
+                 forwarded=st.none() | st.text(), decision=st.none() | DECISION, pair_id=st.none() | st.text()))
+def test_a_turn_is_written_as_asdict_wrote_it(t: Turn) -> None:
+    # the same keys in the same order (the changelog's bytes), the same values
+    written = t.to_dict()
+    expected = reference_to_dict(t)
+    assert list(written) == list(expected) and written == expected
+    assert Turn.from_dict(written) == t

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from pipeline.errors import RecordError
@@ -25,6 +28,7 @@ from pipeline.sampling import (
     session_tokens,
     uniform,
 )
+from pipeline.sampling.error import _describe, _present, find_errors
 from tests.fixtures import OPENCODE, REPO
 
 REFERENCE = OPENCODE
@@ -341,3 +345,47 @@ def test_decision_serialises_to_the_schema_object() -> None:
     sampler = sampler_for(0.05, [SHIPPED])
     for snapshot in (ERRORED, DISSIMILAR, SIMILAR):
         validator.validate(sampler.decide(snapshot).to_dict())
+
+
+def reference_find_errors(snapshot: dict[str, Any], max_messages: int = 25) -> list[str]:
+    """find_errors as it was, before the dict fast paths and one `_present` per error."""
+    found: list[str] = []
+    messages = snapshot.get("messages") or []
+    for message in messages[max(0, len(messages) - max_messages):]:
+        info = message.get("info") or {}
+        message_id = info.get("id")
+        if info.get("role") == "assistant" and _present(info.get("error")):
+            found.append(f"message {message_id}: {_describe(info['error'])}")
+        for part in message.get("parts") or []:
+            if not isinstance(part, Mapping) or part.get("type") != "tool":
+                continue
+            state = part.get("state")
+            if not isinstance(state, Mapping):
+                continue
+            if state.get("status") == "error" or _present(state.get("error")):
+                error = state.get("error")
+                text = _describe(error) if _present(error) else "status error"
+                found.append(f"tool {part.get('tool')} ({part.get('id')}): {text}")
+    for marker in snapshot.get("error_markers") or []:
+        if isinstance(marker, Mapping) and marker.get("source") == "session":
+            found.append(f"session: {marker.get('name')}: {marker.get('detail')}")
+    return found
+
+
+_ERROR = (st.none() | st.booleans() | st.integers(-1, 1) | st.floats(allow_nan=False) | st.sampled_from(["", "boom"])
+          | st.just([]) | st.just({}) | st.fixed_dictionaries({"name": st.sampled_from(["APIError", 3]),
+                                                             "data": st.just({"message": "bad"})}))
+_STATE = st.fixed_dictionaries({}, optional={"status": st.sampled_from(["error", "completed", None]), "error": _ERROR})
+_PART = st.fixed_dictionaries({"type": st.sampled_from(["tool", "text"])},
+                              optional={"state": _STATE | st.none() | st.just("x"), "tool": st.just("bash"),
+                                        "id": st.just("prt_1")}) | st.none() | st.just("part")
+_INFO = st.fixed_dictionaries({"role": st.sampled_from(["assistant", "user"])},
+                              optional={"id": st.just("msg_1"), "error": _ERROR})
+_MESSAGES = st.lists(st.fixed_dictionaries({}, optional={"info": _INFO, "parts": st.lists(_PART, max_size=4)}),
+                     max_size=6)
+
+
+@given(_MESSAGES, st.integers(1, 8))
+def test_find_errors_is_what_it_was(messages: list[dict[str, Any]], max_messages: int) -> None:
+    snapshot = {"messages": messages, "error_markers": [{"source": "session", "name": "n", "detail": "d"}]}
+    assert find_errors(snapshot, max_messages) == reference_find_errors(snapshot, max_messages)
