@@ -22,7 +22,7 @@ import re
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,15 @@ class Rule:
     # Named groups holding the secret; the first that matched is replaced and the rest of the
     # match (a variable name, quotes) is kept, so `API_KEY="x"` reads `API_KEY="<SECRET_1>"`.
     groups: tuple[str, ...] = ()
+    # A pattern every match of `pattern` contains a match of (its keyword, under the same flags):
+    # a text it is not found in is left alone without running `pattern`, whose `[A-Za-z0-9_-]*`
+    # name prefix is tried at every word start (half the stub's CPU before).
+    keyword: re.Pattern[str] | None = None
+
+    def apply(self, text: str, replace: Callable[[re.Match[str]], str]) -> str:
+        if self.keyword is not None and self.keyword.search(text) is None:
+            return text
+        return self.pattern.sub(replace, text)
 
 
 _PLACEHOLDER_AHEAD = r"(?!\\?[\"']?<[A-Z_]+_\d+>)"
@@ -64,9 +73,11 @@ _ASSIGN = r"""(?:\\?["'])?\s*[=:]\s*"""
 _VALUE_GROUPS = ("v1", "v2", "v3", "v4")
 
 
-def _assignment_rule(name: str, value: str) -> Rule:
-    """`name = value` (or `name: value`, quoted or not): the value is the secret."""
-    return Rule("SECRET", re.compile(name + _ASSIGN + value), groups=_VALUE_GROUPS)
+def _assignment_rule(name: str, keyword: str, value: str, flags: str = "") -> Rule:
+    """`name = value` (or `name: value`, quoted or not): the value is the secret. `name` holds
+    `keyword` as a group of its own, so a text without `keyword` cannot match."""
+    return Rule("SECRET", re.compile(flags + name.format(keyword=keyword) + _ASSIGN + value), groups=_VALUE_GROUPS,
+                keyword=re.compile(flags + keyword))
 
 
 RULES: tuple[Rule, ...] = (
@@ -96,22 +107,27 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("SLACK_TOKEN", re.compile(r"(?<![A-Za-z0-9])xox[abprs]-[A-Za-z0-9-]{10,}")),
     Rule("GOOGLE_KEY", re.compile(r"(?<![A-Za-z0-9])AIza[0-9A-Za-z_-]{35}")),
-    Rule("SECRET", re.compile(r"(?i)\bbearer\s+" + _LONG_TOKEN), groups=_VALUE_GROUPS),
+    Rule("SECRET", re.compile(r"(?i)\bbearer\s+" + _LONG_TOKEN), groups=_VALUE_GROUPS,
+         keyword=re.compile(r"(?i)bearer")),
     # NAME_KEY=value, SOMETHING_SECRET: value, PASSWORD=value: an upper-case name says "secret".
     _assignment_rule(
-        r"(?<![A-Za-z0-9_])[A-Z0-9_]*(?:KEY|SECRET|TOKEN|PASSWORD|PASSWD|PWD|PASS|CREDENTIALS?|AUTH)",
+        r"(?<![A-Za-z0-9_])[A-Z0-9_]*{keyword}",
+        r"(?:KEY|SECRET|TOKEN|PASSWORD|PASSWD|PWD|PASS|CREDENTIALS?|AUTH)",
         _VALUE,
     ),
     # password / secret under any spelling: any value.
     _assignment_rule(
-        r"(?i)(?<![A-Za-z0-9])[A-Za-z0-9_-]*(?:passw(?:or)?d|pwd|secret|credential)[A-Za-z0-9_-]*",
+        r"(?<![A-Za-z0-9])[A-Za-z0-9_-]*{keyword}[A-Za-z0-9_-]*",
+        r"(?:passw(?:or)?d|pwd|secret|credential)",
         _VALUE,
+        flags="(?i)",
     ),
     # key / token under any spelling: only a long token-looking value, so `key: 3` survives.
     _assignment_rule(
-        r"(?i)(?<![A-Za-z0-9])[A-Za-z0-9_-]*(?:api[_-]?key|access[_-]?key|private[_-]?key|token|auth)"
-        r"[A-Za-z0-9_-]*",
+        r"(?<![A-Za-z0-9])[A-Za-z0-9_-]*{keyword}[A-Za-z0-9_-]*",
+        r"(?:api[_-]?key|access[_-]?key|private[_-]?key|token|auth)",
         _LONG_TOKEN,
+        flags="(?i)",
     ),
     Rule(
         "EMAIL",
@@ -149,7 +165,7 @@ class Redactor:
 
     def scrub(self, text: str) -> str:
         for rule in self.rules:
-            text = rule.pattern.sub(lambda m, rule=rule: self._replace(rule, m), text)
+            text = rule.apply(text, lambda m, rule=rule: self._replace(rule, m))
         return text
 
     def _replace(self, rule: Rule, match: re.Match[str]) -> str:

@@ -3,6 +3,7 @@ one pipeline.delivery.signing verifies."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devkit.stubs.scrubber import ScrubberStubConfig, StubScrubber
+from devkit.stubs.scrubber import PACKS, Redactor, ScrubberStubConfig, StubScrubber
 from pipeline.delivery.signing import sha256_hex, verify_attestation
 from pipeline.model.records import compact_json
 from tests.unit.devkit.stub_process import stub_process
@@ -289,3 +290,26 @@ def test_main_runs_as_its_own_process_with_secrets_from_the_environment() -> Non
             timeout=5,
         ).json()
         assert answer["text"] == "<EMAIL_1>" and answer["attestation"]
+
+
+# Fragments around the keyword-prefiltered rules: their keywords in odd cases (the long s and the
+# Kelvin sign match `s` and `k` under re.IGNORECASE; the dotted capital I does not lower to `i`),
+# assignment marks, quotes and token-looking values.
+_FRAGMENTS = st.sampled_from([
+    "password", "PASSWORD", "pa\u017f\u017fword", "Passwd", "pwd", "secret", "SECRET_KEY", "credent\u0130al",
+    "Credential", "api_key", "api-KEY", "access_key", "private-key", "token", "TOKEN", "auth", "AUTH",
+    "Kelvin_\u212aey", "bearer", "Bearer ", "=", ":", " = ", '"', "'", "\\\"", " ", "\n", "x", "_", "-", "null",
+    "abcdefghijklmnop0123", "s3cr3t-value", "<SECRET_1>",
+])
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_FRAGMENTS, max_size=14).map("".join))
+def test_the_keyword_prefilter_changes_no_redaction(text: str) -> None:
+    # the prefilter only skips a rule whose keyword is nowhere in the text: same text, same detections
+    filtered = Redactor(PACKS)
+    unfiltered = Redactor(PACKS)
+    unfiltered.rules = [dataclasses.replace(rule, keyword=None) for rule in unfiltered.rules]
+    assert any(rule.keyword is not None for rule in filtered.rules)
+    assert filtered.scrub(text) == unfiltered.scrub(text)
+    assert filtered.detections == unfiltered.detections
