@@ -46,7 +46,8 @@ MAX_RECORD_BYTES = 8 * 1024 * 1024
 # find: ~20 us for 20 KB, where a regex takes ~500 us)
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _DIGIT_RUN = b"0" * 19
-_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+# the ints orjson writes (json writes any): is_plain_json's bounds
+PLAIN_INT_MIN, PLAIN_INT_MAX = -(2**63), 2**64 - 1
 
 
 @functools.cache
@@ -246,6 +247,9 @@ def _plain(value: Any) -> bool:
             if t is dict or t is list:
                 if not _plain(item):
                     return False
+            elif t is int:  # timestamps, token counts: as common in records as containers
+                if not PLAIN_INT_MIN <= item <= PLAIN_INT_MAX:
+                    return False
             elif not _plain_leaf(item):
                 return False
         return True
@@ -258,7 +262,7 @@ def _plain(value: Any) -> bool:
                 if not _plain(item):
                     return False
             elif t is int:
-                if not _INT_MIN <= item <= _UINT_MAX:
+                if not PLAIN_INT_MIN <= item <= PLAIN_INT_MAX:
                     return False
             elif not _plain_leaf(item):
                 return False
@@ -270,7 +274,7 @@ def _plain_leaf(value: Any) -> bool:
     """An int within 64 bits or a float repr writes without an exponent (exactly those types)."""
     kind = type(value)
     if kind is int:
-        return _INT_MIN <= value <= _UINT_MAX
+        return PLAIN_INT_MIN <= value <= PLAIN_INT_MAX
     if kind is float:
         return value == 0.0 or 1e-4 <= abs(value) < 1e16
     return False
@@ -305,14 +309,34 @@ def encode(record: Any, *, plain: bool | None = None) -> bytes:
         return json.dumps(record, ensure_ascii=True, separators=(",", ":"), sort_keys=True).encode("ascii")
 
 
+_NOT_PARSED = object()  # _parsed_bytes: orjson did not read it (None is a JSON value)
+
+
 def _loads(raw: bytes | str, text: str) -> Any:
     """json.loads(text); `raw`: the same as valid UTF-8 bytes (orjson reads those directly)."""
-    if orjson is not None and isinstance(raw, bytes) and _DIGIT_RUN not in raw.translate(_DIGITS_AS_ZERO):
-        try:
-            return orjson.loads(raw)
-        except ValueError:  # NaN, 1e400, a lone surrogate escape, too deep, not JSON: json decides
-            pass
+    if isinstance(raw, bytes):
+        parsed = _parsed_bytes(raw)
+        if parsed is not _NOT_PARSED:
+            return parsed
+    return _json_loads(text)
+
+
+def _json_loads(text: str) -> Any:
+    """json's reading of a record's text: NaN, Infinity and floats beyond range refused."""
     return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+
+
+def _parsed_bytes(raw: bytes) -> Any:
+    """orjson's reading of `raw` when it is exactly json.loads(raw.decode("utf-8"))'s, else
+    _NOT_PARSED (the caller decodes the text and asks json, which decides, errors included).
+    orjson refuses whatever is not valid UTF-8 (surrogates included), as the strict decode
+    does, so bytes it reads would have decoded: the text is needed only when it refuses."""
+    if orjson is None or _DIGIT_RUN in raw.translate(_DIGITS_AS_ZERO):
+        return _NOT_PARSED
+    try:
+        return orjson.loads(raw)
+    except ValueError:  # not UTF-8, NaN, 1e400, a lone surrogate escape, too deep, not JSON
+        return _NOT_PARSED
 
 
 def _no_constant(name: str) -> Any:
@@ -332,14 +356,16 @@ def decode(raw: bytes | str | None, topic: str) -> dict[str, Any]:
         raise RecordError("empty_value", "record has no value")
     if isinstance(raw, bytes) and len(raw) > MAX_RECORD_BYTES:
         raise RecordError("too_large", f"{len(raw)} bytes > {MAX_RECORD_BYTES}")
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-    except UnicodeDecodeError as exc:
-        raise RecordError("invalid_utf8", str(exc)) from None
-    try:
-        record = _loads(raw, text)
-    except (ValueError, RecursionError) as exc:  # ValueError: also > 4300-digit integers, NaN
-        raise RecordError("invalid_json", str(exc)[:200]) from None
+    record = _parsed_bytes(raw) if isinstance(raw, bytes) else _NOT_PARSED
+    if record is _NOT_PARSED:
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            raise RecordError("invalid_utf8", str(exc)) from None
+        try:
+            record = _json_loads(text)
+        except (ValueError, RecursionError) as exc:  # ValueError: also > 4300-digit integers, NaN
+            raise RecordError("invalid_json", str(exc)[:200]) from None
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"top level is {type(record).__name__}")
     _validate(schema_of(topic, record), record, from_json=True)

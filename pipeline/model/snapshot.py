@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.model.envelope import TURN_ENDED, MalformedEvent
 from pipeline.model.prompt import turn_agent_id, turn_prompt_ref
-from pipeline.model.records import plain_json_bytes
+from pipeline.model.records import PLAIN_INT_MAX, PLAIN_INT_MIN, is_plain_json, plain_json_bytes
 
 try:
     import orjson
@@ -125,12 +125,12 @@ def describe_error(error: Any) -> tuple[str, str]:
     """(name, detail) of an opencode error object `{name, data}` (or anything else)."""
     if isinstance(error, str):
         return "Error", error[:DETAIL_MAX_CHARS]
-    if not isinstance(error, Mapping):
+    if not _is_mapping(error):
         return "UnknownError", ""
     name = _text(error.get("name")) or "UnknownError"
     data = error.get("data")
     detail = ""
-    if isinstance(data, Mapping):
+    if _is_mapping(data):
         message = data.get("message")
         if isinstance(message, str):
             detail = message
@@ -165,10 +165,10 @@ def error_markers(messages: Sequence[Mapping[str, Any]],
             markers.append({"source": "message", "message_id": message_id, "part_id": None,
                             "name": name, "detail": detail})
         for part in message.get("parts") or []:
-            if not _is_mapping(part) or part.get("type") != "tool":
+            if not (type(part) is dict or _is_mapping(part)) or part.get("type") != "tool":
                 continue
             state = part.get("state")
-            if not isinstance(state, Mapping):
+            if not _is_mapping(state):
                 continue
             if state.get("status") == "error" or state.get("error"):
                 error = state.get("error")
@@ -193,7 +193,7 @@ def error_markers(messages: Sequence[Mapping[str, Any]],
 
 def _is_mapping(value: Any) -> bool:
     # decoded JSON is all dicts, and absent fields None: both answered without the ABC's
-    # ~1 us isinstance check
+    # ~1 us isinstance check (the hottest loops also inline `type(value) is dict` before the call)
     return type(value) is dict or (value is not None and isinstance(value, Mapping))
 
 
@@ -236,19 +236,34 @@ def _check_listing(messages: Any) -> list[Mapping[str, Any]]:
     if not isinstance(messages, list):
         raise MalformedEvent("bad_messages", f"messages is {type(messages).__name__}")
     for i, message in enumerate(messages):
-        info = message.get("info") if _is_mapping(message) else None
-        if not _is_mapping(info):
+        info = message.get("info") if type(message) is dict or _is_mapping(message) else None
+        if type(info) is not dict and not _is_mapping(info):
             raise MalformedEvent("bad_messages", f"messages[{i}] has no info object")
-        for key in ("id", "role"):
-            value = info.get(key)
-            if not isinstance(value, str) or not value or (key == "id" and len(value) > 512):
-                raise MalformedEvent("bad_messages", f"messages[{i}].info.{key} is {value!r:.80}")
+        ident, role = info.get("id"), info.get("role")
+        if not isinstance(ident, str) or not ident or len(ident) > 512:
+            raise MalformedEvent("bad_messages", f"messages[{i}].info.id is {ident!r:.80}")
+        if not isinstance(role, str) or not role:
+            raise MalformedEvent("bad_messages", f"messages[{i}].info.role is {role!r:.80}")
         parts = message.get("parts")
-        if not isinstance(parts, list) or not all(
-                _is_mapping(p) and isinstance(p.get("type"), str) for p in parts):
+        if not isinstance(parts, list) or not _typed_parts(parts):
             raise MalformedEvent("bad_messages",
                                  f"messages[{i}].parts is not a list of typed parts")
     return messages
+
+
+def _typed_parts(parts: list[Any]) -> bool:
+    """Every part a mapping with a str `type`. A loop rather than all(<generator>): it runs for
+    every part of every listing, and decoded parts are dicts whose type is a str, answered by
+    two identity checks before the general ones."""
+    for part in parts:
+        if type(part) is dict:
+            kind = part.get("type")
+            if type(kind) is str or isinstance(kind, str):
+                continue
+            return False
+        if not (_is_mapping(part) and isinstance(part.get("type"), str)):
+            return False
+    return True
 
 
 def snapshot_id(host: str, session_id: str, messages: Sequence[Mapping[str, Any]]) -> str:
@@ -259,32 +274,59 @@ def snapshot_id(host: str, session_id: str, messages: Sequence[Mapping[str, Any]
     so the same turn read twice gets the same id, and any later turn a different one.
     """
     shape: list[Any] = []
+    # is_plain_json(the shape), found out while building it: its leaves are nearly always str,
+    # None or a timestamp (checked inline), anything else is asked of is_plain_json itself; so
+    # the answer is the walk's without walking the shape a second time
+    plain = _plain_leaves(host, session_id)
     for message in messages:
-        info = message.get("info") if _is_mapping(message) else None
-        info = info if _is_mapping(info) else {}
+        if type(message) is dict or _is_mapping(message):
+            info, raw_parts = message.get("info"), message.get("parts")
+        else:
+            info = raw_parts = None
+        if type(info) is not dict and not _is_mapping(info):
+            info = {}
         time = info.get("time")
-        time = time if _is_mapping(time) else {}
+        if type(time) is not dict and not _is_mapping(time):
+            time = {}
         error = info.get("error")
         parts = []
-        raw_parts = message.get("parts") if _is_mapping(message) else None
         for part in raw_parts if isinstance(raw_parts, list) else []:
-            if not _is_mapping(part):
+            if type(part) is not dict and not _is_mapping(part):
                 continue
             state = part.get("state")
-            status = state.get("status") if _is_mapping(state) else None
-            parts.append([part.get("id"), part.get("type"), status, part.get("text")])
-        shape.append([info.get("id"), info.get("role"), time.get("completed"),
-                      describe_error(error)[0] if error else None, parts])
-    material = _shape_bytes([host, session_id, shape])
+            status = state.get("status") if type(state) is dict or _is_mapping(state) else None
+            part_id, kind, text = part.get("id"), part.get("type"), part.get("text")
+            if plain and not (type(part_id) is str and type(kind) is str and (status is None or type(status) is str)
+                              and (text is None or type(text) is str)):
+                plain = _plain_leaves(part_id, kind, status, text)
+            parts.append([part_id, kind, status, text])
+        message_id, role, completed = info.get("id"), info.get("role"), time.get("completed")
+        name = describe_error(error)[0] if error else None
+        if plain and not (type(message_id) is str and type(role) is str and (completed is None or (
+                type(completed) is int and PLAIN_INT_MIN <= completed <= PLAIN_INT_MAX))
+                          and (name is None or type(name) is str)):
+            plain = _plain_leaves(message_id, role, completed, name)
+        shape.append([message_id, role, completed, name, parts])
+    material = _shape_bytes([host, session_id, shape], plain=plain)
     return "snp_" + hashlib.sha256(material).hexdigest()[:32]
 
 
-def _shape_bytes(shape: list[Any]) -> bytes:
-    """The hashed text. For plain JSON (records.is_plain_json) orjson writes exactly what
-    json.dumps does (tests/unit/model/test_snapshot.py checks every code point outside the surrogates)
-    in a fraction of the time; anything else, and a lone surrogate orjson refuses, goes through
-    json: ids must not change with the path taken."""
-    fast = plain_json_bytes(shape, sort_keys=True)
+def _plain_leaves(*values: Any) -> bool:
+    """is_plain_json of each value (the leaves of a snapshot id's shape)."""
+    for value in values:
+        if value is None or type(value) is str:
+            continue
+        if not is_plain_json(value):
+            return False
+    return True
+
+
+def _shape_bytes(shape: list[Any], *, plain: bool | None = None) -> bytes:
+    """The hashed text. For plain JSON (records.is_plain_json; `plain`: known to the caller)
+    orjson writes exactly what json.dumps does (tests/unit/model/test_snapshot.py checks every
+    code point outside the surrogates) in a fraction of the time; anything else, and a lone
+    surrogate orjson refuses, goes through json: ids must not change with the path taken."""
+    fast = plain_json_bytes(shape, sort_keys=True, plain=plain)
     if fast is not None:
         return fast
     text = json.dumps(shape, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -295,7 +337,7 @@ def _turn_ended_at(messages: Sequence[Mapping[str, Any]], fallback: int) -> int:
     """When the last assistant message finished; the envelope's arrival when unknown."""
     for message in reversed(messages):
         info = message.get("info") or {}
-        time = info.get("time") if isinstance(info.get("time"), Mapping) else {}
+        time = info.get("time") if _is_mapping(info.get("time")) else {}
         if info.get("role") == "assistant":
             completed = time.get("completed")
             if isinstance(completed, int) and not isinstance(completed, bool) and completed >= 0:
@@ -315,9 +357,9 @@ def build_snapshot(envelope: Mapping[str, Any], state: SessionState, *, max_mess
     if max_messages < 1:
         raise ValueError(f"max_messages must be >= 1, got {max_messages}")
     properties = envelope.get("properties")
-    if not isinstance(properties, Mapping):
+    if not _is_mapping(properties):
         raise MalformedEvent("bad_properties", "turn_ended has no properties object")
-    session = properties.get("session") if isinstance(properties.get("session"), Mapping) else {}
+    session = properties.get("session") if _is_mapping(properties.get("session")) else {}
     listing = _check_listing(properties.get("messages"))
     kept = [{"info": m["info"], "parts": m["parts"]} for m in listing[-max_messages:]]
     _check_nesting(kept)
@@ -369,14 +411,14 @@ def apply_event(state: SessionState | Mapping[str, Any] | None, envelope: Mappin
         return current, [Skip("duplicate_event")]
     current.seen_event_ids = _bounded_append(current.seen_event_ids, event_id, max_seen)
     properties = envelope.get("properties")
-    properties = properties if isinstance(properties, Mapping) else {}
+    properties = properties if _is_mapping(properties) else {}
 
     # Envelope-level location is a fallback for sessions whose session.* events were missed.
     current.directory = current.directory or _text(envelope.get("directory"))
     current.project_id = current.project_id or _text(envelope.get("project"))
 
     if event_type in ("session.created", "session.updated"):
-        info = properties.get("info") if isinstance(properties.get("info"), Mapping) else {}
+        info = properties.get("info") if _is_mapping(properties.get("info")) else {}
         current.title = _text(info.get("title")) or current.title
         current.project_id = _text(info.get("projectID")) or current.project_id
         current.directory = _text(info.get("directory")) or current.directory

@@ -118,3 +118,63 @@ class IntSub(int):
 @example({"a": [IntSub(1)]})
 def test_the_plain_json_walk_answers_as_before(value: Any) -> None:
     assert records.is_plain_json(value) == reference_plain(value)
+
+
+def stdlib_decode(raw: bytes, topic: str) -> Any:
+    """records.decode's answer without orjson: the record, or the RecordError's kind, reason and text."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(records, "orjson", None)
+        return answer_of(raw, topic)
+
+
+def answer_of(raw: bytes, topic: str) -> Any:
+    try:
+        return json.dumps(records.decode(raw, topic), sort_keys=True)
+    except RecordError as exc:
+        return type(exc).__name__, exc.reason, exc.detail
+
+
+BAD_UTF8 = [b"\xff", b"\x80", b"\xc3", b"\xc0\x80", b"\xc1\xbf", b"\xe2\x82", b"\xe0\x80\xaf", b"\xed\xa0\x80",
+            b"\xed\xbf\xbf", b"\xf0\x9f\x98", b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80"]
+
+
+@st.composite
+def record_bytes(draw: st.DrawFn) -> bytes:
+    """A record's bytes as a stage reads them: JSON text (a valid event sometimes), maybe damaged
+    by invalid UTF-8 (inside a string or outside any), cut short, or a BOM before it."""
+    text = stdlib_encode(draw(VALUES))
+    body = text if isinstance(text, bytes) else b"null"
+    raw = draw(st.sampled_from([b'{"wrapped":' + body + b"}", body, encode_event(body)]))
+    damage = draw(st.integers(0, 4))
+    if damage == 0:
+        at = draw(st.integers(0, len(raw)))
+        raw = raw[:at] + draw(st.sampled_from(BAD_UTF8)) + raw[at:]
+    elif damage == 1:
+        raw = raw[: draw(st.integers(0, len(raw)))]
+    elif damage == 2:
+        raw = b"\xef\xbb\xbf" + raw
+    return raw
+
+
+def encode_event(value: bytes) -> bytes:
+    """An opencode.events envelope carrying `value` in its properties (valid when that is an object)."""
+    return (b'{"schema":"opencode.event/1","host":"h1","site_key":"pk_test_thirdparty","session_id":"ses_1",'
+            b'"event_id":"evt_1","type":"session.status","received_at":1,"directory":null,"project":null,'
+            b'"backfill":false,"source":"sse","properties":{"status":' + value + b"}}")
+
+
+@settings(max_examples=500, deadline=None)
+@given(record_bytes() | st.binary(max_size=64))
+@example(b'{"a":1}\xff')
+@example(b'{"a":"\xed\xa0\x80"}')
+@example(b'{"a":"\\ud800"}')
+@example(b'\xef\xbb\xbf{"a":1}')
+@example(b'{"a":12345678901234567890123}')
+@example(b'{"a":NaN}')
+@example(b'{"a":1e400}')
+@example(b'{"a":' * 1100 + b"1" + b"}" * 1100)
+def test_decode_answers_what_the_stdlib_answers(raw: bytes) -> None:
+    # orjson reads the bytes without the text being decoded first: a record json refuses must
+    # still be refused, with json's reason and text (invalid_utf8 before invalid_json)
+    for topic in ("opencode.events", "sessions.idle"):
+        assert answer_of(raw, topic) == stdlib_decode(raw, topic)

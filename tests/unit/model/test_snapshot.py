@@ -23,6 +23,7 @@ from pipeline.model.snapshot import (
     snapshot_id,
 )
 from tests.fixtures import OPENCODE, REPO
+from tests.unit.model.test_fuzz_inputs import message_listings
 
 REFERENCE = OPENCODE
 SNAPSHOT_SCHEMA = Draft202012Validator(
@@ -444,3 +445,91 @@ def test_schema_error_path_hides_property_names_the_record_chose(monkeypatch: py
     text = _schema_error({"known": {LEAKY: "x"}}, "custom")
     assert text.endswith("at known/*: expected type integer, got string"), text
     assert "hunter2" not in text
+
+
+# ---------------------------------------------------------------- the listing checks and the id, as they were
+
+def reference_check_listing(messages: Any) -> Any:
+    """_check_listing as it was before its loops were inlined (issue 17): the answer to keep."""
+    from collections.abc import Mapping
+
+    def mapping(value: Any) -> bool:
+        return isinstance(value, Mapping)
+
+    if not isinstance(messages, list):
+        raise MalformedEvent("bad_messages", f"messages is {type(messages).__name__}")
+    for i, message in enumerate(messages):
+        info = message.get("info") if mapping(message) else None
+        if not mapping(info):
+            raise MalformedEvent("bad_messages", f"messages[{i}] has no info object")
+        for key in ("id", "role"):
+            value = info.get(key)
+            if not isinstance(value, str) or not value or (key == "id" and len(value) > 512):
+                raise MalformedEvent("bad_messages", f"messages[{i}].info.{key} is {value!r:.80}")
+        parts = message.get("parts")
+        if not isinstance(parts, list) or not all(mapping(p) and isinstance(p.get("type"), str) for p in parts):
+            raise MalformedEvent("bad_messages", f"messages[{i}].parts is not a list of typed parts")
+    return messages
+
+
+def reference_snapshot_id(host: str, session_id: str, messages: Any) -> str:
+    """snapshot_id as it was (shape built with Mapping checks, hashed as json writes it)."""
+    import hashlib
+    from collections.abc import Mapping
+
+    def mapping(value: Any) -> bool:
+        return isinstance(value, Mapping)
+
+    shape: list[Any] = []
+    for message in messages:
+        info = message.get("info") if mapping(message) else None
+        info = info if mapping(info) else {}
+        time = info.get("time")
+        time = time if mapping(time) else {}
+        error = info.get("error")
+        parts = []
+        raw_parts = message.get("parts") if mapping(message) else None
+        for part in raw_parts if isinstance(raw_parts, list) else []:
+            if not mapping(part):
+                continue
+            state = part.get("state")
+            parts.append([part.get("id"), part.get("type"), state.get("status") if mapping(state) else None,
+                          part.get("text")])
+        shape.append([info.get("id"), info.get("role"), time.get("completed"),
+                      describe_error(error)[0] if error else None, parts])
+    text = json.dumps([host, session_id, shape], sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str)
+    return "snp_" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+class OtherMapping(dict[str, Any]):
+    """A mapping that is not exactly a dict: takes the general checks, not the inlined ones."""
+
+
+class Kind(str):
+    pass
+
+
+def _outcome(check: Any, *args: Any) -> Any:
+    try:
+        return ("ok", check(*args))
+    except MalformedEvent as exc:
+        return ("malformed", exc.reason, exc.detail)
+
+
+@settings(max_examples=300, deadline=None)
+@example([{"info": {"id": "m", "role": "user"}, "parts": [OtherMapping(type="text"), {"type": Kind("tool")}]}])
+@example([{"info": {"id": "m", "role": "user"}, "parts": [{"type": "text"}, None]}])
+@example([{"info": {"id": "m" * 513, "role": ""}, "parts": []}])
+@example([{"info": {"id": "m", "role": ""}, "parts": []}])
+@example([OtherMapping(info=OtherMapping(id="m", role="user"), parts=[])])
+@example([{"info": {"id": "m", "role": "user", "time": {"completed": 2**64}, "error": {"name": 1}},
+           "parts": [{"id": 1.5e-5, "type": "text", "state": {"status": ["x"]}, "text": {"b": 1, "a": 2}}]}])
+@example([{"info": {"id": "m", "role": "user"}, "parts": [{"id": "p", "type": "text", "text": "\ud800"}]}])
+@given(message_listings())
+def test_listing_checks_and_snapshot_id_answer_as_before(messages: Any) -> None:
+    from pipeline.model.snapshot import _check_listing
+
+    assert _outcome(_check_listing, messages) == _outcome(reference_check_listing, messages)
+    if isinstance(messages, list):
+        assert snapshot_id(HOST, "ses_x", messages) == reference_snapshot_id(HOST, "ses_x", messages)
