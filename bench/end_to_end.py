@@ -18,6 +18,10 @@ arrived) minus that. Every process runs on this machine's clock.
    seconds each (evenly spaced, sent on schedule whatever the pipeline does), then drained;
    p50 / p90 / p99 / max of idle-to-accepted. The panel's records are reset between levels.
    A level run while the machine was busy is run once more; both attempts are listed.
+3. Where the CPU goes: during the max-throughput burst every process's user + system CPU
+   (/proc/<pid>/stat, all threads; a worker's or stub's child processes through its session) is
+   read every 0.25 s; per process, CPU µs per delivered trace and its share of the machine's cores
+   over the burst's timed window (10th to 90th percentile accept time) and over the whole burst.
 Writes bench/results/end_to_end.md and prints it.
 """
 
@@ -25,9 +29,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +45,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    CORES,
     load_is_high,
     loadavg,
     local_broker,
@@ -51,6 +60,7 @@ from devkit.local_stack import Stack, StackSettings
 from pipeline.model.records import encode
 
 STAGES = ("sample", "scrub", "sign", "breaker", "deliver")
+STUB_ROWS = {"panel": "stub panel", "scrubber": "stub scrubber"}
 TARGET_P99_MS = 1000.0  # at 50 % of the max sustainable rate
 
 
@@ -64,6 +74,107 @@ class Snapshots:
         out = [snapshot_record(i, prefix="ses_e2e", emitted_at_ms=0) for i in range(self.next, self.next + n)]
         self.next += n
         return out
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+CPU_SAMPLE_S = 0.25  # /proc is read this often during the burst; CPU times tick at 1/CLK_TCK s anyway
+
+
+def _proc_cpu(stat: str) -> tuple[int, int]:
+    """(session id, utime + stime ticks) from a /proc/<pid>/stat line. The command name in
+    parentheses may contain spaces, so fields are counted from its closing parenthesis."""
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[3]), int(fields[11]) + int(fields[12])
+
+
+def _machine_busy_ticks() -> int:
+    """Every core's non-idle ticks since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    return sum(values) - values[3] - values[4]
+
+
+class CpuMeter:
+    """Samples the CPU time of named process groups during a burst.
+
+    Each worker, stub and the broker was started with `start_new_session=True`, so its pid is its
+    session id and any child process it forks shares it: summing the live processes of a session
+    counts the children too (a child that exits between two samples takes its last ticks with it).
+    The bench driver itself (producer, panel polling, this sampler) is counted by its own pid."""
+
+    def __init__(self, sessions: dict[str, int]) -> None:
+        self.sessions = sessions  # row name -> session id
+        self.samples: list[tuple[float, dict[str, int], int]] = []  # (epoch s, name -> ticks, machine busy)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        by_session = {sid: name for name, sid in self.sessions.items()}
+        ticks = dict.fromkeys(self.sessions, 0)
+        ticks["bench driver"] = 0
+        me = os.getpid()
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    sid, cpu = _proc_cpu(f.read())
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                continue  # gone between scandir and open
+            if int(entry.name) == me:
+                ticks["bench driver"] += cpu
+            elif sid in by_session:
+                ticks[by_session[sid]] += cpu
+        self.samples.append((time.time(), ticks, _machine_busy_ticks()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(CPU_SAMPLE_S):
+            self.sample()
+
+    def __enter__(self) -> CpuMeter:
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.sample()
+
+    def at(self, t: float) -> tuple[dict[str, float], float]:
+        """Every row's CPU seconds and the machine's busy CPU seconds at epoch `t`, linearly
+        interpolated between the two samples around it."""
+        samples = self.samples
+        i = next((k for k, s in enumerate(samples) if s[0] >= t), len(samples) - 1)
+        (t1, c1, m1), (t0, c0, m0) = samples[i], samples[max(0, i - 1)]
+        f = 0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+        cpu = {k: (c0[k] + f * (c1[k] - c0[k])) / CLK_TCK for k in c1}
+        return cpu, (m0 + f * (m1 - m0)) / CLK_TCK
+
+
+@dataclass
+class CpuWindow:
+    """CPU seconds per row between two moments, and how many traces the panel accepted in between."""
+
+    name: str
+    seconds: float
+    traces: int
+    cpu_s: dict[str, float]
+    machine_busy_s: float
+
+    @classmethod
+    def between(cls, meter: CpuMeter, name: str, t0: float, t1: float, traces: int) -> CpuWindow:
+        (c0, m0), (c1, m1) = meter.at(t0), meter.at(t1)
+        return cls(name, t1 - t0, traces, {k: c1[k] - c0[k] for k in c1}, m1 - m0)
+
+    def us_per_trace(self, cpu_s: float) -> float:
+        return cpu_s / self.traces * 1e6
+
+    def cores(self, cpu_s: float) -> float:
+        """Share of all the machine's cores over the window."""
+        return cpu_s / (self.seconds * CORES)
 
 
 class Panel:
@@ -150,22 +261,50 @@ def run_level(stack: Stack, panel: Panel, bootstrap: str, snaps: Snapshots, shar
     return level
 
 
-def burst_rate(panel: Panel, bootstrap: str, snaps: Snapshots, n: int, timeout_s: float) -> tuple[float, str]:
+def burst_rate(panel: Panel, bootstrap: str, snaps: Snapshots, n: int, timeout_s: float,
+               cpu: dict[str, int] | None = None) -> tuple[float, str, list[CpuWindow]]:
     """Produce `n` snapshots at once; the panel's accept rate between its 10th and 90th
-    percentile accept times."""
+    percentile accept times. With `cpu` (row name -> session id), also the CPU each of those
+    process groups used in that window and over the whole burst (first produce to last accept)."""
     wait_for_calm(10)
     panel.reset()
     load_before = loadavg()
-    asyncio.run(produce(bootstrap, snaps.take(n), None))
-    panel.wait_for(n, timeout_s)
+    meter = CpuMeter(cpu or {})
+    with meter if cpu else contextlib.nullcontext():
+        began = time.time()
+        asyncio.run(produce(bootstrap, snaps.take(n), None))
+        panel.wait_for(n, timeout_s)
     times = sorted(panel.accepted_at().values())
     lo, hi = round(0.1 * (n - 1)), round(0.9 * (n - 1))
     rate = (hi - lo) / (times[hi] - times[lo])
-    return rate, f"{load_before} -> {loadavg()}"
+    windows = [CpuWindow.between(meter, "p10-p90 accept window", times[lo], times[hi], hi - lo),
+               CpuWindow.between(meter, "whole burst", began, times[-1], n)] if cpu else []
+    return rate, f"{load_before} -> {loadavg()}", windows
+
+
+def cpu_table(windows: list[CpuWindow]) -> list[str]:
+    """Per process: CPU µs per delivered trace and share of the cores, in each window."""
+    if not windows:
+        return []
+
+    def row(name: str, cpu_s: Callable[[CpuWindow], float]) -> list[str]:  # cpu_s: a window's CPU s of the row
+        return [name, *[c for w in windows for c in (f"{w.us_per_trace(cpu_s(w)):,.0f}", f"{w.cores(cpu_s(w)):.0%}")]]
+
+    rows = [row(name, lambda w, n=name: w.cpu_s[n]) for name in windows[0].cpu_s]
+    rows.append(row("**all of the above**", lambda w: sum(w.cpu_s.values())))
+    rows.append(row("rest of the machine (other users)", lambda w: w.machine_busy_s - sum(w.cpu_s.values())))
+    rows.append(["idle", *[c for w in windows for c in ("", f"{1 - w.machine_busy_s / (w.seconds * CORES):.0%}")]])
+    header = ["process"]
+    for w in windows:
+        header += [f"{w.name}: CPU us/trace", f"share of {CORES} cores"]
+    spans = "; ".join(f"{w.name}: {w.seconds:.1f} s, {w.traces:,} traces" for w in windows)
+    return ["", f"Where the CPU goes during the burst (user + system, /proc/<pid>/stat every "
+                f"{CPU_SAMPLE_S:g} s; {spans}):", "",
+            *md_table(header, "l" + "rr" * len(windows), rows)]
 
 
 def table(capacity: float, capacity_n: int, capacity_load: str, probe: float, levels: list[Level],
-          args: argparse.Namespace) -> str:
+          args: argparse.Namespace, cpu: list[CpuWindow] | None = None) -> str:
     halves = [lv for lv in levels if abs(lv.share - 0.5) < 1e-9]
     lines = [
         *result_header("End to end: idle to delivered",
@@ -182,6 +321,7 @@ def table(capacity: float, capacity_n: int, capacity_load: str, probe: float, le
         "",
         f"Max sustainable throughput: **{capacity:,.1f} traces/s** (burst of {capacity_n:,} snapshots; "
         f"probe of 300: {probe:,.1f}/s; load avg {capacity_load}).",
+        *cpu_table(cpu or []),
         "",
     ]
     lines += md_table(
@@ -219,10 +359,15 @@ def main(argv: list[str] | None = None) -> int:
                 # warm-up: every stage has joined its group and delivered once
                 asyncio.run(produce(broker.bootstrap, snaps.take(20), None))
                 panel.wait_for(20, 180)
-                probe, _ = burst_rate(panel, broker.bootstrap, snaps, 300, args.timeout)
+                probe, _, _ = burst_rate(panel, broker.bootstrap, snaps, 300, args.timeout)
                 n = args.burst or max(300, round(probe * 25))
-                capacity, capacity_load = burst_rate(panel, broker.bootstrap, snaps, n, args.timeout * 2)
+                sessions = {**{name: proc.proc.pid for name, proc in stack.procs.items() if proc.proc},
+                            "broker (Java)": broker.pid() or -1}
+                sessions = {STUB_ROWS.get(name, name): sid for name, sid in sessions.items()}
+                capacity, capacity_load, cpu = burst_rate(panel, broker.bootstrap, snaps, n, args.timeout * 2,
+                                                          sessions)
                 print(f"max sustainable: {capacity:,.1f}/s ({n} burst; probe {probe:,.1f}/s)", file=sys.stderr)
+                print("\n".join(cpu_table(cpu)), file=sys.stderr)
                 levels: list[Level] = []
                 for share in shares:
                     levels.append(run_level(stack, panel, broker.bootstrap, snaps, share, capacity, args.duration,
@@ -231,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                         levels.append(run_level(stack, panel, broker.bootstrap, snaps, share, capacity,
                                                 args.duration, 2, args.timeout))
                 panel.client.close()
-    text = table(capacity, n, capacity_load, probe, levels, args)
+    text = table(capacity, n, capacity_load, probe, levels, args, cpu)
     return publish("end_to_end", text, begun)
 
 

@@ -26,8 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -46,7 +45,7 @@ from pipeline.clients.http import (
 from pipeline.delivery.retry import classify_http, parse_retry_after
 from pipeline.delivery.signing import AttestationError, sha256_hex, verify_attestation
 from pipeline.model.prompt import AGENT_ID_PATTERN, PROMPT_REF_PATTERN
-from pipeline.model.records import compact_json
+from pipeline.model.records import compact_json, plain_json_bytes
 
 __all__ = [
     "SCRUB_PATH",
@@ -110,11 +109,22 @@ class ScrubberInputError(ScrubberError):
 # ---------------------------------------------------------------- record <-> entries
 
 
-@dataclass(frozen=True)
-class _Field:
+# _Field.value of a field that keeps no value: its text is to be parsed when it is read back.
+_UNPARSED: Any = object()
+
+
+class _Field(NamedTuple):
+    """One text field of the trace. A NamedTuple, not a frozen dataclass: a trace has ~70 of
+    them, and a frozen dataclass's __init__ (object.__setattr__ per field) cost more than the
+    rest of building one."""
+
     ref: str  # "title", "directory", "m3.content", "m3.t0.input", ...
     role: str
     text: str
+    # A tool input whose text is orjson's writing of a plain-JSON value (records.plain_json_bytes):
+    # that value, which json.loads(text) would give back equal and of the same types. An answer
+    # that returns the text unchanged then needs no parse (_decoded_input).
+    value: Any = _UNPARSED
 
 
 def _optional_text(value: Any, where: str) -> str | None:
@@ -130,38 +140,49 @@ _SAMPLED = frozenset({"trace.sampled/1", "trace.sampled/2"})  # read; trace.scru
 _IDENTIFIERS = {"agent_id": AGENT_ID_PATTERN, "prompt_ref": PROMPT_REF_PATTERN}
 _MESSAGE_KEYS = ("role", "content", "id", "session_id", "idx")
 _TOOL_KEYS = ("name", "status", "error", "input", "output")
+# the same as sets: a record that has them all (every one the pipeline writes) passes with one
+# set comparison; the names of the absent ones are worked out only when some are
+_RECORD_KEY_SET, _MESSAGE_KEY_SET, _TOOL_KEY_SET = map(frozenset, (_RECORD_KEYS, _MESSAGE_KEYS, _TOOL_KEYS))
 
 
-def _identifiers(obj: Mapping[str, Any], where: str) -> dict[str, str | None]:
-    """The record's or a message's identifiers (None where absent: a v1 record)."""
-    found: dict[str, str | None] = {}
+def _check_identifiers(obj: Mapping[str, Any], where: Callable[[], str]) -> None:
+    """The record's or a message's identifiers are absent, null or of their form. `where` names
+    the object for the error only (formatting it for every message cost more than the check)."""
     for name, pattern in _IDENTIFIERS.items():
         value = obj.get(name)
         if value is not None and not (isinstance(value, str) and pattern.fullmatch(value)):
-            raise ScrubberInputError(f"{where}.{name} is not an identifier of its form")
-        found[name] = value
-    return found
+            raise ScrubberInputError(f"{where()}.{name} is not an identifier of its form")
 
 
-def _missing(obj: Mapping[str, Any], keys: Sequence[str], where: str) -> None:
+def _identifier_values(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's or a message's identifiers (None where absent: a v1 record), as
+    _check_identifiers has already let them through."""
+    return {name: obj.get(name) for name in _IDENTIFIERS}
+
+
+def _missing(obj: Mapping[str, Any], keys: Sequence[str], key_set: frozenset[str], where: Callable[[], str]) -> None:
+    if obj.keys() >= key_set:
+        return
     absent = [key for key in keys if key not in obj]
-    if absent:
-        raise ScrubberInputError(f"{where} lacks {', '.join(absent)}")
+    raise ScrubberInputError(f"{where()} lacks {', '.join(absent)}")
+
+
+def _is_mapping(value: Any) -> bool:
+    # a record's objects are dicts; the ABC check (Mapping's __instancecheck__) is for the rest
+    return type(value) is dict or isinstance(value, Mapping)
 
 
 def _messages(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     messages = record.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+    if not isinstance(messages, list) or not all(map(_is_mapping, messages)):
         raise ScrubberInputError("messages is not a list of objects")
     return messages
 
 
-def _tool_calls(message: Mapping[str, Any], where: str) -> list[Mapping[str, Any]] | None:
+def _tool_calls(message: Mapping[str, Any], i: int) -> list[Mapping[str, Any]] | None:
     calls = message.get("tool_calls")
-    if calls is not None and (
-        not isinstance(calls, list) or not all(isinstance(c, Mapping) for c in calls)
-    ):
-        raise ScrubberInputError(f"{where}.tool_calls is not a list of objects")
+    if calls is not None and (not isinstance(calls, list) or not all(map(_is_mapping, calls))):
+        raise ScrubberInputError(f"messages[{i}].tool_calls is not a list of objects")
     return calls
 
 
@@ -172,39 +193,56 @@ def _text_fields(record: Mapping[str, Any]) -> list[_Field]:
         raise ScrubberInputError(
             f"expected a trace.sampled/1 or /2 record, got schema {str(record.get('schema'))[:40]!r}"
         )
-    _missing(record, _RECORD_KEYS, "record")
-    for where, obj in [("record", record), *((f"messages[{i}]", m) for i, m in enumerate(_messages(record)))]:
-        _identifiers(obj, where)
+    _missing(record, _RECORD_KEYS, _RECORD_KEY_SET, lambda: "record")
+    messages = _messages(record)
+    _check_identifiers(record, lambda: "record")
+    for i, message in enumerate(messages):
+        _check_identifiers(message, lambda: f"messages[{i}]")  # noqa: B023 (called at once)
     if not isinstance(record["decision"], Mapping):
         raise ScrubberInputError("decision is not an object")
     fields: list[_Field] = []
-
-    def add(ref: str, role: str, text: str | None) -> None:
-        if text is not None:
-            fields.append(_Field(ref, role, text))
-
-    add("title", "system", _optional_text(record.get("title"), "title"))
-    add("directory", "system", _optional_text(record.get("directory"), "directory"))
-    for i, message in enumerate(_messages(record)):
-        _missing(message, _MESSAGE_KEYS, f"messages[{i}]")
+    add = fields.append
+    title = _optional_text(record.get("title"), "title")
+    if title is not None:
+        add(_Field("title", "system", title))
+    directory = _optional_text(record.get("directory"), "directory")
+    if directory is not None:
+        add(_Field("directory", "system", directory))
+    for i, message in enumerate(messages):
+        _missing(message, _MESSAGE_KEYS, _MESSAGE_KEY_SET, lambda: f"messages[{i}]")  # noqa: B023
         content = message["content"]
         if not isinstance(content, str):
             raise ScrubberInputError(f"messages[{i}].content is not a string")
-        add(f"m{i}.content", str(message.get("role")), content)
-        for j, call in enumerate(_tool_calls(message, f"messages[{i}]") or []):
+        add(_Field(f"m{i}.content", str(message.get("role")), content))
+        for j, call in enumerate(_tool_calls(message, i) or ()):
             ref = f"m{i}.t{j}"
-            _missing(call, _TOOL_KEYS, f"messages[{i}].tool_calls[{j}]")
-            if call["input"] is not None:
-                try:
-                    add(f"{ref}.input", "tool", compact_json(call["input"]))
-                except (TypeError, ValueError):
-                    raise ScrubberInputError(f"{ref}.input is not JSON-encodable") from None
-            add(f"{ref}.output", "tool", _optional_text(call["output"], f"{ref}.output"))
-            add(f"{ref}.error", "tool", _optional_text(call["error"], f"{ref}.error"))
+            _missing(call, _TOOL_KEYS, _TOOL_KEY_SET, lambda: f"messages[{i}].tool_calls[{j}]")  # noqa: B023
+            value = call["input"]
+            if value is not None:
+                # compact_json's own fast path, kept here so the plain value can go with its text
+                fast = plain_json_bytes(value, sort_keys=False)
+                if fast is not None:
+                    add(_Field(f"{ref}.input", "tool", fast.decode("utf-8"), value))
+                else:
+                    try:
+                        add(_Field(f"{ref}.input", "tool", compact_json(value)))
+                    except (TypeError, ValueError):
+                        raise ScrubberInputError(f"{ref}.input is not JSON-encodable") from None
+            output = _optional_text(call["output"], f"{ref}.output")
+            if output is not None:
+                add(_Field(f"{ref}.output", "tool", output))
+            error = _optional_text(call["error"], f"{ref}.error")
+            if error is not None:
+                add(_Field(f"{ref}.error", "tool", error))
     return fields
 
 
-def _decoded_input(scrubbed: str) -> Any:
+def _decoded_input(scrubbed: str, sent: _Field) -> Any:
+    if scrubbed == sent.text and sent.value is not _UNPARSED:
+        # Unchanged by the scrubber, and plain JSON: json.loads would rebuild the value we wrote
+        # it from (same types, same key order), so it goes on as it is. The output record then
+        # shares it with the input record; neither is changed after the scrub.
+        return sent.value
     # A redaction can cut through JSON syntax (a value pattern eating a closing quote); the
     # scrubbed text is then kept as a string: still scrubber output, still readable by a rater.
     try:
@@ -213,29 +251,32 @@ def _decoded_input(scrubbed: str) -> Any:
         return scrubbed
 
 
-def _rebuild_messages(record: Mapping[str, Any], clean: Mapping[str, str]) -> list[dict[str, Any]]:
+def _rebuild_messages(
+    record: Mapping[str, Any], clean: Mapping[str, str], inputs: Mapping[str, _Field]
+) -> list[dict[str, Any]]:
+    # Only after _text_fields checked the record (its messages, their keys, identifiers and tool
+    # calls): nothing is checked twice. `inputs`: the tool input fields that were sent, by ref.
     out: list[dict[str, Any]] = []
-    for i, message in enumerate(_messages(record)):
+    for i, message in enumerate(record["messages"]):
         msg: dict[str, Any] = {
             "role": message["role"],
             "content": clean[f"m{i}.content"],
             "id": message["id"],
             "session_id": message["session_id"],
             "idx": message["idx"],
-            **_identifiers(message, f"messages[{i}]"),
+            **_identifier_values(message),
         }
-        calls = _tool_calls(message, f"messages[{i}]")
+        calls = message.get("tool_calls")
         if calls is not None:
             msg["tool_calls"] = []
             for j, call in enumerate(calls):
                 ref = f"m{i}.t{j}"
+                sent = inputs.get(f"{ref}.input")
                 tool: dict[str, Any] = {
                     "name": call["name"],
                     "status": call["status"],
                     "error": clean.get(f"{ref}.error"),
-                    "input": _decoded_input(clean[f"{ref}.input"])
-                    if f"{ref}.input" in clean
-                    else None,
+                    "input": None if sent is None else _decoded_input(clean[sent.ref], sent),
                     "output": clean.get(f"{ref}.output"),
                 }
                 if "call_id" in call:
@@ -246,16 +287,17 @@ def _rebuild_messages(record: Mapping[str, Any], clean: Mapping[str, str]) -> li
 
 
 def _scrubbed_record(
-    record: Mapping[str, Any], clean: Mapping[str, str], scrub: dict[str, Any]
+    record: Mapping[str, Any], clean: Mapping[str, str], fields: Sequence[_Field], scrub: dict[str, Any]
 ) -> dict[str, Any]:
     # Only after _text_fields checked the record: every key read here is there.
+    inputs = {f.ref: f for f in fields if f.role == "tool" and f.ref.endswith(".input")}
     return {
         "schema": "trace.scrubbed/2",
         **{key: record[key] for key in _COPIED},
-        **_identifiers(record, "record"),
+        **_identifier_values(record),
         "directory": clean.get("directory"),
         "title": clean.get("title"),
-        "messages": _rebuild_messages(record, clean),
+        "messages": _rebuild_messages(record, clean, inputs),
         # a v1 decision has neither: its one fact is its reason, it has no pair
         "decision": {"facts": [record["decision"].get("reason")], "pair": None, **record["decision"]},
         "sampled_at": record["sampled_at"],
@@ -269,7 +311,8 @@ def bypass_record(trace_record: Mapping[str, Any], now_ms: int) -> dict[str, Any
         "SCRUBBING DISABLED (scrubberUrl is empty): trace %s goes to the panel unscrubbed",
         trace_record.get("trace_id"),
     )
-    clean = {f.ref: f.text for f in _text_fields(trace_record)}
+    fields = _text_fields(trace_record)
+    clean = {f.ref: f.text for f in fields}
     scrub = {
         "mode": "bypass",
         "jti": None,
@@ -277,7 +320,7 @@ def bypass_record(trace_record: Mapping[str, Any], now_ms: int) -> dict[str, Any
         "detections": 0,
         "scrubbed_at": now_ms,
     }
-    return _scrubbed_record(trace_record, clean, scrub)
+    return _scrubbed_record(trace_record, clean, fields, scrub)
 
 
 # ---------------------------------------------------------------- the answer
@@ -301,10 +344,19 @@ def _parse_answer(response: HttpAnswer, sent: Sequence[Mapping[str, Any]]) -> di
         got = len(trace) if isinstance(trace, list) else type(trace).__name__
         raise _bad(f"trace has {got} entries, {len(sent)} were sent")
     for k, (asked, got) in enumerate(zip(sent, trace, strict=True)):
+        # What was sent is {"i": int, "ref": str, "role": str, "content": str}. The usual answer,
+        # those four keys with the first three unchanged and a string content, passes in one
+        # expression (four keys, all present: the keys that were sent); anything else goes
+        # through the checks one by one, which name what is wrong.
+        # type() too: True == 1 and 1.0 == 1 in Python, but not the same answer.
+        if (type(got) is dict and len(got) == 4 and type(got.get("i")) is int and got["i"] == asked["i"]
+                and type(got.get("ref")) is str and got["ref"] == asked["ref"]
+                and type(got.get("role")) is str and got["role"] == asked["role"]
+                and type(got.get("content")) is str):
+            continue
         if not isinstance(got, dict) or got.keys() != asked.keys():
             raise _bad(f"entry {k} does not have the keys that were sent")
         for key, value in asked.items():
-            # type() too: True == 1 and 1.0 == 1 in Python, but not the same answer.
             if key != "content" and (type(got[key]) is not type(value) or got[key] != value):
                 raise _bad(f"entry {k} key {key!r} changed")
         if not isinstance(got["content"], str):
@@ -390,7 +442,7 @@ class ScrubberClient(ClosingClient):
             headers["x-scrubber-key"] = self._api_key
         if self._tenant:
             headers["x-tenant-id"] = self._tenant
-        response = await self._post(compact_json({"trace": entries}).encode("utf-8"), headers)
+        response = await self._post(_json_bytes({"trace": entries}, all(type(f.text) is str for f in fields)), headers)
         _check_status(response, self._clock(), self._where)
         answer = _parse_answer(response, entries)
         claims = self._verified_claims(answer)
@@ -405,7 +457,7 @@ class ScrubberClient(ClosingClient):
             "detections": len(answer.get("detections", [])),
             "scrubbed_at": int(self._clock() * 1000),
         }
-        return _scrubbed_record(trace_record, clean, scrub)
+        return _scrubbed_record(trace_record, clean, fields, scrub)
 
     def _verified_claims(self, answer: Mapping[str, Any]) -> Mapping[str, Any]:
         """The claims of the answer's attestation once verified; empty when there is none to
@@ -419,7 +471,9 @@ class ScrubberClient(ClosingClient):
             return {}
         # output_hash covers JSON.stringify(sanitized trace): re-serialise what was parsed, in
         # its own key order, not the wire bytes (whose spacing and escapes are the server's).
-        expected = sha256_hex(compact_json(answer["trace"]))
+        # Plain JSON by construction: json.loads wrote it, and _parse_answer let through only
+        # entries of the sent keys with an int and strings.
+        expected = sha256_hex(_json_bytes(answer["trace"], True))
         try:
             claims = verify_attestation(token, self._jwt_secret, expected, self._clock())
         except AttestationError as exc:
@@ -436,6 +490,14 @@ class ScrubberClient(ClosingClient):
                 f"scrubber {self._where}: {type(exc).__name__}",
                 reason=no_answer_reason(exc),
             ) from exc
+
+
+def _json_bytes(value: Any, plain: bool) -> bytes:
+    """compact_json(value) as UTF-8. `plain`: the caller knows is_plain_json(value) (a request
+    or answer built of dicts, lists, ints and exact strs), which spares records' fast path its
+    walk of every entry; a lone surrogate still takes compact_json's escaping."""
+    fast = plain_json_bytes(value, sort_keys=False, plain=plain)
+    return fast if fast is not None else compact_json(value).encode("utf-8")
 
 
 def _str_claim(claims: Mapping[str, Any], name: str) -> str | None:

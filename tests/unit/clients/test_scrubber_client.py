@@ -582,3 +582,47 @@ async def test_attestation_hash_is_over_json_stringify_not_the_wire_bytes() -> N
     async with mock_client(handle, jwt_secret=JWT) as client:
         out = await client.scrub_trace(sampled())
     assert out["title"].endswith(" ✓") and out["scrub"]["jti"]
+
+
+@pytest.mark.asyncio
+async def test_the_request_and_the_attested_hash_are_compact_json_whatever_the_text() -> None:
+    """The request body is compact_json's text of the entries, and the hash the attestation must
+    cover is compact_json's of the answer, also where orjson cannot write them (a lone surrogate,
+    which JSON.stringify escapes) and for a tool input that is not plain JSON (an int past 64
+    bits, a float written with an exponent)."""
+    record = sampled()
+    record["title"] = "cut mid-emoji \ud83d"
+    record["messages"][1]["tool_calls"][0]["input"] = {"big": 2**70, "tiny": 1e-7, "x": [0.5, None]}
+    hashed: list[str] = []
+
+    def attest(sent: list[Any], clean: list[Any]) -> str:
+        hashed.append(compact_json(clean))
+        return mint_attestation(compact_json(clean).encode(), JWT, time.time())
+
+    seen: list[HttpRequest] = []
+    async with mock_client(scrubbing_handler(attest=attest, seen=seen), jwt_secret=JWT) as client:
+        out = await client.scrub_trace(record)
+    sent = json.loads(seen[0].content)["trace"]
+    assert seen[0].content == compact_json({"trace": sent}).encode()
+    assert "\\ud83d" in seen[0].content.decode() and sent[0]["content"] == record["title"]
+    assert sent[4]["content"] == compact_json(record["messages"][1]["tool_calls"][0]["input"])
+    assert "\\ud83d" in hashed[0] and out["scrub"]["jti"]  # the attestation verified
+    assert out["title"] == record["title"]
+
+
+@pytest.mark.asyncio
+async def test_a_tool_input_the_scrubber_leaves_alone_comes_back_as_json_reads_it() -> None:
+    """Unchanged inputs are not parsed again, changed ones are: either way the value is what
+    json.loads makes of the returned text (same types, same key order)."""
+    record = sampled()
+    calls = record["messages"][1]["tool_calls"]
+    calls[1]["input"] = {"z": 1, "a": [True, None, 0.25, -0.0], "s": "plain", "n": {"k": 2**63}}
+    async with mock_client(scrubbing_handler()) as client:
+        out = await client.scrub_trace(record)
+    kept = out["messages"][1]["tool_calls"][1]["input"]
+    expected = json.loads(compact_json(calls[1]["input"]))
+    assert kept == expected and list(kept) == ["z", "a", "s", "n"]
+    assert [type(v) for v in kept["a"]] == [bool, type(None), float, float] and str(kept["a"][3]) == "-0.0"
+    # the other input had addresses in it: redacted, quotes and all, it is no JSON and stays text
+    assert out["messages"][1]["tool_calls"][0]["input"] == re.sub(r"\S+@\S+", "<EMAIL>",
+                                                                   compact_json(calls[0]["input"]))
