@@ -112,7 +112,13 @@ def test_every_turn_one_snapshot_across_restarts(kafka, tmp_path: Path) -> None:
                 for s in snaps:
                     validate("snapshot.v2", s)
 
-                by_sid = {s["session_id"]: s for s in snaps}
+                # a session's latest snapshot (its last turn holds every earlier message): sessions.idle
+                # is keyed by prompt, so one session's turns sit on different partitions and are
+                # not read back in the order they ended
+                by_sid: dict[str, dict[str, Any]] = {}
+                for s in snaps:
+                    if len(s["messages"]) > len(by_sid.get(s["session_id"], {"messages": ()})["messages"]):
+                        by_sid[s["session_id"]] = s
                 markers = {sid: Counter(m["source"] for m in s["error_markers"]) for sid, s in by_sid.items()}
                 sessions = list(turns)
                 # WORKLOAD_1 order is kept by gather's result dict only loosely: find sessions by content
