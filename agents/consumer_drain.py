@@ -1,4 +1,5 @@
-"""faust's consumer hands records to the streams one fetched batch at a time, not one at a time.
+"""faust's consumer hands records over one fetched batch at a time, not one at a time: the stage's
+input records to its agent loop's intake (`agents/intake.py`), the changelog records to faust.
 
 faust 0.15.3's `Consumer._drain_messages` delivers every fetched record through
 `wait_first(callback(message), suspend_flow.wait())`: four tasks and an `asyncio.wait` per
@@ -79,6 +80,8 @@ async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover -
 
     suspended = self.suspend_flow.is_set
     app = self.app
+    intake = getattr(app, "intake", None)  # the stage's input goes to its agent loop directly (agents/intake.py)
+    intake_topic = intake.topic if intake is not None else None
 
     async def rebalance_over() -> None:
         """Return once the app's rebalance has ended (faust has emptied its stream queues by then);
@@ -112,7 +115,10 @@ async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover -
                 gap = offset - (r_offset or 0)
                 if gap > 1 and r_offset and acks_enabled_for(message.topic):
                     await self._add_gap(tp, r_offset + 1, offset)
-                await callback(message)
+                if message.topic == intake_topic:
+                    await intake.put(message)
+                else:
+                    await callback(message)
                 set_read_offset(tp, offset)
             cursor[0] += 1
 

@@ -9,8 +9,9 @@ acknowledged by the broker, or the record is in the stage's dead-letter topic wi
   (no round trip per record). A write the broker refuses for what it is (too large for the
   topic) dead-letters that record; any other failure to write (unknown topic, authorization,
   timeouts) holds the batch, uncommitted, and sends what failed again with backoff.
-- A batch the agent leaves before that (shutdown, rebalance, a bug) is withheld from faust's
-  acknowledgement, so it is read again instead of committed.
+- The agent loop reads its input from the consumer directly (agents/intake.py) and
+  acknowledges a batch only then: a batch it leaves before that (shutdown, a bug) is never
+  acknowledged, so it is read again instead of committed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka import errors as kafka_errors
 
 from agents import consumer_drain
+from agents.intake import DEFAULT_CAPACITY, Intake
 from agents.stage import (
     Encoded,
     Handler,
@@ -355,18 +357,8 @@ def _refused(error: BaseException) -> bool:
     return isinstance(error, REFUSED_AS_RECORD)
 
 
-def withhold(events: Sequence[faust.EventT]) -> None:
-    """Keep `events` from being committed: faust acknowledges a batch taken with take_events
-    when the agent leaves it for any reason (an exception, a cancellation at shutdown), and its
-    commit would pass records whose outputs never reached the broker. A message marked acked
-    here never enters the consumer's acked offsets, so no commit passes it; it is read again
-    after a restart or rebalance."""
-    for event in events:
-        event.message.acked = True
-
-
 def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *,
-         sinks: Sinks | None = None, batch: int = 200, within_s: float = 0.05,
+         sinks: Sinks | None = None, batch: int = 200,
          parallel: bool = False, state: StagedTable | None = None,
          after_drain: Callable[[], None] | None = None) -> Sinks:
     """Register the stage's agent: decode + validate, handle, route outputs or dead letters.
@@ -382,8 +374,7 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
     sinks = sinks or Sinks(app, config, stage)
     records_in = metrics.RECORDS_IN.labels(stage.name)
 
-    async def process(event: faust.EventT) -> tuple[Meta, list[Encoded]]:
-        message = event.message
+    async def process(message: Any) -> tuple[Meta, list[Encoded]]:
         raw = message.value if isinstance(message.value, bytes) else b""
         meta = Meta(message.key, message.partition, message.offset, raw)
         # every line logged while this record is handled says which record it was
@@ -392,41 +383,45 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
 
     stopped: list[str | None] = [None]  # why the agent is not running, once it stopped on its own
     app.liveness.probe("agent", lambda: stopped[0])
+    intake = Intake(app, stage.input, capacity=max(DEFAULT_CAPACITY, 2 * batch))
+    app.intake = intake  # the consumer's drain loop fills it (agents/consumer_drain.py)
 
     @app.agent(source, name=f"{stage.name}-agent")
     async def agent(stream: faust.StreamT) -> None:
+        # The stream is never iterated: it subscribes the input topic and takes part in the
+        # assignment; the records come through the intake (agents/intake.py says why).
         stopped[0] = None
         try:
-            await run(stream)
+            await run()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             stopped[0] = f"stopped: {type(exc).__name__}: {exc}"
             raise
-        stopped[0] = "stopped: its stream ended"
 
-    async def run(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(batch, within=within_s):
+    async def run() -> None:
+        while True:
+            messages = await intake.take(batch)
             try:
-                records_in.inc(len(events))
+                records_in.inc(len(messages))
                 if parallel:
-                    results = await asyncio.gather(*(process(e) for e in events))
+                    results = await asyncio.gather(*(process(m) for m in messages))
                 else:
-                    results = [await process(e) for e in events]
+                    results = [await process(m) for m in messages]
                 await sinks.put(results)
                 await sinks.drain()  # what handlers sent on their own (outcome records)
                 if state is not None:
                     state.flush()
                 if after_drain:
                     after_drain()
-            except asyncio.CancelledError:  # shutdown or rebalance: what was not written comes again
-                withhold(events)
+                intake.ack(messages)
+            except asyncio.CancelledError:  # shutdown or rebalance: unacknowledged, read again
                 raise
             except BaseException as exc:
-                # A bug in the loop itself (every record's own failure is routed above). faust would
-                # restart the agent past these records, which are withheld and so never committed:
-                # the partition would stall. Exit instead; the restarted worker reads them again.
-                withhold(events)
+                # A bug in the loop itself (every record's own failure is routed above). These
+                # records are not acknowledged, so nothing after them on their partitions can be
+                # committed: the partition would stall. Exit instead; the restarted worker reads
+                # them again.
                 log.critical("stage %s: the agent loop failed (%s: %s); exiting so that a restart reads the "
                              "batch again", stage.name, type(exc).__name__, exc, exc_info=True)
                 logging.shutdown()

@@ -362,3 +362,43 @@ async def test_with_every_stream_partition_committed_the_seek_is_upstreams() -> 
     consumer = SeekingConsumer({TP("t", 0): 5, TP("t", 1): 9, CHANGELOG: None})
     await consumer_drain.perform_seek(consumer)
     assert consumer.to_beginning == []
+
+
+class RecordingIntake:
+    """The stage's intake (agents/intake.py) as the drain loop sees it: `topic` and `put`."""
+
+    def __init__(self, topic: str, capacity: int) -> None:
+        self.topic = topic
+        self.capacity = capacity
+        self.records: list[Msg] = []
+
+    async def put(self, message: Msg) -> None:
+        while len(self.records) >= self.capacity:
+            await asyncio.sleep(0.01)  # never drained here: a stage holding its input
+        self.records.append(message)
+
+
+@pytest.mark.asyncio
+async def test_the_stage_input_goes_to_its_intake_and_changelog_records_to_faust() -> None:
+    consumer = FakeConsumer([[Msg("t", 0), Msg("t-changelog", 0), Msg("t", 1)]], passes)
+    intake = RecordingIntake("t", capacity=10)
+    consumer.app.intake = intake
+    await run(consumer)
+    assert [(m.topic, m.offset) for m in intake.records] == [("t", 0), ("t", 1)]
+    assert [(m.topic, m.offset) for m in consumer.delivered] == [("t-changelog", 0)]
+    assert consumer._read_offset["t"] == 1
+
+
+@pytest.mark.asyncio
+async def test_a_rebalance_interrupts_a_wait_for_room_in_a_full_intake_and_skips_nothing() -> None:
+    consumer = FakeConsumer([[Msg("t", 0), Msg("t", 1), Msg("t", 2)]], passes)
+    consumer.app.intake = RecordingIntake("t", capacity=1)
+
+    async def rebalance_soon() -> None:
+        await asyncio.sleep(0.05)
+        consumer.suspend_flow.set()
+
+    await asyncio.gather(run(consumer), rebalance_soon())
+    assert [m.offset for m in consumer.app.intake.records] == [0]
+    # the position faust seeks back from: 1 and 2 were never handed over, so they come again
+    assert consumer._read_offset["t"] == 0

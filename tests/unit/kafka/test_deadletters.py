@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from agents.runtime import Encoded, _shrunk, withhold
+from agents.runtime import Encoded, _shrunk
 from pipeline.kafka.deadletters import DeadLetter, _unfit, redrive_target, shown
 from pipeline.model.records import dead_letter, encode, validate
 from pipeline.topics import STAGES, TOPICS, dead_letter_topics
@@ -66,20 +66,3 @@ def test_a_shrunk_letter_keeps_why_and_where_and_says_it_was_cut(keep: int) -> N
     again = json.loads(_shrunk(smaller, 0).data)
     assert again["detail"]["original_bytes"] == len(raw)  # the first size, not the cut one's
 
-
-class _Message:
-    def __init__(self) -> None:
-        self.acked = False
-
-
-class _Event:
-    def __init__(self) -> None:
-        self.message = _Message()
-
-
-def test_withheld_events_are_marked_so_fausts_ack_skips_them() -> None:
-    # faust's Consumer.ack does nothing for a message already marked acked: its offset never
-    # enters the acked offsets a commit is computed from
-    events = [_Event(), _Event()]
-    withhold(events)  # type: ignore[arg-type]
-    assert all(e.message.acked for e in events)
