@@ -42,6 +42,8 @@ class Intake:
         self.capacity = capacity
         self._records: deque[Any] = deque()
         self._arrived = asyncio.Event()
+        self._enough = asyncio.Event()  # set once the buffer holds what a waiting take wants
+        self._wanted = capacity
         self._room = asyncio.Event()
         self._room.set()
 
@@ -55,16 +57,28 @@ class Intake:
             await self._room.wait()
         self._records.append(message)
         self._arrived.set()
+        if len(self._records) >= self._wanted:
+            self._enough.set()
 
-    async def take(self, most: int) -> list[Any]:
-        """Up to `most` records in fetch order, waiting for the first one; records the stream
-        would skip (fetched before the current consumer generation, or while the flow is
-        stopped) are left out, unacknowledged."""
+    async def take(self, most: int, within_s: float = 0.0) -> list[Any]:
+        """Up to `most` records in fetch order, waiting for the first one and then up to
+        `within_s` for `most` (fewer, larger batches: one produce request and one wait for
+        acknowledgements per batch); records the stream would skip (fetched before the current
+        consumer generation, or while the flow is stopped) are left out, unacknowledged."""
         records = self._records
         while True:
             while not records:
                 self._arrived.clear()
                 await self._arrived.wait()
+            if within_s > 0 and len(records) < most:
+                self._wanted = most
+                self._enough.clear()
+                try:
+                    await asyncio.wait_for(self._enough.wait(), within_s)
+                except TimeoutError:
+                    pass
+                finally:
+                    self._wanted = self.capacity
             taken = [records.popleft() for _ in range(min(most, len(records)))]
             self._room.set()
             app = self.app

@@ -22,10 +22,10 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import faust
 from aiokafka import AIOKafkaProducer
@@ -358,16 +358,18 @@ def _refused(error: BaseException) -> bool:
 
 
 def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *,
-         sinks: Sinks | None = None, batch: int = 200,
-         parallel: bool = False, state: StagedTable | None = None,
-         after_drain: Callable[[], None] | None = None) -> Sinks:
+         sinks: Sinks | None = None, batch: int = 200, within_s: float = 0.05,
+         parallel: bool = False, state: StagedTable | None = None) -> Sinks:
     """Register the stage's agent: decode + validate, handle, route outputs or dead letters.
 
-    `parallel` runs the handler for every record of a batch at once (for stages that wait on
-    a remote service); outputs are still sent in input order. `state` is flushed, and then
-    `after_drain` runs, once a batch's outputs are on the broker: state that says "already
-    emitted" is written there, so a crash in between re-emits (a duplicate the next stage
-    recognises) instead of losing.
+    A batch is up to `batch` records, taken once its first record has waited `within_s` for
+    the rest (at once when they are there). `parallel` runs the handler for every record of a
+    batch at once (for stages that wait on a remote service); outputs are still sent in input
+    order. A batch's `state` writes reach the table once its outputs are on the broker: state
+    that says "already emitted" is written there, so a crash in between re-emits (a duplicate
+    the next stage recognises) instead of losing. The next batch is handled while one is on its
+    way to the broker (at most one: its outputs are sent once the one before is acknowledged),
+    so the loop does not idle on acknowledgements.
     """
     stage = STAGES[stage] if isinstance(stage, str) else stage
     source = topic(app, stage.input, config)
@@ -400,32 +402,53 @@ def bind(app: faust.App, stage: Stage | str, config: Config, handler: Handler, *
             raise
 
     async def run() -> None:
-        while True:
-            messages = await intake.take(batch)
-            try:
-                records_in.inc(len(messages))
-                if parallel:
-                    results = await asyncio.gather(*(process(m) for m in messages))
-                else:
-                    results = [await process(m) for m in messages]
-                await sinks.put(results)
-                await sinks.drain()  # what handlers sent on their own (outcome records)
-                if state is not None:
-                    state.flush()
-                if after_drain:
-                    after_drain()
-                intake.ack(messages)
-            except asyncio.CancelledError:  # shutdown or rebalance: unacknowledged, read again
-                raise
-            except BaseException as exc:
-                # A bug in the loop itself (every record's own failure is routed above). These
-                # records are not acknowledged, so nothing after them on their partitions can be
-                # committed: the partition would stall. Exit instead; the restarted worker reads
-                # them again.
-                log.critical("stage %s: the agent loop failed (%s: %s); exiting so that a restart reads the "
-                             "batch again", stage.name, type(exc).__name__, exc, exc_info=True)
-                logging.shutdown()
-                os._exit(EXIT_AGENT_FAILED)
+        on_its_way: asyncio.Future[None] | None = None  # the batch before this one, until acknowledged
+        try:
+            while True:
+                messages = await intake.take(batch, within_s)
+                try:
+                    records_in.inc(len(messages))
+                    if parallel:
+                        results = await asyncio.gather(*(process(m) for m in messages))
+                    else:
+                        results = [await process(m) for m in messages]
+                    writes = state.seal() if state is not None else None
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:
+                    loop_failed(exc)
+                # One batch on its way at a time, in order: this one's outputs are sent once the
+                # one before is acknowledged, which it was handled while waiting for.
+                if on_its_way is not None:
+                    await on_its_way
+                on_its_way = asyncio.ensure_future(finish(messages, results, writes))
+        finally:
+            if on_its_way is not None and not on_its_way.done():
+                on_its_way.cancel()  # shutdown: what is not acknowledged is read again
+
+    async def finish(messages: list[Any], results: list[tuple[Meta, list[Encoded]]],
+                     writes: dict[bytes, Any] | None) -> None:
+        """Acknowledge a handled batch once every output of it is on the broker (or its record's
+        dead letter is), and what its handlers sent on their own; its state is written then."""
+        try:
+            await sinks.put(results)
+            await sinks.drain()  # what handlers sent on their own (outcome records)
+            if state is not None and writes is not None:
+                state.flush(writes)
+            intake.ack(messages)
+        except asyncio.CancelledError:  # shutdown: unacknowledged, read again
+            raise
+        except BaseException as exc:
+            loop_failed(exc)
+
+    def loop_failed(exc: BaseException) -> NoReturn:
+        """A bug in the loop itself (every record's own failure is routed to its dead letter).
+        The batch is not acknowledged, so nothing after it on its partitions can be committed:
+        the partition would stall. Exit instead; the restarted worker reads it again."""
+        log.critical("stage %s: the agent loop failed (%s: %s); exiting so that a restart reads the "
+                     "batch again", stage.name, type(exc).__name__, exc, exc_info=True)
+        logging.shutdown()
+        os._exit(EXIT_AGENT_FAILED)
 
     return sinks
 
@@ -460,7 +483,7 @@ async def changelog_known(app: faust.App, table: Any) -> None:
     A table written outside stream iteration (use_partitioner=True) gets its changelog partition
     from faust's Producer.key_partition, which reads the producer's cached metadata and never
     fetches it: on a fresh broker faust creates the changelog topic at start, the cache does not
-    have it, and the first write raised TypeError in after_drain, crashing the agent; the same
+    have it, and the first write raised TypeError after the drain, crashing the agent; the same
     pending key crashed it again on every later batch and faust stopped feeding it, so the
     stage stalled with its process alive. partitions_for() fetches until the topic is there and
     keeps it among the producer's tracked topics."""

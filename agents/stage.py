@@ -90,14 +90,17 @@ class StagedTable:
 
     State that says "already emitted" must not be in the table (its changelog) before what it
     says was emitted is on the broker: a crash in between would lose the output for good. So a
-    core `stage`s its writes, reads see them at once, and the runtime calls `flush` after the
-    batch is drained: a crash before that re-emits (a duplicate the next stage recognises)
-    instead of losing. `ready` is set once the table may be read and written (its changelog
-    known; see runtime.changelog_known)."""
+    core `stage`s its writes, reads see them at once, and the runtime writes a batch's writes
+    once the batch is drained: a crash before that re-emits (a duplicate the next stage
+    recognises) instead of losing. The runtime handles the next batch while one is on its way
+    to the broker, so it `seal`s a batch's writes when the batch is handled and `flush`es that
+    batch once it is drained; reads see the sealed batches too. `ready` is set once the table
+    may be read and written (its changelog known; see runtime.changelog_known)."""
 
     def __init__(self, table: Table, ready: asyncio.Event | None = None) -> None:
         self._table = table
         self._pending: dict[bytes, Any] = {}
+        self._sealed: list[dict[bytes, Any]] = []  # handled batches not yet drained, oldest first
         self._ready = ready
 
     async def get(self, key: bytes) -> Any:
@@ -106,6 +109,10 @@ class StagedTable:
         if key in self._pending:
             value = self._pending[key]
             return None if value is _DELETED else value
+        for writes in reversed(self._sealed):
+            if key in writes:
+                value = writes[key]
+                return None if value is _DELETED else value
         return self._table.get(key)
 
     def stage(self, key: bytes, value: Any) -> None:
@@ -118,6 +125,8 @@ class StagedTable:
     def items(self) -> list[tuple[bytes, Any]]:
         """Every key and value, pending writes included (a snapshot: safe to stage while walking it)."""
         merged = dict(self._table.items())
+        for writes in self._sealed:
+            merged.update(writes)
         merged.update(self._pending)
         return [(k, v) for k, v in merged.items() if v is not _DELETED]
 
@@ -125,13 +134,28 @@ class StagedTable:
     def pending(self) -> Mapping[bytes, Any]:
         return self._pending
 
-    def flush(self) -> None:
-        for key, value in self._pending.items():
-            if value is not _DELETED:
-                self._table[key] = value
-            elif key in self._table:
-                del self._table[key]
-        self._pending.clear()
+    def seal(self) -> dict[bytes, Any]:
+        """The writes of the batch just handled, set apart: `flush(sealed)` once it is drained."""
+        writes, self._pending = self._pending, {}
+        self._sealed.append(writes)
+        return writes
+
+    def flush(self, sealed: dict[bytes, Any] | None = None) -> None:
+        """Write `sealed` (the oldest sealed batch's writes) to the table; without it, every
+        pending write."""
+        if sealed is None:
+            self.seal()
+            batches, self._sealed = self._sealed, []
+        elif self._sealed and self._sealed[0] is sealed:
+            batches = [self._sealed.pop(0)]
+        else:
+            raise ValueError("a batch's writes are flushed in the order the batches were sealed")
+        for writes in batches:
+            for key, value in writes.items():
+                if value is not _DELETED:
+                    self._table[key] = value
+                elif key in self._table:
+                    del self._table[key]
 
 
 def key_bytes(key: str | bytes | None) -> bytes | None:

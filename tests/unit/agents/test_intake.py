@@ -119,3 +119,23 @@ async def test_only_ack_lets_a_commit_pass_records_and_taking_marks_the_partitio
     assert set(the_app.monitor.stream_inbound_time) == {TP(TOPIC, 0), TP(TOPIC, 3)}
     intake.ack(taken)
     assert the_app.consumer.acked == [0, 1]
+
+
+@pytest.mark.asyncio
+async def test_a_batch_waits_up_to_within_s_for_the_rest_once_its_first_record_is_there() -> None:
+    intake = await filled(Intake(app(), TOPIC), [Message(0)])
+    taking = asyncio.create_task(intake.take(3, within_s=5.0))
+    await asyncio.sleep(0.01)
+    assert not taking.done()
+    await intake.put(Message(1))
+    await asyncio.sleep(0.01)
+    assert not taking.done()
+    await intake.put(Message(2))  # the batch is full: taken at once, not after 5 s
+    assert [m.offset for m in await asyncio.wait_for(taking, 1)] == [0, 1, 2]
+
+
+@pytest.mark.asyncio
+async def test_a_batch_that_does_not_fill_is_taken_after_within_s() -> None:
+    intake = await filled(Intake(app(), TOPIC), [Message(0)])
+    taken = await asyncio.wait_for(intake.take(3, within_s=0.02), 1)
+    assert [m.offset for m in taken] == [0]
