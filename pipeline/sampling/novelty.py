@@ -21,11 +21,15 @@ lookup that reads the buckets with set.update instead of adding keys one by one 
 Scoring thousands of candidates (a large window, an unrelated query) compares the low byte of
 each signature value first, which bounds a candidate's match count from above, and compares
 full values only where that bound can still reach the best (`_bounded`; same answer, tested).
-At 100 000 entries a few dozen buckets hold thousands of rows each (sessions whose minimum in a
-band is the same common word); such a bucket keeps its rows in a numpy array (`_Rows`), so a
-query reads them as they are instead of copying them through a Python set, and the bound is
-counted from packed bits (`np.bitwise_count`). Neither changes which rows are candidates nor
-the answer, so signatures, shipped records and decisions are what they were.
+The window keeps the low bytes as bit planes (`_low_planes`), so 64 columns are compared per
+XOR and counted per popcount. At 100 000 entries a few dozen buckets hold thousands of rows
+each (sessions whose minimum in a band is the same common word); such a bucket keeps its rows
+in a numpy array (`_Rows`), so a query reads them as they are instead of copying them through
+a Python set, and the largest also keep a copy of planes 0-4 of their rows, from which a
+query with many candidates bounds them by equal low 5 bits first (`_bounded_buckets`),
+reading contiguous blocks instead of a cache line per row. None of this changes which rows are
+candidates nor the answer, so signatures, shipped records and decisions are what they were
+(tests/unit/sampling/test_novelty_bounds.py).
 
 The window fills and empties the buckets itself (MinHashLSH's banding, with the band keys cut
 from one byteswap of the signature; MinHashLSH.insert/remove are not called). A window of at
@@ -40,13 +44,15 @@ from __future__ import annotations
 
 import array
 import functools
+import hashlib
+import struct
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from itertools import repeat
 from typing import Any
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
-from datasketch.hashfunc import sha1_hash32
 from datasketch.storage import UnorderedStorage
 
 from pipeline.errors import RecordError
@@ -64,11 +70,27 @@ RECALL_FIRST_MAX_SIZE = 2048
 # Candidate counts above which scoring first bounds each candidate by its signature's low bytes:
 # a large window returns thousands of candidates for an unrelated query.
 PREFILTER_MIN_CANDIDATES = 256
-# _bounded's limit when it summed 0/1 bytes eight to a word (a byte lane held at most 255); it
-# counts packed bits now, but wider signatures still compare every candidate in full, as tested
-LANES_MAX_PERM = 8 * 255
+# `_bounded_buckets` compares in full up to PEEK_CANDIDATES of the candidates whose bound is
+# within PEEK_SLACK of the best, to learn a match count the others must reach. On the bench's
+# 100 000-entry window (the 60 queries with the most candidates, ~13 000 each) that left 96 on
+# average (at most 519) to the byte bound, against 74 knowing the best match, 475 peeking at the
+# best bound alone, 187 / 207 with a slack of 1 / 6; np.argpartition for the 16 best bounds left
+# 94 and cost ~0.07 ms.
+PEEK_CANDIDATES = 32
+PEEK_SLACK = 3
 # A bucket holding this many rows keeps them in a numpy array (_Rows) rather than a set.
 ARRAY_BUCKET_MIN = 64
+# A bucket holding this many rows also keeps a copy of its rows' low 5 bits (`_Rows.planes`),
+# and a query whose buckets with copies hold at least BOUND_BUCKETS_MIN rows bounds those rows
+# from the copies first (`NoveltyWindow._bounded_buckets`); below that the byte bound alone
+# (`_bounded`, gathering each row) cost as little or less. On the bench's 100 000-entry window,
+# CPU ms per query with cold caches, byte bound alone against copies first, by rows in copied
+# buckets: 0.39 / 0.46 at 500-1 500, 0.34 / 0.33 at 1 500-3 000, 0.44 / 0.41 at 3 000-5 000,
+# 0.68 / 0.50 at 5 000-8 000, 0.86 / 0.58 at 8 000-20 000. The copies of the buckets of at
+# least 512 rows take 14 MiB there (80 bytes a row), of every array bucket 36 MiB.
+PLANES_BUCKET_MIN = 512
+BOUND_BUCKETS_MIN = 1500
+BEST_IN_PYTHON_MAX = 32  # `_best` picks among at most this many rows with Python lists
 # A window of at most this many entries scores a query by comparing its bands with every row
 # (`_scan`: numpy over the whole signature array) instead of reading the LSH buckets: the same
 # candidates, found in ~0.05 ms at 200 entries, where the bucket lookup cost more.
@@ -78,6 +100,11 @@ _MAX32 = 0xFFFFFFFF
 _U16, _U13 = np.uint32(16), np.uint32(13)
 _FMIX_1, _FMIX_2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
 _BYTE_LANES = np.uint64(0x0101010101010101)
+_LOW_PLANES = 8  # the low byte's bits, one plane each (`_low_planes`)
+# planes 0-4, the low 5 bits: what the largest buckets keep a copy of. On the 40 queries with the
+# most candidates at 100 000 entries (~13 000 each) equal low 3 / 4 / 5 / 6 bits left 7 800 /
+# 1 200 / 93 / 16 candidates to the byte bound: 5 planes read 80 bytes a row and leave little
+_COPIED_PLANES = 5
 _INTP_CODE = "q" if np.dtype(np.intp).itemsize == 8 else "i"  # array.array's code for np.intp
 
 
@@ -114,25 +141,39 @@ class _TokenHashes:
         self.old: dict[str, int] = {}
 
     def __call__(self, tokens: Collection[str]) -> np.ndarray:
-        # one C-level pass over the young generation; it holds most of a session's tokens
-        values = list(map(self.young.get, tokens))
-        if None in values:
-            values = [self._miss(token) if value is None else value
-                      for token, value in zip(tokens, values, strict=True)]
-        return np.array(values, dtype=np.uint32)
+        listed = tokens if type(tokens) is list else list(tokens)
+        n = len(listed)
+        # one C-level pass over the young generation, which holds most of a session's tokens,
+        # straight into an array (-1: not there); the misses are then handled as a batch
+        values = np.fromiter(map(self.young.get, listed, repeat(-1, n)), dtype=np.int64, count=n)
+        at = (values < 0).nonzero()[0]
+        if len(at):
+            missing = [listed[i] for i in at.tolist()]
+            found = list(map(self.old.get, missing))
+            if None in found:
+                # datasketch's sha1_hash32, inlined; surrogatepass: a lone surrogate can arrive
+                # in JSON and must hash, not raise
+                found = [_sha1_low32(_sha1(token.encode("utf-8", "surrogatepass")).digest())[0]
+                         if value is None else value for token, value in zip(missing, found, strict=True)]
+            self._keep(missing, found)
+            values[at] = found
+        return values.astype(np.uint32)
 
-    def _miss(self, token: str) -> int:
-        value = self.old.get(token)
-        if value is None:
-            # surrogatepass: a lone surrogate can arrive in JSON and must hash, not raise.
-            value = sha1_hash32(token.encode("utf-8", "surrogatepass"))
-        if len(token) <= 64:
-            if len(self.young) >= self.generation:
-                self.old, self.young = self.young, {}
-            self.young[token] = value
-        return value
+    def _keep(self, tokens: list[str], values: list[int]) -> None:
+        young = self.young
+        if len(young) + len(tokens) < self.generation:
+            young.update([(token, value) for token, value in zip(tokens, values, strict=True) if len(token) <= 64])
+            return
+        for token, value in zip(tokens, values, strict=True):
+            if len(token) <= 64:
+                if len(young) >= self.generation:
+                    self.old, self.young = young, {}
+                    young = self.young
+                young[token] = value
 
 
+_sha1 = hashlib.sha1
+_sha1_low32 = struct.Struct("<I").unpack_from  # the digest's first 4 bytes, little-endian
 _token_hashes = _TokenHashes()
 
 
@@ -147,6 +188,7 @@ class MinHasher:
         self.permutations = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
         self._a = self.permutations[0].astype(np.uint32)
         self._b = self.permutations[1].astype(np.uint32)
+        self._b_column = self._b[:, None].copy()
 
     def hashvalues(self, tokens: Collection[str]) -> np.ndarray | None:
         """The signature as uint32[num_perm], or None for an empty set."""
@@ -159,11 +201,13 @@ class MinHasher:
         hv ^= hv >> _U13
         hv *= _FMIX_2
         hv ^= hv >> _U16
-        # a * hv + b mod 2**32 for every (token, permutation), added in place: the same uint32
-        # values as `hv[:, None] * a + b` without a second tokens x num_perm array
-        permuted = np.multiply.outer(hv, self._a)
-        permuted += self._b
-        return permuted.min(axis=0)
+        # a * hv + b mod 2**32 for every (permutation, token), added in place: the same uint32
+        # values as `hv[:, None] * a + b` without a second tokens x num_perm array. A row per
+        # permutation, so the minimum runs along contiguous memory (~33 against ~57 us for 300
+        # tokens taking it across rows of tokens)
+        permuted = np.multiply.outer(self._a, hv)
+        permuted += self._b_column
+        return np.minimum.reduce(permuted, axis=1)
 
     def minhash(self, hashvalues: np.ndarray) -> MinHash:
         return MinHash(seed=self.seed, hashvalues=hashvalues, permutations=self.permutations,
@@ -194,21 +238,74 @@ def default_lsh_params(size: int, num_perm: int, threshold: float) -> tuple[int,
 Signature = MinHash | np.ndarray | Sequence[int] | None
 
 
+@functools.cache
+def _plane_order(words: int) -> np.ndarray:
+    """Where `_low_planes` reads each of its bits in np.unpackbits(low, bitorder="little") (bit p
+    of column c at 8c + p): bit j of word w * 8 + p is bit p of column 64w + j."""
+    w, p, j = np.ogrid[:words, :_LOW_PLANES, :64]
+    return ((64 * w + j) * _LOW_PLANES + p).reshape(-1)
+
+
+def _low_planes(low: np.ndarray) -> np.ndarray:
+    """The bits of low bytes, plane by plane: `low` (64 * W,) uint8 -> (W * 8,) uint64, where
+    word w * 8 + p holds bit p of columns 64w .. 64w + 63 (column 64w + j at bit j). Two values'
+    low bytes are equal where all 8 planes agree, and their low k bits where planes 0..k-1 do:
+    XOR, OR across planes and a popcount count the columns that differ, 64 of them per
+    operation instead of one byte each."""
+    bits = np.unpackbits(low, bitorder="little").take(_plane_order(len(low) // 64))
+    return np.packbits(bits, bitorder="little").view(np.uint64)
+
+
+def _add_words(bits: list[np.ndarray]) -> np.ndarray:
+    """The sum of per-word popcounts (uint8 arrays, one per word of a row): the row's count of
+    columns, at most 64 per word, so a byte holds it up to 3 words and two bytes beyond."""
+    if len(bits) == 1:
+        return bits[0]
+    total = np.add(bits[0], bits[1], dtype=np.uint8 if len(bits) <= 3 else np.uint16)
+    for more in bits[2:]:
+        total += more
+    return total
+
+
+def _aligned(rows: int, columns: int) -> np.ndarray:
+    """Zeroed uint64 (rows, columns) starting on a 64-byte boundary, so that a row of 16 words
+    (128 values) is two cache lines, not three."""
+    buffer = np.zeros(rows * columns * 8 + 64, dtype=np.uint8)
+    start = -buffer.ctypes.data % 64
+    return buffer[start:start + rows * columns * 8].view(np.uint64).reshape(rows, columns)
+
+
 class _Rows:
     """A large bucket's rows: the first `n` entries of an array a query reads as a numpy array
     without copying (`view`), and each row's place in it, so a row is added or removed in O(1)
     (the last takes its place). The order depends on the history of the bucket; nothing that
     reads it depends on the order. The storage is an `array.array` of machine integers: setting
-    and reading one item from Python costs a fraction of a numpy scalar access."""
+    and reading one item from Python costs a fraction of a numpy scalar access.
 
-    __slots__ = ("array", "at", "n")
+    Given `source` (the window's `_planes` as (rows, W, 8) cut to planes 0-4), a bucket that
+    reaches PLANES_BUCKET_MIN rows also keeps a copy of those planes of its rows, word by word
+    (`planes`: word w of plane p of row i at [w, p, i]), and keeps it from then on: a query bounds
+    every row of the bucket from that contiguous block, with no gather of a cache line per row
+    from the window (`NoveltyWindow._bounded_buckets`)."""
 
-    def __init__(self, rows: Iterable[int]) -> None:
+    __slots__ = ("array", "at", "n", "planes", "source")
+
+    def __init__(self, rows: Iterable[int], source: np.ndarray | None = None) -> None:
         ordered = sorted(rows)
         self.n = len(ordered)
         self.array = array.array(_INTP_CODE, ordered)
         self.array.extend([0] * max(self.n, 16 - self.n))  # room for as many again (16 at least)
         self.at = {row: i for i, row in enumerate(ordered)}
+        self.source = source
+        self.planes: np.ndarray | None = None
+        if source is not None and self.n >= PLANES_BUCKET_MIN:
+            self._copy_planes()
+
+    def _copy_planes(self) -> None:
+        source = self.source
+        assert source is not None
+        self.planes = np.zeros((*source.shape[1:], len(self.array)), dtype=np.uint64)
+        self.planes[..., :self.n] = source[self.view()].transpose(1, 2, 0)
 
     def add(self, row: int) -> None:
         at = self.at
@@ -218,9 +315,15 @@ class _Rows:
         if n == len(self.array):
             # a new array, not a resize: a numpy view of the old one may still be alive
             self.array = self.array + array.array(_INTP_CODE, [0] * n)
+            if self.planes is not None:
+                self.planes = np.concatenate([self.planes, np.zeros_like(self.planes)], axis=2)
         self.array[n] = row
         at[row] = n
         self.n = n + 1
+        if self.planes is not None:
+            self.planes[..., n] = self.source[row]  # type: ignore[index]
+        elif self.source is not None and self.n >= PLANES_BUCKET_MIN:
+            self._copy_planes()
 
     def discard(self, row: int) -> None:
         i = self.at.pop(row, None)
@@ -231,6 +334,8 @@ class _Rows:
             last = self.array[n]
             self.array[i] = last
             self.at[last] = i
+            if self.planes is not None:
+                self.planes[..., i] = self.planes[..., n]
 
     def view(self) -> np.ndarray:
         return np.frombuffer(self.array, dtype=np.intp, count=self.n)
@@ -344,8 +449,18 @@ class NoveltyWindow:
         # a row's equal values counted as bytes summed eight to a word (`_count_equal`): exact
         # while the count fits a byte
         self._count_by_words = num_perm % 8 == 0 and num_perm < 256
-        # each value's low byte (see _bounded), rows padded with zeros to whole 64-byte blocks
-        self._low = np.zeros((size, -(-num_perm // 64) * 64), dtype=np.uint8)
+        # each value's low byte as 8 bit planes (`_low_planes`; read by `_bounded`, and planes
+        # 0-4 through the large buckets' copies by `_bounded_buckets`), columns past num_perm
+        # zero; `_row_low` holds the padded low bytes of the row being added
+        self._words = -(-num_perm // 64)
+        self._planes = _aligned(size, self._words * _LOW_PLANES)
+        self._copied_planes = self._planes.reshape(size, self._words, _LOW_PLANES)[:, :, :_COPIED_PLANES]
+        self._row_low = np.zeros(64 * self._words, dtype=np.uint8)
+        self._query_low = np.ones(64 * self._words, dtype=np.uint8)  # `_query_planes`' padding 1
+        # `_bounded_buckets`' working arrays (a bucket's XOR with the query; the columns that
+        # differ, per candidate), kept between queries
+        self._scratch = np.zeros((self._words, _COPIED_PLANES, 0), dtype=np.uint64)
+        self._unequal = np.zeros((self._words, 0), dtype=np.uint64)
         self._seq = np.zeros(size, dtype=np.int64)
         self._indexed = np.zeros(size, dtype=bool)
         self._indexed_count = 0
@@ -377,21 +492,48 @@ class NoveltyWindow:
         skip = self._slots.get(exclude) if exclude is not None else None
         if not self.keeps_buckets or self.size <= SCAN_MAX_SIZE:
             return self._scan(hv, skip)
-        rows = self._candidate_rows(hv)
+        found, large = self._lookup(hv)
         if skip is not None:
-            rows = rows[rows != skip]
-        if not len(rows):
+            found.discard(skip)
+        rows = np.fromiter(found, dtype=np.intp, count=len(found))
+        # a row in several buckets is read once per bucket: that changes no match count and
+        # so no answer, and costs less than leaving each row once
+        copied = [bucket for bucket in large if bucket.planes is not None]
+        if sum(bucket.n for bucket in copied) >= BOUND_BUCKETS_MIN:
+            large = [bucket for bucket in large if bucket.planes is None]
+        else:
+            copied = []
+        if large:
+            rows = np.concatenate([rows, *(bucket.view() for bucket in large)])
+            if skip is not None:
+                rows = rows[rows != skip]
+        if copied or len(rows) > PREFILTER_MIN_CANDIDATES:
+            q = self._query_planes(hv)
+            reached = 0
+            if copied:
+                kept, reached = self._bounded_buckets(copied, q, hv, skip)
+                rows = np.concatenate([rows, kept])
+            if not len(rows):
+                return 1.0, None
+            rows = self._bounded(rows, hv, q, reached)
+        elif not len(rows):
             return 1.0, None
-        if len(rows) > PREFILTER_MIN_CANDIDATES and self.num_perm <= LANES_MAX_PERM:
-            rows = self._bounded(rows, hv)
-        matches = np.count_nonzero(self._sig.take(rows, axis=0) == hv, axis=1)
+        matches = np.add.reduce(self._sig.take(rows, axis=0) == hv, axis=1)
         return self._best(rows, matches)
 
     def _best(self, rows: np.ndarray, matches: np.ndarray) -> tuple[float, str | None]:
-        best = int(matches.max())
-        tied = rows[matches == best]
         # Ties go to the newest entry, whatever order the LSH returned candidates in.
-        row = int(tied[np.argmax(self._seq[tied])])
+        if len(rows) <= BEST_IN_PYTHON_MAX:
+            # the few rows the bounds leave: Python lists cost less than numpy's first calls of
+            # a decision (with cold caches ~22 against ~50 us for 5 rows)
+            counts = matches.tolist()
+            best = max(counts)
+            seq = self._seq
+            row = max((int(seq[r]), r) for r, m in zip(rows.tolist(), counts, strict=True) if m == best)[1]
+        else:
+            best = int(matches.max())
+            tied = rows[matches == best]
+            row = int(tied[np.argmax(self._seq[tied])])
         return (self.num_perm - best) / self.num_perm, self._keys[row]
 
     def _scan(self, hv: np.ndarray, skip: int | None) -> tuple[float, str | None]:
@@ -434,34 +576,90 @@ class NoveltyWindow:
         lanes = np.ascontiguousarray(equal).view(np.uint64).sum(axis=1, dtype=np.uint64)
         return ((lanes * _BYTE_LANES) >> np.uint64(56)).astype(np.intp)
 
-    def _bounded(self, rows: np.ndarray, hv: np.ndarray) -> np.ndarray:
-        """The rows among `rows` that can match `hv` best or tie the best: equal values have
-        equal low bytes, so a row's count of equal low bytes bounds its count of equal values
-        from above, and a row bounded below some row's count cannot be the best. Reading a
-        quarter of the bytes for every candidate and all of them for a few gives the same
-        answer as comparing every candidate in full (tested)."""
-        query = np.ones(self._low.shape[1], dtype=np.uint8)  # padding 1 against 0: never equal
-        query[:self.num_perm] = hv.astype(np.uint8)
-        equal = self._low.take(rows, axis=0) == query
-        # one bit per column, packed across the whole array at once (a row is whole 64-bit words
-        # of bits, _low being padded to 64 columns, so no word straddles two rows) and counted a
-        # word at a time; packing row by row (axis=1) cost four times as much
-        words = np.bitwise_count(np.packbits(equal.reshape(-1)).view(np.uint64)).reshape(len(rows), -1)
-        upper = words[:, 0].astype(np.intp)
-        for k in range(1, words.shape[1]):
-            upper += words[:, k]
-        reached = int(np.count_nonzero(self._sig[rows[int(np.argmax(upper))]] == hv))
-        return rows[upper >= reached]
+    def _query_planes(self, hv: np.ndarray) -> np.ndarray:
+        """`hv`'s low bytes as `_low_planes`, the padding columns 1 (rows have 0 there: never equal)."""
+        self._query_low[:self.num_perm] = hv  # a cast to uint8 keeps the low byte
+        return _low_planes(self._query_low)
 
-    def _candidate_rows(self, hv: np.ndarray) -> np.ndarray:
-        """The rows of `candidates(hv)` as an array, each once; large buckets are read as arrays."""
-        if not self.keeps_buckets:
-            return np.flatnonzero(self._sharing(hv, self._sig == hv))
+    def _bounded(self, rows: np.ndarray, hv: np.ndarray, q: np.ndarray | None = None,
+                 reached: int = 0) -> np.ndarray:
+        """The rows among `rows` that can match `hv` best or tie the best, given that some
+        candidate matches `reached` values: equal values have equal low bytes, so a row's count
+        of equal low bytes bounds its count of equal values from above, and a row bounded below
+        some row's count cannot be the best. Reading a quarter of the bytes for every candidate
+        and all of them for a few gives the same answer as comparing every candidate in full
+        (tested). `q`: `_query_planes(hv)`."""
+        if q is None:
+            q = self._query_planes(hv)
+        words = self._words
+        differ = self._planes.take(rows, axis=0)
+        differ ^= q
+        # a column differs where any of its word's 8 planes does: the planes of a word are
+        # adjacent, so OR-ing neighbours three times over the flat array (one long strided
+        # operation each; along a row's 16 words numpy would loop once per row) leaves one
+        # word of differing columns per row and word
+        flat = differ.reshape(-1)
+        for _ in range(3):
+            flat = flat[0::2] | flat[1::2]
+        bits = np.bitwise_count(flat)
+        count = _add_words([bits[w::words] for w in range(words)])  # columns that differ
+        best = int(count.argmin())
+        reached = max(reached, int(np.count_nonzero(self._sig[rows[best]] == hv)))
+        return rows[count <= 64 * words - reached]
+
+    def _bounded_buckets(self, buckets: list[_Rows], q: np.ndarray, hv: np.ndarray,
+                         skip: int | None) -> tuple[np.ndarray, int]:
+        """The rows of large `buckets` that can match `hv` best or tie the best, and a match
+        count some candidate reaches: each row is bounded by its count of equal low 5 bits
+        (above the count of equal low bytes, so above the count of equal values), read from
+        the bucket's own copy of its rows' planes 0-4: contiguous blocks, where gathering
+        them from the window's rows cost a cache line a row and most of a worst query's time
+        (~13 000 candidates at 100 000 entries). A few rows with the best bounds (PEEK_CANDIDATES)
+        are compared in full for that count, and rows whose bound is below it are dropped. A
+        row in several buckets is bounded once per bucket, with the same bound; the caller
+        bounds what is left by low bytes (`_bounded`) and compares the rest in full."""
+        words = self._words
+        total = sum(rows.n for rows in buckets)
+        widest = max(rows.n for rows in buckets)
+        if self._scratch.shape[2] < widest:
+            self._scratch = np.zeros((words, _COPIED_PLANES, widest), dtype=np.uint64)
+        if self._unequal.shape[1] < total:
+            self._unequal = np.zeros((words, total), dtype=np.uint64)
+        q_copied = q.reshape(words, _LOW_PLANES)[:, :_COPIED_PLANES, None]
+        # per bucket: XOR with the query into one reused array (no larger than the largest
+        # bucket, so it stays in cache) and OR over the planes, each a contiguous run of the
+        # bucket's rows: a column differs where any of its copied planes does. Two calls a
+        # bucket; XOR-ing every bucket into one array first wrote and read back ~1 MB more for
+        # a worst query (13 000 rows) and cost ~10 % more.
+        unequal = self._unequal[:, :total]
+        start = 0
+        for rows in buckets:
+            n = rows.n
+            differ = np.bitwise_xor(rows.planes[..., :n], q_copied,  # type: ignore[index]
+                                    out=self._scratch[..., :n])
+            np.bitwise_or.reduce(differ, axis=1, out=unequal[:, start:start + n])
+            start += n
+        bits = np.bitwise_count(unequal)
+        count = _add_words(list(bits))  # columns whose low 5 bits differ
+        candidates = np.concatenate([rows.view() for rows in buckets])
+        if skip is not None:
+            keep = candidates != skip
+            candidates, count = candidates[keep], count[keep]
+        if not len(candidates):
+            return candidates, 0
+        near_best = (count <= int(np.minimum.reduce(count)) + PEEK_SLACK).nonzero()[0]
+        equal = self._sig.take(candidates[near_best[:PEEK_CANDIDATES]], axis=0) == hv
+        reached = int(np.maximum.reduce(np.add.reduce(equal, axis=1)))
+        return candidates[count <= 64 * words - reached], reached
+
+    def _lookup(self, hv: np.ndarray) -> tuple[set[int], list[_Rows]]:
+        """The rows of the buckets `hv` falls in: those of small buckets as a set, and the large
+        buckets (`_Rows`) as they are. A row may be in several."""
         raw = hv.astype(np.uint32, copy=False).byteswap().tobytes()
         found: set[int] = set()
-        arrays: list[np.ndarray] = []
-        for (start, end), buckets in zip(self._lsh.hashranges, self._buckets, strict=True):
-            rows = buckets.map.get(raw[4 * start:4 * end])
+        large: list[_Rows] = []
+        for (start, end), rows_of in zip(self._bytes_ranges, self._maps, strict=True):
+            rows = rows_of.get(raw[start:end])
             if rows is None:
                 continue
             if type(rows) is int:
@@ -469,15 +667,22 @@ class NoveltyWindow:
             elif type(rows) is set:
                 found.update(rows)
             else:
-                arrays.append(rows.view())  # type: ignore[union-attr]
+                large.append(rows)  # type: ignore[arg-type]
+        return found, large
+
+    def _candidate_rows(self, hv: np.ndarray) -> np.ndarray:
+        """The rows of `candidates(hv)` as an array, each once; large buckets are read as arrays."""
+        if not self.keeps_buckets:
+            return np.flatnonzero(self._sharing(hv, self._sig == hv))
+        found, large = self._lookup(hv)
         small = np.fromiter(found, dtype=np.intp, count=len(found))
-        if not arrays:
+        if not large:
             return small
         # a row may sit in several buckets: marking rows in a window-sized mask leaves each once
         seen = np.zeros(self.size, dtype=bool)
         seen[small] = True
-        for rows in arrays:
-            seen[rows] = True
+        for rows in large:
+            seen[rows.view()] = True
         return np.flatnonzero(seen)
 
     def candidates(self, hv: np.ndarray) -> set[int]:
@@ -519,7 +724,8 @@ class NoveltyWindow:
         self._seq[row] = self._arrivals
         if hv is not None:
             self._sig[row] = hv
-            self._low[row, :self.num_perm] = hv.astype(np.uint8)  # a cast to uint8 keeps the low byte
+            self._row_low[:self.num_perm] = hv  # a cast to uint8 keeps the low byte
+            self._planes[row] = _low_planes(self._row_low)
             if self.keeps_buckets:
                 self._index(row, hv)
             self._indexed[row] = True
@@ -544,7 +750,7 @@ class NoveltyWindow:
             else:
                 rows.add(row)
                 if type(rows) is set and len(rows) >= array_min:
-                    rows_of[key] = _Rows(rows)
+                    rows_of[key] = _Rows(rows, self._copied_planes)
 
     def _unindex(self, row: int) -> None:
         """MinHashLSH.remove(row) (`_Buckets.remove_val`, inlined): a bucket left with one row

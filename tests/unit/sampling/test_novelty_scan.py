@@ -179,7 +179,7 @@ def test_a_forward_learnt_from_its_own_signature_is_the_record_read_back() -> No
         assert own.apply_shipped(record, hv) == other.apply_shipped(record)
     a, b = own.get("site"), other.get("site")
     assert a.keys() == b.keys() and (a._sig == b._sig).all() and (a._indexed == b._indexed).all()
-    assert (a._low == b._low).all() and (a._seq == b._seq).all()
+    assert (a._planes == b._planes).all() and (a._seq == b._seq).all()
     values = np.array([0, 1, 2**32 - 1] * 42 + [7, 8], dtype=np.uint32)
     assert a._hashvalues(values).tolist() == a._hashvalues(values.tolist()).tolist()
     assert a._hashvalues(values) is not values
