@@ -7,7 +7,8 @@ would get the same answer, so they wait for the fix instead of filling scrub.dea
 scrubber refuses for what it is (400, 413, ...: it can never be scrubbed as it is) is
 dead-lettered, not passed. One trace the scrubber keeps failing while it scrubs others goes to
 scrub.dead with the scrubber's answers once it has spent the retry budget (`scrub.max_attempts`
-and `scrub.max_age_s`: the rule deliver uses too).
+and `scrub.max_age_s`: the rule deliver uses too); "while it scrubs others" is another trace
+scrubbed, or else a probe (a canary trace made here) passing, between two of its failures.
 
 Requests wait for a place under the scrubber's adaptive concurrency limit
 (pipeline/delivery/concurrency.py): a scrubber answering 5xx or slowing down gets fewer at once.
@@ -16,6 +17,7 @@ A 429 pauses every request of this process for its Retry-After and spends no ret
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections import deque
@@ -79,17 +81,20 @@ class ScrubStage:
                                           LimitSettings(max_limit=s.max_in_flight), clock, stage=STAGE)
         self.budget = RetryPolicy(base_s=s.retry_base_s, max_s=s.retry_max_s, max_age_s=s.max_age_s,
                                   max_attempts=s.max_attempts, rng=rng or random.Random())
-        # when the scrubber last answered any trace well: a trace that keeps failing while others
-        # pass is the trace's problem (dead-lettered after its budget); while nothing passes, the
-        # scrubber is down and every trace waits (fail closed)
-        self.last_success = float("-inf")
+        # how many times the scrubber answered a trace (or the probe) well: a trace that keeps
+        # failing while others pass is the trace's problem (dead-lettered after its budget);
+        # while nothing passes, the scrubber is down and every trace waits (fail closed). A count,
+        # not a time: "since this trace's last failure" holds in event order, whatever the clock.
+        self.successes = 0
+        self._probing: asyncio.Future[None] | None = None
 
     async def handle(self, record: dict[str, Any], meta: Meta) -> list[Out]:
         if self.client is None:
             return [Out("traces.scrubbed", meta.key, bypass_record(record, self.clock.now_ms()))]
         clock = self.clock
         attempt = 0
-        first_at, first_mono = clock.time(), clock.monotonic()
+        first_at = clock.time()
+        successes_seen = self.successes  # as of this trace's last failure (or arrival)
         answers: deque[dict[str, Any]] = deque(maxlen=ANSWERS_KEPT)
         while True:
             try:
@@ -112,12 +117,18 @@ class ScrubStage:
                     raise RecordError(f"scrubber_{type(exc).__name__}", str(exc)) from None
                 answers.append({"error": str(exc)[:300], "reason": exc.reason, "http_status": exc.status_code,
                                 "at": clock.now_ms()})
-                if self.last_success > first_mono and self.budget.give_up(attempt, first_at, clock.time()):
+                spent = self.budget.give_up(attempt, first_at, clock.time())
+                if spent and self.successes > successes_seen:
                     raise RecordError(
                         "scrub_budget_exhausted",
                         f"the scrubber failed this trace {attempt} times over {clock.time() - first_at:.0f}s "
-                        f"while it scrubbed others; last: {exc}",
+                        f"while it scrubbed other traces or its probe; last: {exc}",
                         data={"attempts": attempt, "answers": list(answers)}) from None
+                successes_seen = self.successes
+                if spent:
+                    # no other trace passed since its last failure: ask the probe, whose success
+                    # (after this failure) is the evidence should the trace fail once more
+                    await self._probe_shared()
                 delay = self.budget.delay(attempt, exc.retry_after)
                 if misconfigured:
                     log.error("scrubber refuses us (%s): check SCRUBBER_API_KEY and scrubberUrl; holding trace "
@@ -127,9 +138,36 @@ class ScrubStage:
                                 exc, record.get("trace_id"), attempt, delay)
                 await clock.sleep(delay)
                 continue
-            self.last_success = clock.monotonic()
+            self.successes += 1
             metrics.SCRUBBER_LATENCY.labels("ok").observe(clock.monotonic() - started)
             return [Out("traces.scrubbed", meta.key, scrubbed)]
+
+    async def _probe_shared(self) -> None:
+        """One probe (`ScrubberClient.probe`: a canary trace made here, through the same limiter)
+        for every trace that spent its budget meanwhile, so that "the scrubber scrubs others"
+        does not depend on which traces happen to be handled together; a probe that passes
+        counts as a success."""
+        if self._probing is None:
+            self._probing = asyncio.ensure_future(self._probe())
+        await asyncio.shield(self._probing)
+
+    async def _probe(self) -> None:
+        assert self.client is not None
+        started = self.clock.monotonic()
+        try:
+            async with self.limiter.slot() as slot:
+                try:
+                    await self.client.probe()
+                except ScrubberError as exc:
+                    slot.record(load_signal(exc))
+                    metrics.SCRUBBER_PROBES.labels("failed").inc()
+                    log.info("scrubber probe failed (%s): holding traces that fail, as for an outage", exc)
+                    return
+                slot.record(Signal.OK, self.clock.monotonic() - started)
+            metrics.SCRUBBER_PROBES.labels("ok").inc()
+            self.successes += 1
+        finally:
+            self._probing = None
 
     def _throttled(self, retry_after: float | None) -> None:
         wait_s = DEFAULT_PAUSE_S if retry_after is None else retry_after

@@ -23,6 +23,9 @@ DECISIONS = Counter("pipeline_sampler_decisions_total", "Sampling decisions by r
                     ["reason", "forward"])
 SCRUBBER_LATENCY = Histogram("pipeline_scrubber_request_seconds", "Scrubber request latency",
                              ["result"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+SCRUBBER_PROBES = Counter("pipeline_scrubber_probes_total",
+                          "Scrub probes (a canary trace, sent when a trace spent its budget and no other passed)",
+                          ["result"])
 PANEL_LATENCY = Histogram("pipeline_panel_request_seconds", "Panel ingest request latency",
                           ["endpoint", "result"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 DELIVERY_OUTCOMES = Counter("pipeline_delivery_outcomes_total", "Delivery outcomes by status",

@@ -62,6 +62,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SCRUB_PATH = "/v1/scrub"
+# what `ScrubberClient.probe` sends: as a trace's entries are, with no session content
+PROBE_ENTRIES = ({"i": 0, "ref": "probe", "role": "user", "content": "pipeline scrubber probe"},)
 _COPIED = ("trace_id", "snapshot_id", "host", "site_key", "session_id", "project_id")
 
 
@@ -435,17 +437,9 @@ class ScrubberClient(ClosingClient):
         entries = [
             {"i": k, "ref": f.ref, "role": f.role, "content": f.text} for k, f in enumerate(fields)
         ]
-        headers = {"content-type": "application/json"}
-        if isinstance(trace_record.get("trace_id"), str):
-            headers["x-request-id"] = trace_record["trace_id"]
-        if self._api_key:
-            headers["x-scrubber-key"] = self._api_key
-        if self._tenant:
-            headers["x-tenant-id"] = self._tenant
-        response = await self._post(_json_bytes({"trace": entries}, all(type(f.text) is str for f in fields)), headers)
-        _check_status(response, self._clock(), self._where)
-        answer = _parse_answer(response, entries)
-        claims = self._verified_claims(answer)
+        trace_id = trace_record.get("trace_id")
+        answer, claims = await self._scrub_entries(entries, all(type(f.text) is str for f in fields),
+                                                   trace_id if isinstance(trace_id, str) else None)
         clean = {f.ref: entry["content"] for f, entry in zip(fields, answer["trace"], strict=True)}
         scrub = {
             "mode": "trace",
@@ -458,6 +452,28 @@ class ScrubberClient(ClosingClient):
             "scrubbed_at": int(self._clock() * 1000),
         }
         return _scrubbed_record(trace_record, clean, fields, scrub)
+
+    async def probe(self) -> None:
+        """Scrub a canary trace made here (no session content) the way a trace is scrubbed:
+        status, answer and attestation checked alike. Raises ScrubberError when the scrubber
+        cannot scrub it; returning says the scrubber scrubs, so a trace it keeps failing is that
+        trace's problem (the scrub stage's evidence when no other trace passed meanwhile)."""
+        await self._scrub_entries(list(PROBE_ENTRIES), True, None)
+
+    async def _scrub_entries(self, entries: list[dict[str, Any]], plain: bool,
+                             request_id: str | None) -> tuple[dict[str, Any], Mapping[str, Any]]:
+        """One scrub request for `entries`: the checked answer and its verified claims."""
+        headers = {"content-type": "application/json"}
+        if request_id is not None:
+            headers["x-request-id"] = request_id
+        if self._api_key:
+            headers["x-scrubber-key"] = self._api_key
+        if self._tenant:
+            headers["x-tenant-id"] = self._tenant
+        response = await self._post(_json_bytes({"trace": entries}, plain), headers)
+        _check_status(response, self._clock(), self._where)
+        answer = _parse_answer(response, entries)
+        return answer, self._verified_claims(answer)
 
     def _verified_claims(self, answer: Mapping[str, Any]) -> Mapping[str, Any]:
         """The claims of the answer's attestation once verified; empty when there is none to

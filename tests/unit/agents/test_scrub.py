@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from agents.scrub import ScrubStage, scrubber_client
 from devkit.clock import FakeClock
@@ -21,6 +22,11 @@ from tests.unit.agents.conftest import JWT, make_config, sampled
 def scrub_config(tmp_path: Path, scrubber: StubScrubber) -> Config:
     return make_config(tmp_path, PIPELINE_SCRUBBER_URL=scrubber.url, SCRUBBER_JWT_SECRET=JWT,
                        PIPELINE_SCRUB__MAX_ATTEMPTS="2", PIPELINE_SCRUB__MAX_AGE_S="30")
+
+
+def probes(result: str) -> float:
+    """pipeline_scrubber_probes_total{result} so far (the registry is the process's)."""
+    return REGISTRY.get_sample_value("pipeline_scrubber_probes_total", {"result": result}) or 0.0
 
 
 def scrub_stage(config: Config, clock: FakeClock) -> StageHarness:
@@ -51,7 +57,9 @@ async def test_a_failing_scrubber_holds_the_trace_until_it_answers(tmp_path: Pat
     assert not task.done()
     batch = await on_clock(clock, task, step_s=60)
     assert len(batch.values("traces.scrubbed")) == 1 and batch.dead == []
-    assert scrubber.stats()["by_status"] == {"503": 3, "200": 1}
+    by_status = scrubber.stats()["by_status"]
+    # the trace's answer, and a probe's if its budget was spent before the 503s ran out
+    assert by_status["503"] == 3 and by_status["200"] in (1, 2) and set(by_status) == {"503", "200"}
 
 
 @pytest.mark.asyncio
@@ -92,3 +100,38 @@ async def test_a_429_pauses_scrubbing_and_spends_no_budget(tmp_path: Path, clock
     scrubber.set_faults(fail_matching="")
     batch = await on_clock(clock, held, step_s=5)
     assert len(batch.values("traces.scrubbed")) == 1 and batch.dead == []
+
+
+@pytest.mark.asyncio
+async def test_a_trace_the_scrubber_fails_alone_is_dead_lettered_once_a_probe_passes(
+        tmp_path: Path, clock: FakeClock, scrubber: StubScrubber) -> None:
+    # no other trace in flight to show the scrubber works: the probe (a canary made by the
+    # stage, none of the trace's content) does, so the rule does not depend on batching
+    config = scrub_config(tmp_path, scrubber)
+    trace = await sampled(config, clock, snapshot(5, tool_error=True))
+    marker = trace["messages"][0]["content"]
+    scrubber.set_faults(fail_matching=marker, status=500)
+    probes_ok = probes("ok")
+    batch = await on_clock(clock, asyncio.create_task(scrub_stage(config, clock).feed(trace)), step_s=60)
+    assert probes("ok") > probes_ok
+    assert batch.values("traces.scrubbed") == []
+    (letter,) = batch.dead
+    assert letter["reason"] == "scrub_budget_exhausted" and letter["detail"]["attempts"] >= 2
+    by_status = scrubber.stats()["by_status"]
+    assert by_status["500"] == letter["detail"]["attempts"] and by_status["200"] >= 1  # the probe
+
+
+@pytest.mark.asyncio
+async def test_a_scrubber_failing_the_probe_too_holds_a_lone_trace_past_its_budget(
+        tmp_path: Path, clock: FakeClock, scrubber: StubScrubber) -> None:
+    # everything fails, the probe included: an outage, so the trace waits (fail closed) however
+    # long it takes, and goes on scrubbed once the scrubber answers
+    config = scrub_config(tmp_path, scrubber)
+    trace = await sampled(config, clock, snapshot(6, tool_error=True))
+    scrubber.set_faults(fail_next=20, status=500)  # past the budget (2 tries over 30 s) by far
+    probes_failed = probes("failed")
+    batch = await on_clock(clock, asyncio.create_task(scrub_stage(config, clock).feed(trace)), step_s=60)
+    assert probes("failed") > probes_failed
+    assert len(batch.values("traces.scrubbed")) == 1 and batch.dead == []
+    by_status = scrubber.stats()["by_status"]  # the trace's attempts and the probes took the 500s
+    assert by_status["500"] == 20 and set(by_status) == {"500", "200"}

@@ -247,6 +247,24 @@ async def test_wrong_or_missing_api_key_is_rejected(stub: StubScrubber) -> None:
 
 
 @pytest.mark.asyncio
+async def test_the_probe_is_checked_as_a_trace_is(stub: StubScrubber) -> None:
+    # a scrubber that scrubs the canary passes; failing it, refusing our key or attesting with
+    # another secret raise as a trace's scrub would
+    async with client_for(stub.url) as client:
+        await client.probe()
+        stub.set_faults(fail_next=1, status=503)
+        with pytest.raises(ScrubberUnavailable):
+            await client.probe()
+    for client, kind in [(client_for(stub.url, api_key="wrong"), ScrubberRejected),
+                         (client_for(stub.url, jwt_secret="another-secret-of-32-bytes-or-more!!"),
+                          ScrubberAttestationError)]:
+        async with client:
+            with pytest.raises(kind):
+                await client.probe()
+    assert stub.stats()["by_status"] == {"200": 2, "503": 1, "401": 1}
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("status", [500, 502, 503, 408])
 async def test_server_errors_are_retriable(stub: StubScrubber, status: int) -> None:
     stub.set_faults(fail_next=1, status=status)
