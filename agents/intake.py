@@ -61,20 +61,25 @@ class Intake:
             self._enough.set()
 
     async def take(self, most: int, within_s: float = 0.0) -> list[Any]:
-        """Up to `most` records in fetch order, waiting for the first one and then up to
-        `within_s` for `most` (fewer, larger batches: one produce request and one wait for
-        acknowledgements per batch); records the stream would skip (fetched before the current
-        consumer generation, or while the flow is stopped) are left out, unacknowledged."""
+        """Up to `most` records in fetch order: at once when `most` are there, else once
+        `within_s` has passed since the call and a record is there (as faust's take_events:
+        fewer, larger batches, one produce request and one wait for acknowledgements per batch,
+        and a record that arrives late in the window waits only for the rest of it). Records
+        the stream would skip (fetched before the current consumer generation, or while the
+        flow is stopped) are left out, unacknowledged."""
         records = self._records
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
         while True:
             while not records:
                 self._arrived.clear()
                 await self._arrived.wait()
-            if within_s > 0 and len(records) < most:
+            left = deadline - loop.time()
+            if left > 0 and len(records) < most:
                 self._wanted = most
                 self._enough.clear()
                 try:
-                    await asyncio.wait_for(self._enough.wait(), within_s)
+                    await asyncio.wait_for(self._enough.wait(), left)
                 except TimeoutError:
                     pass
                 finally:

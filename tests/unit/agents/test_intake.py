@@ -122,7 +122,7 @@ async def test_only_ack_lets_a_commit_pass_records_and_taking_marks_the_partitio
 
 
 @pytest.mark.asyncio
-async def test_a_batch_waits_up_to_within_s_for_the_rest_once_its_first_record_is_there() -> None:
+async def test_a_batch_waits_up_to_within_s_for_the_rest() -> None:
     intake = await filled(Intake(app(), TOPIC), [Message(0)])
     taking = asyncio.create_task(intake.take(3, within_s=5.0))
     await asyncio.sleep(0.01)
@@ -139,3 +139,17 @@ async def test_a_batch_that_does_not_fill_is_taken_after_within_s() -> None:
     intake = await filled(Intake(app(), TOPIC), [Message(0)])
     taken = await asyncio.wait_for(intake.take(3, within_s=0.02), 1)
     assert [m.offset for m in taken] == [0]
+
+
+@pytest.mark.asyncio
+async def test_a_record_arriving_after_within_s_is_taken_at_once() -> None:
+    # the window runs from the call, as take_events' did: a record that arrives after it has
+    # waited for nothing else, so it does not wait a whole window more
+    intake = Intake(app(), TOPIC)
+    taking = asyncio.create_task(intake.take(3, within_s=0.2))
+    await asyncio.sleep(0.3)
+    loop = asyncio.get_running_loop()
+    put_at = loop.time()
+    await intake.put(Message(0))
+    assert [m.offset for m in await asyncio.wait_for(taking, 1)] == [0]
+    assert loop.time() - put_at < 0.2
