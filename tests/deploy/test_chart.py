@@ -8,8 +8,10 @@ files against the config loader.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +21,10 @@ import pytest
 import yaml
 
 from pipeline import config as config_mod
+from pipeline.cli.main import parser
+from pipeline.config import kafka_password_variable
+from pipeline.kafka.acls import pipeline_acls, principal
+from pipeline.kafka.security import COLLECTOR, LAG
 from pipeline.topics import PIPELINE_STAGES, STAGES, TOPICS, partitions_of, topic_table
 from tests.fixtures import REPO
 
@@ -28,6 +34,8 @@ CHART = REPO / "deploy" / "helm" / "opencode-panel-pipeline"
 PRODUCTION = CHART / "ci" / "production-values.yaml"
 TOOL = REPO / "tools" / "chartcheck"
 GO_FALLBACK = Path("/usr/local/go/bin/go")
+EXPORTER = "panel-opencode-panel-pipeline-lag-exporter"  # `pipeline lag --serve`: its Deployment and Service
+NOT_STAGES = ("collector", "lag-exporter")  # the components of the Deployments that run no stage
 
 
 def _go() -> str | None:
@@ -97,9 +105,27 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
     return c
 
 
+@functools.cache
+def cli() -> Any:
+    return parser()
+
+
+def role_of(deployment: dict[str, Any]) -> str:
+    """The Kafka role (pipeline/kafka/security.py) the pod's `pipeline` command connects as, from its
+    args parsed by the real CLI parser: a stage's worker as the stage, `collect` as the collector,
+    `lag --serve` as the lag exporter's `lag`."""
+    args = cli().parse_args(container(deployment)["args"])
+    if args.command == "worker":
+        return str(args.stage)
+    if args.command == "collect":
+        return COLLECTOR
+    assert args.command == "lag" and args.serve, args
+    return LAG
+
+
 def assert_stages(doc: dict[str, Any], values: dict[str, Any]) -> None:
     deployments = of_kind(doc, "Deployment")
-    by_stage = {stage_of(d): (name, d) for name, d in deployments.items() if stage_of(d) != "collector"}
+    by_stage = {stage_of(d): (name, d) for name, d in deployments.items() if stage_of(d) not in NOT_STAGES}
     assert set(by_stage) == set(PIPELINE_STAGES)
     scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in of_kind(doc, "ScaledObject").values()}
     pdbs = of_kind(doc, "PodDisruptionBudget")
@@ -209,7 +235,7 @@ def test_production_values_run_one_collector_deployment_sharing_the_hosts(chartc
     deployments = of_kind(doc, "Deployment")
     collectors = {n: d for n, d in deployments.items() if stage_of(d) == "collector"}
     assert list(collectors) == ["panel-opencode-panel-pipeline-collector"]
-    assert len(deployments) == len(PIPELINE_STAGES) + 1
+    assert len(deployments) == len(PIPELINE_STAGES) + 2  # the stages, the collector and the lag exporter
     passwords = {h["password_env"]: "pw" for h in values["hosts"]}
     deployment = collectors["panel-opencode-panel-pipeline-collector"]
     # replicas share the hosts through the consumer group: several at once, rolled, no volume
@@ -301,8 +327,8 @@ def test_kafka_security_reaches_every_pod_each_with_its_own_password(chartcheck:
     assert k.ssl_cafile and k.ssl_certfile and k.ssl_keyfile and k.ssl_check_hostname is True
     collector_cfg = load_config(tmp_path, config_text(doc, "collector.toml"))
     assert collector_cfg.kafka.ssl_cafile == k.ssl_cafile and collector_cfg.kafka.sasl_username == k.sasl_username
-    by_role = {stage_of(d): d for d in of_kind(doc, "Deployment").values()}
-    assert set(by_role) == {*PIPELINE_STAGES, "collector"}
+    by_role = {role_of(d): d for d in of_kind(doc, "Deployment").values()}
+    assert set(by_role) == {*PIPELINE_STAGES, COLLECTOR, LAG}
     for role, deployment in by_role.items():
         pod = deployment["spec"]["template"]["spec"]
         c = container(deployment)
@@ -357,9 +383,9 @@ def test_kafka_security_per_role_secrets_and_a_ca_from_a_configmap(chartcheck: P
     cfg = load_config(tmp_path, config_text(doc, "pipeline.toml"))
     assert cfg.kafka.ssl_cafile and not cfg.kafka.ssl_certfile
     for d in of_kind(doc, "Deployment").values():
-        stage = stage_of(d)
+        role = role_of(d)
         c = container(d)
-        assert kafka_passwords(c) == {f"KAFKA_SASL_PASSWORD_{stage.upper()}": (f"pipeline-{stage}", "password")}
+        assert kafka_passwords(c) == {f"KAFKA_SASL_PASSWORD_{role.upper()}": (f"pipeline-{role}", "password")}
         [ca] = mounted_at(d["spec"]["template"]["spec"], c, cfg.kafka.ssl_cafile)["projected"]["sources"]
         assert ca == {"configMap": {"name": "kafka-ca", "items": [{"key": "ca.pem", "path": "ca.crt"}]}}
     for auth in of_kind(doc, "TriggerAuthentication").values():
@@ -414,6 +440,121 @@ def test_the_chart_sets_the_kafka_security_keys_itself(chartcheck: Path, tmp_pat
     for key in ("security_protocol", "sasl_username", "ssl_cafile"):
         err = refused(chartcheck, tmp_path, {"config": {"kafka": {key: "x"}}})
         assert "/config/kafka" in err, err
+
+
+# --- the lag exporter ----------------------------------------------------------------------------
+
+def assert_lag_exporter(doc: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """`pipeline lag --serve` as `values` say, a pod like the stages' behind its own Service; returns
+    its container."""
+    deployments = of_kind(doc, "Deployment")
+    deployment = deployments[EXPORTER]
+    stage = deployments["panel-opencode-panel-pipeline-ingest"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/component"] == stage_of(deployment) == "lag-exporter"
+    assert labels["app.kubernetes.io/instance"] == "panel"
+    assert deployment["spec"]["replicas"] == 1
+    c = container(deployment)
+    interval = values["lagExporter"]["interval"]
+    assert c["args"] == ["--log-format", "json", "lag", "--serve", "--metrics-port", "9100",
+                         "--interval", f"{interval:g}"]
+    args = cli().parse_args(c["args"])  # what the CLI makes of them
+    assert (args.command, args.serve, args.metrics_port, args.interval) == ("lag", True, 9100, float(interval))
+    assert role_of(deployment) == LAG
+    # the stages' image, security contexts, scheduling and config, restarted when pipeline.toml changes
+    pod, stage_pod = deployment["spec"]["template"]["spec"], stage["spec"]["template"]["spec"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/config"]), annotations
+    assert annotations["checksum/config"] == stage["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == ("true", "9100")
+    assert c["image"] == container(stage)["image"]
+    assert c["securityContext"] == container(stage)["securityContext"]
+    for key in ("securityContext", "nodeSelector", "tolerations", "imagePullSecrets", "automountServiceAccountToken"):
+        assert pod.get(key) == stage_pod.get(key), key
+    volume = {v["name"]: v for v in pod["volumes"]}
+    assert volume["config"] == {v["name"]: v for v in stage_pod["volumes"]}["config"]
+    assert volume["config"]["configMap"]["items"] == [{"key": "pipeline.toml", "path": "pipeline.toml"}]
+    assert c["resources"] == values["lagExporter"]["resources"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, probe
+    # no panel, scrubber or host secret: the paths, its own Kafka password (if any), the Kafka client Secret
+    assert {e["name"] for e in c["env"]} == {"PIPELINE_CONFIG", "PIPELINE_KAFKA__CACHE_DIR", *kafka_passwords(c)}
+    assert [s["secretRef"]["name"] for s in c.get("envFrom", [])] == [
+        name for name in [values["kafka"]["credentialsSecret"]] if name]
+    # a ClusterIP Service on the metrics port, selecting the exporter's pod and no other
+    service = of_kind(doc, "Service")[EXPORTER]
+    assert service["metadata"]["labels"]["app.kubernetes.io/component"] == "lag-exporter"
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}]
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in c["ports"]
+    selector = service["spec"]["selector"]
+    assert [name for name, d in deployments.items()
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()] == [EXPORTER]
+    assert f"{EXPORTER}.pipeline.svc:9100" in doc["notes"]
+    return c
+
+
+@pytest.mark.parametrize(("files", "passwords"), [
+    ((), {}),
+    ((PRODUCTION,), {"KAFKA_SASL_PASSWORD_LAG": ("pipeline-lag", "password")}),  # Strimzi's KafkaUser pipeline-lag
+], ids=["default", "production"])
+def test_lag_exporter_serves_every_stage_lag_behind_its_service(chartcheck: Path, files: tuple[Path, ...],
+                                                               passwords: dict[str, tuple[str, str]]) -> None:
+    doc = summary(chartcheck, *files)
+    c = assert_lag_exporter(doc, values_of(*files))
+    assert kafka_passwords(c) == passwords
+
+
+def test_lag_exporter_gets_only_the_lag_role_password_the_acls_grant(chartcheck: Path, tmp_path: Path) -> None:
+    secure = write(tmp_path, "secure.yaml", SECURE)
+    doc = summary(chartcheck, secure)
+    c = assert_lag_exporter(doc, values_of(secure))
+    assert kafka_passwords(c) == {"KAFKA_SASL_PASSWORD_LAG": ("pipeline-kafka-passwords", "lag")}
+    # that variable is the one `lag --serve` (the lag role) looks up, and it is enough
+    env = {name: "pw" for name in kafka_passwords(c)}
+    cfg = load_config(tmp_path, config_text(doc, "pipeline.toml"), env)
+    assert cfg.kafka_sasl_password(LAG)[0] == kafka_password_variable(LAG)
+    # its principal is one `pipeline kafka acls` grants to: describe every deployed stage's group and
+    # input, nothing it could read or write a record with
+    who = principal(cfg.kafka.sasl_username, LAG)
+    assert who == "User:pipeline-lag"
+    granted = {(a.resource, a.name, a.operation) for a in pipeline_acls(cfg.kafka.sasl_username) if a.principal == who}
+    assert granted >= {*(("GROUP", STAGES[s].app_id, "DESCRIBE") for s in PIPELINE_STAGES),
+                       *(("TOPIC", STAGES[s].input, "DESCRIBE") for s in PIPELINE_STAGES)}
+    assert {op for _, _, op in granted} == {"DESCRIBE"}
+    # TLS like every pod: the CA and the client certificate the config names
+    pod = of_kind(doc, "Deployment")[EXPORTER]["spec"]["template"]["spec"]
+    assert mounted_at(pod, c, cfg.kafka.ssl_cafile)["projected"]["sources"][0]["secret"]["name"] == (
+        "panel-kafka-cluster-ca-cert")
+    assert mounted_at(pod, c, cfg.kafka.ssl_certfile)["secret"]["secretName"] == "pipeline-client-tls"
+    # NOTES name the lag role among the passwords the Secret must hold
+    assert "({role}: ingest ... deliver, collector, lag," in doc["notes"], doc["notes"]
+
+
+def test_lag_exporter_enabled_false_removes_it(chartcheck: Path, tmp_path: Path) -> None:
+    doc = summary(chartcheck, write(tmp_path, "off.yaml", {"lagExporter": {"enabled": False}}))
+    assert not [(o["kind"], o["name"]) for o in doc["objects"] if "lag-exporter" in o["name"]]
+    assert EXPORTER not in of_kind(doc, "Deployment") and EXPORTER not in of_kind(doc, "Service")
+    assert_stages(doc, values_of())
+    assert "Lag exporter: off" in doc["notes"]
+    # on (the default), with the interval given: seconds, not necessarily whole
+    doc = summary(chartcheck, write(tmp_path, "on.yaml", {"lagExporter": {"interval": 2.5}}))
+    assert container(of_kind(doc, "Deployment")[EXPORTER])["args"][-2:] == ["--interval", "2.5"]
+    assert EXPORTER in of_kind(doc, "Service")
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"intervall": 5}, "intervall"),  # unknown key (the schema is strict here too)
+    ({"replicas": 2}, "replicas"),  # one exporter, not a knob
+    ({"interval": 0}, "interval"),  # `lag --serve` needs seconds > 0
+    ({"interval": 600}, "interval"),  # past the 5 minutes after which the alerts call the lag stale
+    ({"enabled": "yes"}, "enabled"),
+    ({"resources": {"limits": {"memroy": "1Gi"}}}, "memroy"),
+])
+def test_broken_lag_exporter_values_are_refused(chartcheck: Path, tmp_path: Path, values: dict[str, Any],
+                                                message: str) -> None:
+    err = refused(chartcheck, tmp_path, {"lagExporter": values})
+    assert message in err and "lagExporter" in err, err
 
 
 # --- what must be refused ----------------------------------------------------------------------
