@@ -557,6 +557,205 @@ def test_broken_lag_exporter_values_are_refused(chartcheck: Path, tmp_path: Path
     assert message in err and "lagExporter" in err, err
 
 
+# --- Prometheus Operator monitors ------------------------------------------------------------------
+
+POD_MONITOR = "panel-opencode-panel-pipeline"  # the stages' and the collector's; the ServiceMonitor is EXPORTER
+MONITORED = {  # both monitors on, and a host so that the collector is rendered too
+    "monitoring": {"podMonitor": {"enabled": True, "interval": "20s", "scrapeTimeout": "",
+                                  "labels": {"release": "prom"}},
+                   "serviceMonitor": {"enabled": True, "interval": "", "scrapeTimeout": "5s",
+                                      "labels": {"release": "prom", "team": "panel"}}},
+    "hosts": [{"name": "a", "base_url": "https://a.example:4096"}],
+}
+
+
+def monitored_values(tmp_path: Path, production: bool) -> tuple[Path, ...]:
+    return (PRODUCTION,) if production else (write(tmp_path, "monitored.yaml", MONITORED),)
+
+
+def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against an object's labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, operator, values = e["key"], e["operator"], e.get("values", [])
+        if not {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[operator]:
+            return False
+    return True
+
+
+def relabel(target: dict[str, str], relabelings: list[dict[str, Any]]) -> dict[str, str]:
+    """Prometheus's relabel_configs over a target's labels, for the actions the chart uses (replace,
+    labeldrop); the __meta_* labels are gone afterwards, as after discovery."""
+    out = dict(target)
+    for rule in relabelings:
+        action = rule.get("action", "replace").lower()
+        regex = re.compile(rule.get("regex", "(.*)"))
+        if action == "labeldrop":
+            out = {name: value for name, value in out.items() if not regex.fullmatch(name)}
+            continue
+        assert action == "replace", f"relabel action {action} is not emulated here"
+        match = regex.fullmatch(rule.get("separator", ";").join(out.get(s, "") for s in rule.get("sourceLabels", [])))
+        if match is None:
+            continue
+        value = match.expand(re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", rule.get("replacement", "$1")))
+        if value:
+            out[rule["targetLabel"]] = value
+        else:  # Prometheus drops a label set to ""
+            out.pop(rule["targetLabel"], None)
+    return {name: value for name, value in out.items() if not name.startswith("__")}
+
+
+def meta(kind: str, labels: dict[str, str]) -> dict[str, str]:
+    """An object's labels as service discovery names them: __meta_kubernetes_<kind>_label_<sanitized>."""
+    return {f"__meta_kubernetes_{kind}_label_{re.sub('[^a-zA-Z0-9_]', '_', k)}": v for k, v in labels.items()}
+
+
+def pod_target(monitor: dict[str, Any], endpoint: dict[str, Any], labels: dict[str, str]) -> dict[str, str]:
+    """The labels of a pod's series scraped through a PodMonitor endpoint: the relabelings the Prometheus
+    Operator generates (job <namespace>/<name>, or the pod's jobLabel value; endpoint, the port's name),
+    then the endpoint's own."""
+    target = {**meta("pod", labels), "namespace": "pipeline", "job": f"pipeline/{monitor['metadata']['name']}"}
+    if labels.get(monitor["spec"].get("jobLabel", "")):
+        target["job"] = labels[monitor["spec"]["jobLabel"]]
+    return relabel({**target, "endpoint": endpoint["port"]}, endpoint.get("relabelings", []))
+
+
+def service_target(monitor: dict[str, Any], endpoint: dict[str, Any], service: dict[str, Any]) -> dict[str, str]:
+    """The same through a ServiceMonitor endpoint: job is the Service's name, or the value of the Service
+    label jobLabel names (operator docs: "If the value of this field is empty or if the label doesn't
+    exist for the given Service, the job label ... defaults to the name of the ... Service")."""
+    labels, name = service["metadata"]["labels"], service["metadata"]["name"]
+    target = {**meta("service", labels), "namespace": "pipeline", "service": name, "job": name}
+    if labels.get(monitor["spec"].get("jobLabel", "")):
+        target["job"] = labels[monitor["spec"]["jobLabel"]]
+    return relabel({**target, "endpoint": endpoint["port"]}, endpoint.get("relabelings", []))
+
+
+def test_relabel_emulation_follows_prometheus() -> None:
+    """The helpers above decide what the job comes out as: check them on rules with a known result."""
+    labels = {"__meta_kubernetes_pod_label_app": "ingest", "job": "ns/x", "endpoint": "metrics"}
+    assert relabel(labels, [{"targetLabel": "job", "replacement": "pipeline"}])["job"] == "pipeline"
+    assert relabel(labels, [{"sourceLabels": ["__meta_kubernetes_pod_label_app"], "regex": "(in)(.*)",
+                             "targetLabel": "stage", "replacement": "${2}-$1"}])["stage"] == "gest-in"
+    assert relabel(labels, [{"sourceLabels": ["missing"], "regex": "(.+)", "targetLabel": "job"}])["job"] == "ns/x"
+    assert relabel(labels, [{"action": "labeldrop", "regex": "endpoint"}]) == {"job": "ns/x"}
+
+
+def test_default_values_render_no_prometheus_operator_object(chartcheck: Path) -> None:
+    doc = summary(chartcheck)
+    assert not [(o["kind"], o["name"]) for o in doc["objects"] if o["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert "Prometheus Operator" not in doc["notes"] and "Scrape the Service" in doc["notes"]
+    # the annotations stay the way to be scraped without the operator
+    for deployment in of_kind(doc, "Deployment").values():
+        assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+
+
+@pytest.mark.parametrize("production", [False, True], ids=["monitored", "production"])
+def test_podmonitor_scrapes_every_stage_and_collector_pod_as_job_pipeline(chartcheck: Path, tmp_path: Path,
+                                                                          production: bool) -> None:
+    files = monitored_values(tmp_path, production)
+    doc = summary(chartcheck, *files)
+    values = values_of(*files)["monitoring"]["podMonitor"]
+    [(name, monitor)] = of_kind(doc, "PodMonitor").items()
+    assert name == POD_MONITOR
+    assert monitor["metadata"]["labels"].items() >= values["labels"].items()  # what the Prometheus selects by
+    deployments = of_kind(doc, "Deployment")
+    selector = monitor["spec"]["selector"]
+    selected = {stage_of(d): d for d in deployments.values() if selects(selector, pod_labels(d))}
+    assert set(selected) == {*PIPELINE_STAGES, "collector"}
+    assert not selects(selector, pod_labels(deployments[EXPORTER])), "the lag exporter is its own job"
+    assert not monitor["spec"].get("namespaceSelector"), "the release's namespace, where the pods are"
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert (endpoint.get("interval", ""), endpoint.get("scrapeTimeout", "")) == (values["interval"],
+                                                                                  values["scrapeTimeout"])
+    for component, deployment in selected.items():
+        c = container(deployment)
+        # the port it names is the one the process serves /metrics on
+        [port] = [p for p in c["ports"] if p["name"] == endpoint["port"]]
+        assert port["containerPort"] == int(c["args"][c["args"].index("--metrics-port") + 1]), component
+        target = pod_target(monitor, endpoint, pod_labels(deployment))
+        assert target["job"] == "pipeline", (component, target)  # as compose's deploy/prometheus.yml names it
+        # no target label `endpoint`: the series' own (the panel or scrubber URL) keeps its name
+        assert "endpoint" not in target, target
+    assert f"The PodMonitor {POD_MONITOR} scrapes" in doc["notes"]
+
+
+@pytest.mark.parametrize("production", [False, True], ids=["monitored", "production"])
+def test_servicemonitor_scrapes_the_lag_exporter_service_as_job_lag_exporter(chartcheck: Path, tmp_path: Path,
+                                                                             production: bool) -> None:
+    files = monitored_values(tmp_path, production)
+    doc = summary(chartcheck, *files)
+    values = values_of(*files)["monitoring"]["serviceMonitor"]
+    [(name, monitor)] = of_kind(doc, "ServiceMonitor").items()
+    assert name == EXPORTER
+    assert monitor["metadata"]["labels"].items() >= values["labels"].items()
+    services = of_kind(doc, "Service")
+    assert [n for n, s in services.items() if selects(monitor["spec"]["selector"], s["metadata"]["labels"])] == [
+        EXPORTER]
+    assert not monitor["spec"].get("namespaceSelector")
+    service = services[EXPORTER]
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert (endpoint.get("interval", ""), endpoint.get("scrapeTimeout", "")) == (values["interval"],
+                                                                                  values["scrapeTimeout"])
+    # the Service's port it names leads to the exporter's metrics port
+    [port] = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert port["targetPort"] in {p["name"] for p in container(of_kind(doc, "Deployment")[EXPORTER])["ports"]}
+    # the job deploy/alerts.yml's PipelineLagExporterDown fires on
+    assert 'up{job="lag-exporter"}' in (REPO / "deploy" / "alerts.yml").read_text()
+    target = service_target(monitor, endpoint, service)
+    assert target["job"] == "lag-exporter", target
+    assert "endpoint" not in target, target
+    assert "ServiceMonitor" in doc["notes"] and f"{EXPORTER}.pipeline.svc:9100" in doc["notes"]
+
+
+def test_lag_exporter_disabled_removes_its_servicemonitor(chartcheck: Path, tmp_path: Path) -> None:
+    doc = summary(chartcheck, PRODUCTION, write(tmp_path, "off.yaml", {"lagExporter": {"enabled": False}}))
+    assert not of_kind(doc, "ServiceMonitor") and EXPORTER not in of_kind(doc, "Service")
+    assert list(of_kind(doc, "PodMonitor")) == [POD_MONITOR]
+    assert "ServiceMonitor" not in doc["notes"] and "Lag exporter: off" in doc["notes"]
+
+
+def test_monitors_are_rendered_one_at_a_time(chartcheck: Path, tmp_path: Path) -> None:
+    for enabled, kind in (("podMonitor", "PodMonitor"), ("serviceMonitor", "ServiceMonitor")):
+        doc = summary(chartcheck, write(tmp_path, "one.yaml", {"monitoring": {enabled: {"enabled": True}}}))
+        assert {o["kind"] for o in doc["objects"] if o["apiVersion"] == "monitoring.coreos.com/v1"} == {kind}
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"podMonitor": {"enabeld": True}}, "enabeld"),  # unknown key
+    ({"serviceMonitor": {"interval": "30"}}, "interval"),  # a Prometheus duration has a unit
+    ({"podMonitor": {"scrapeTimeout": "10 s"}}, "scrapeTimeout"),
+    ({"podMonitor": {"labels": {"release": 1}}}, "release"),  # label values are strings
+    ({"prometheusRule": {"enabled": True}}, "prometheusRule"),  # the rules stay in deploy/alerts.yml
+])
+def test_broken_monitoring_values_are_refused(chartcheck: Path, tmp_path: Path, values: dict[str, Any],
+                                              message: str) -> None:
+    err = refused(chartcheck, tmp_path, {"monitoring": values})
+    assert message in err and "monitoring" in err, err
+
+
+def test_monitor_labels_may_not_replace_the_charts_own(chartcheck: Path, tmp_path: Path) -> None:
+    # a second app.kubernetes.io/name would be a duplicate key in the monitor's labels
+    err = refused(chartcheck, tmp_path, {"monitoring": {"serviceMonitor": {"labels": {"app.kubernetes.io/name": "x"}}}})
+    assert "invalid propertyName 'app.kubernetes.io/name'" in err, err  # (Helm's validator misreports where)
+
+
+def test_a_scrape_timeout_longer_than_the_interval_is_refused(chartcheck: Path, tmp_path: Path) -> None:
+    # the Prometheus Operator would skip the monitor, so nothing would be scraped
+    err = refused(chartcheck, tmp_path, {"monitoring": {"podMonitor": {"enabled": True, "interval": "10s",
+                                                                       "scrapeTimeout": "1m"}}})
+    assert 'scrapeTimeout "1m" greater than interval "10s"' in err, err
+
+
 # --- what must be refused ----------------------------------------------------------------------
 
 def refused(tool: Path, tmp_path: Path, doc: Any, *, base: Path | None = None) -> str:
@@ -640,6 +839,12 @@ spec:
     spec:
       containers: [{name: x, image: x}]
 """
+DEPLOYMENT_WITH_PORT = (DEPLOYMENT % "replicas: 1").replace(
+    "{name: x, image: x}", "{name: x, image: x, ports: [{name: metrics, containerPort: 9100}]}") + "---\n"
+POD_MONITOR_OF_X = ("apiVersion: monitoring.coreos.com/v1\nkind: PodMonitor\nmetadata: {name: x}\n"
+                    "spec: {selector: {matchLabels: {app: x}}, podMetricsEndpoints: [%s]}\n")
+SERVICE_OF_X = ("apiVersion: v1\nkind: Service\nmetadata: {name: x, labels: {app: x}}\n"
+                "spec: {selector: {app: x}, ports: [{name: metrics, port: 9100}]}\n---\n")
 
 
 @pytest.mark.parametrize(("manifest", "message"), [
@@ -652,6 +857,20 @@ spec:
     ("apiVersion: kafka.strimzi.io/v1beta2\nkind: KafkaTopic\nmetadata: {name: x}\n"
      "spec: {partitions: 1, replicas: 1, retention: 5}\n", 'unknown field "spec.retention"'),
     ("apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: x}\n", 'unknown kind "Widget"'),
+    (DEPLOYMENT_WITH_PORT + POD_MONITOR_OF_X % "{port: metrics, intervall: 30s}",
+     'unknown field "spec.podMetricsEndpoints[0].intervall"'),
+    (SERVICE_OF_X + "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata: {name: x}\n"
+     "spec: {jobLabels: app, selector: {matchLabels: {app: x}}, endpoints: [{port: metrics}]}\n",
+     'unknown field "spec.jobLabels"'),
+    (DEPLOYMENT % "replicas: 1" + "---\n" + POD_MONITOR_OF_X % "{port: metrics}",
+     'names port "metrics", which no container of Deployment "x"'),
+    (DEPLOYMENT_WITH_PORT + POD_MONITOR_OF_X % "{port: metrics, interval: 10s, scrapeTimeout: 20s}",
+     'scrapeTimeout "20s" greater than interval "10s"'),
+    (SERVICE_OF_X + "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata: {name: x}\n"
+     "spec: {selector: {matchLabels: {app: nothing}}, endpoints: [{port: metrics}]}\n", "selects no rendered Service"),
+    (SERVICE_OF_X + "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata: {name: x}\n"
+     "spec: {jobLabel: team, selector: {matchLabels: {app: x}}, endpoints: [{port: metrics}]}\n",
+     "its job would be the Service's name"),
     ("apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: x}\n"
      "spec: {maxUnavailable: 1, selector: {matchLabels: {app: nothing}}}\n", "selects no rendered Deployment"),
 ])

@@ -9,12 +9,18 @@
 //   - the Kubernetes API types of k8s.io/api (apps/v1, core/v1, policy/v1, batch/v1),
 //   - KEDA's own ScaledObject / TriggerAuthentication types (github.com/kedacore/keda/v2), and
 //     KEDA's own admission checks (replica bounds, triggers, fallback),
-//   - Strimzi's KafkaTopic, mirrored below (Strimzi publishes no Go module).
+//   - Strimzi's KafkaTopic, mirrored below (Strimzi publishes no Go module),
+//   - the Prometheus Operator's PodMonitor / ServiceMonitor types
+//     (github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring).
 //
 // An unknown apiVersion/kind is an error. Cross-object checks a cluster would otherwise catch at
 // apply time: names are DNS subdomains and unique per kind; a Deployment's selector matches its
 // pod labels; a PodDisruptionBudget selects some Deployment's pods; a ScaledObject targets a
-// rendered Deployment; a pod's ConfigMap/PVC volumes name rendered objects.
+// rendered Deployment; a pod's ConfigMap/PVC volumes name rendered objects. And what a cluster
+// would accept but never scrape: a PodMonitor selects some Deployment's pods and names a port each
+// of them declares; a ServiceMonitor selects some Service, names a port of each and, with a
+// jobLabel, each has that label; a scrapeTimeout is no longer than its interval (the operator
+// skips the monitor otherwise).
 //
 // Exit 0 and a JSON summary on stdout ({"objects": [{apiVersion, kind, name, source, hook, object}],
 // "notes": NOTES.txt rendered}, object being the decoded object re-encoded), or exit 1 with every
@@ -34,6 +40,8 @@ import (
 	"strings"
 
 	kedav1alpha1 "github.com/kedacore/keda/v2/apis/keda/v1alpha1"
+	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
+	"github.com/prometheus/common/model"
 	"helm.sh/helm/v4/pkg/action"
 	"helm.sh/helm/v4/pkg/chart/loader"
 	"helm.sh/helm/v4/pkg/cli/values"
@@ -71,16 +79,18 @@ type KafkaTopicSpec struct {
 
 // known maps apiVersion/kind to a new value of the type it decodes into.
 var known = map[string]func() any{
-	"v1/ConfigMap":                           func() any { return &corev1.ConfigMap{} },
-	"v1/Service":                             func() any { return &corev1.Service{} },
-	"v1/ServiceAccount":                      func() any { return &corev1.ServiceAccount{} },
-	"v1/PersistentVolumeClaim":               func() any { return &corev1.PersistentVolumeClaim{} },
-	"apps/v1/Deployment":                     func() any { return &appsv1.Deployment{} },
-	"batch/v1/Job":                           func() any { return &batchv1.Job{} },
-	"policy/v1/PodDisruptionBudget":          func() any { return &policyv1.PodDisruptionBudget{} },
-	"keda.sh/v1alpha1/ScaledObject":          func() any { return &kedav1alpha1.ScaledObject{} },
-	"keda.sh/v1alpha1/TriggerAuthentication": func() any { return &kedav1alpha1.TriggerAuthentication{} },
-	"kafka.strimzi.io/v1beta2/KafkaTopic":    func() any { return &KafkaTopic{} },
+	"v1/ConfigMap":                            func() any { return &corev1.ConfigMap{} },
+	"v1/Service":                              func() any { return &corev1.Service{} },
+	"v1/ServiceAccount":                       func() any { return &corev1.ServiceAccount{} },
+	"v1/PersistentVolumeClaim":                func() any { return &corev1.PersistentVolumeClaim{} },
+	"apps/v1/Deployment":                      func() any { return &appsv1.Deployment{} },
+	"batch/v1/Job":                            func() any { return &batchv1.Job{} },
+	"policy/v1/PodDisruptionBudget":           func() any { return &policyv1.PodDisruptionBudget{} },
+	"keda.sh/v1alpha1/ScaledObject":           func() any { return &kedav1alpha1.ScaledObject{} },
+	"keda.sh/v1alpha1/TriggerAuthentication":  func() any { return &kedav1alpha1.TriggerAuthentication{} },
+	"kafka.strimzi.io/v1beta2/KafkaTopic":     func() any { return &KafkaTopic{} },
+	"monitoring.coreos.com/v1/PodMonitor":     func() any { return &monitoringv1.PodMonitor{} },
+	"monitoring.coreos.com/v1/ServiceMonitor": func() any { return &monitoringv1.ServiceMonitor{} },
 }
 
 type multi []string
@@ -310,6 +320,7 @@ func check(objects []object) []string {
 		}
 	}
 	var podLabels []labels.Set
+	var pods []renderedPod
 	for _, o := range objects {
 		var spec *corev1.PodSpec
 		switch obj := o.Object.(type) {
@@ -322,6 +333,7 @@ func check(objects []object) []string {
 				bad(o, "spec.selector %s does not match the pod template's labels %v", sel, obj.Spec.Template.Labels)
 			}
 			podLabels = append(podLabels, obj.Spec.Template.Labels)
+			pods = append(pods, renderedPod{o.Name, obj.Spec.Template.Labels, &obj.Spec.Template.Spec})
 			spec = &obj.Spec.Template.Spec
 		case *batchv1.Job:
 			spec = &obj.Spec.Template.Spec
@@ -353,6 +365,10 @@ func check(objects []object) []string {
 			}
 		case *kedav1alpha1.ScaledObject:
 			problems = append(problems, checkScaledObject(o, obj, byKind)...)
+		case *monitoringv1.PodMonitor:
+			problems = append(problems, checkPodMonitor(o, obj, pods)...)
+		case *monitoringv1.ServiceMonitor:
+			problems = append(problems, checkServiceMonitor(o, obj, byKind)...)
 		case *KafkaTopic:
 			if obj.Labels["strimzi.io/cluster"] == "" {
 				bad(o, "no strimzi.io/cluster label: the Topic Operator ignores it")
@@ -474,4 +490,155 @@ func checkScaledObject(o object, so *kedav1alpha1.ScaledObject, byKind map[strin
 		}
 	}
 	return problems
+}
+
+// renderedPod is the pod template of a rendered Deployment.
+type renderedPod struct {
+	owner  string
+	labels labels.Set
+	spec   *corev1.PodSpec
+}
+
+// monitorSelector is a monitor's spec.selector, refused when invalid or empty (an empty one would
+// select every pod or Service of the namespace).
+func monitorSelector(selector *metav1.LabelSelector) (labels.Selector, error) {
+	sel, err := metav1.LabelSelectorAsSelector(selector)
+	if err == nil && sel.Empty() {
+		err = errors.New("empty: it would select everything in the namespace")
+	}
+	return sel, err
+}
+
+// checkScrapeDurations refuses what the Prometheus Operator refuses of an endpoint's interval and
+// scrapeTimeout (its CompareScrapeTimeoutToScrapeInterval): unparsable durations, a timeout longer
+// than the interval. Unset ones are the Prometheus's own, unknown here.
+func checkScrapeDurations(interval, timeout monitoringv1.Duration) error {
+	var parsed [2]model.Duration
+	for i, d := range []monitoringv1.Duration{interval, timeout} {
+		if d == "" {
+			continue
+		}
+		v, err := model.ParseDuration(string(d))
+		if err != nil {
+			return err
+		}
+		if v <= 0 {
+			return fmt.Errorf("duration %q is not positive", d)
+		}
+		parsed[i] = v
+	}
+	if parsed[0] > 0 && parsed[1] > parsed[0] {
+		return fmt.Errorf("scrapeTimeout %q greater than interval %q", timeout, interval)
+	}
+	return nil
+}
+
+func checkPodMonitor(o object, pm *monitoringv1.PodMonitor, pods []renderedPod) []string {
+	var problems []string
+	bad := func(format string, args ...any) {
+		problems = append(problems, fmt.Sprintf("%s: %s %q: %s", o.Source, o.Kind, o.Name, fmt.Sprintf(format, args...)))
+	}
+	sel, err := monitorSelector(&pm.Spec.Selector)
+	if err != nil {
+		bad("spec.selector: %v", err)
+		return problems
+	}
+	var selected []renderedPod
+	for _, p := range pods {
+		if sel.Matches(p.labels) {
+			selected = append(selected, p)
+		}
+	}
+	if len(selected) == 0 {
+		bad("spec.selector %s selects no rendered Deployment's pods", sel)
+	}
+	if len(pm.Spec.PodMetricsEndpoints) == 0 {
+		bad("no spec.podMetricsEndpoints")
+	}
+	for i, ep := range pm.Spec.PodMetricsEndpoints {
+		if err := checkScrapeDurations(ep.Interval, ep.ScrapeTimeout); err != nil {
+			bad("podMetricsEndpoints[%d]: %v", i, err)
+		}
+		port := podMetricsPort(ep)
+		if port == "" {
+			bad("podMetricsEndpoints[%d]: no port name", i)
+			continue
+		}
+		for _, p := range selected {
+			if !declaresPort(p.spec, port) {
+				bad("podMetricsEndpoints[%d] names port %q, which no container of Deployment %q's pods declares",
+					i, port, p.owner)
+			}
+		}
+	}
+	return problems
+}
+
+func declaresPort(spec *corev1.PodSpec, name string) bool {
+	for _, c := range spec.Containers {
+		for _, p := range c.Ports {
+			if p.Name == name {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func checkServiceMonitor(o object, sm *monitoringv1.ServiceMonitor, byKind map[string]map[string]object) []string {
+	var problems []string
+	bad := func(format string, args ...any) {
+		problems = append(problems, fmt.Sprintf("%s: %s %q: %s", o.Source, o.Kind, o.Name, fmt.Sprintf(format, args...)))
+	}
+	sel, err := monitorSelector(&sm.Spec.Selector)
+	if err != nil {
+		bad("spec.selector: %v", err)
+		return problems
+	}
+	var selected []*corev1.Service
+	for _, s := range byKind["Service"] {
+		if svc := s.Object.(*corev1.Service); sel.Matches(labels.Set(svc.Labels)) {
+			selected = append(selected, svc)
+		}
+	}
+	if len(selected) == 0 {
+		bad("spec.selector %s selects no rendered Service", sel)
+	}
+	for _, svc := range selected {
+		// the operator falls back to the Service's name for job when the label is missing: a silent rename
+		if sm.Spec.JobLabel != "" && svc.Labels[sm.Spec.JobLabel] == "" {
+			bad("jobLabel %q: Service %q has no such label, so its job would be the Service's name",
+				sm.Spec.JobLabel, svc.Name)
+		}
+	}
+	if len(sm.Spec.Endpoints) == 0 {
+		bad("no spec.endpoints")
+	}
+	for i, ep := range sm.Spec.Endpoints {
+		if err := checkScrapeDurations(ep.Interval, ep.ScrapeTimeout); err != nil {
+			bad("endpoints[%d]: %v", i, err)
+		}
+		if ep.Port == "" {
+			bad("endpoints[%d]: no port name", i)
+			continue
+		}
+		for _, svc := range selected {
+			found := false
+			for _, p := range svc.Spec.Ports {
+				found = found || p.Name == ep.Port
+			}
+			if !found {
+				bad("endpoints[%d] names port %q, which Service %q does not have", i, ep.Port, svc.Name)
+			}
+		}
+	}
+	return problems
+}
+
+// podMetricsPort is the container port name a PodMonitor endpoint scrapes ("": none named).
+func podMetricsPort(ep monitoringv1.PodMetricsEndpoint) string {
+	if ep.Port == nil {
+		return ""
+	}
+	return *ep.Port
 }

@@ -340,3 +340,11 @@ true
     - {name: tmp, mountPath: /tmp}
     {{- include "opp.kafkaVolumeMounts" $root | nindent 4 }}
 {{- end -}}
+
+{{/* The relabelings every Prometheus Operator monitor of the chart ends with. The operator gives each
+     target the label `endpoint` (the port's name), and a target label wins over a series' own: the
+     pipeline's `endpoint` (the panel or scrubber URL its breaker, delivery and 429 series carry, which
+     deploy/alerts.yml groups by) would be renamed exported_endpoint. Dropping the target's keeps it. */}}
+{{- define "opp.monitorRelabelings" -}}
+- {action: labeldrop, regex: endpoint}
+{{- end -}}
